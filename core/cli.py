@@ -1,0 +1,185 @@
+"""The `sft` command. Imports stay light: `--help`, `plugins list` and `validate` never import
+torch or transformers; heavy subcommands import their modules inside their handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import sft
+from sft.errors import SftError, UsageError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="config file (.toml, or .yaml/.yml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set learning_rate=1e-4 "
+        "--set datasets[0].path=data.jsonl",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sft",
+        description="Supervised fine-tuning for causal language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"sft {sft.__version__}")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="show the full traceback of errors (or SFT_DEBUG=1)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    validate = commands.add_parser(
+        "validate", help="check a config: every problem at once, no model load"
+    )
+    _add_config_args(validate)
+    validate.set_defaults(handler=cmd_validate)
+
+    plugins = commands.add_parser("plugins", help="installed plugins")
+    plugin_commands = plugins.add_subparsers(
+        dest="plugins_command", metavar="COMMAND", parser_class=_Parser
+    )
+    listing = plugin_commands.add_parser(
+        "list", help="list plugins, what each provides, and their health"
+    )
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument(
+        "--hooks", action="store_true", help="also show the hooks each plugin implements"
+    )
+    listing.set_defaults(handler=cmd_plugins_list)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sft.config import load_config
+
+    config = load_config(args.config, overrides=args.overrides)
+    console = _console()
+    names = ", ".join(f"{d.path} ({d.type or 'pre-tokenized'})" for d in config.datasets)
+    console.print(f"[green]✓[/] {args.config} is valid")
+    console.print(f"  model      {config.base_model}")
+    console.print(f"  adapter    {config.adapter or 'none (full fine-tune)'}")
+    console.print(f"  datasets   {names}")
+    console.print(f"  optimizer  {config.optimizer}, lr {config.learning_rate:g}")
+    console.print(f"  attention  {config.attention}")
+    return 0
+
+
+def plugin_rows(plugins: Any) -> list[dict[str, Any]]:
+    """One row per plugin with stable keys: name, package, version, hooks, provides, status, error."""
+    provided, conflicts = plugins.provides()
+    rows = []
+    for name, record in sorted(plugins.records.items()):
+        status, error = record.status, record.error
+        if status == "ok" and name in conflicts:
+            status, error = "error", conflicts[name]
+        rows.append(
+            {
+                "name": record.name,
+                "package": record.package,
+                "version": record.version,
+                "hooks": plugins.hooks_of(name),
+                "provides": provided.get(name, {}),
+                "status": status,
+                "error": error,
+            }
+        )
+    return rows
+
+
+def cmd_plugins_list(args: argparse.Namespace) -> int:
+    from sft.manager import get_plugins
+
+    plugins = get_plugins()
+    rows = plugin_rows(plugins)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="sft plugins", title_justify="left")
+    for column in ("plugin", "package", "version", "provides", "status"):
+        table.add_column(column, overflow="fold")
+    if args.hooks:
+        table.add_column("hooks", overflow="fold")
+    for row in rows:
+        provides = "\n".join(
+            f"{kind}: {', '.join(names)}" for kind, names in row["provides"].items()
+        )
+        status = {"ok": "[green]ok[/]", "error": f"[red]error[/]: {row['error']}"}.get(
+            row["status"], f"[yellow]{row['status']}[/]"
+        )
+        cells = [row["name"], row["package"] or "-", row["version"] or "-", provides or "-", status]
+        if args.hooks:
+            cells.append("\n".join(row["hooks"]))
+        table.add_row(*cells)
+    console = _console()
+    console.print(table)
+    for problem in plugins.problems:
+        console.print(f"[yellow]warning:[/] {problem}")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def _show_error(error: SftError, show_traceback: bool) -> None:
+    console = _console(stderr=True)
+    if show_traceback:
+        console.print("".join(traceback.format_exception(error)), markup=False, style="dim")
+    console.print(f"{error.title}: ", style="bold red", end="")
+    console.print(error.render(), style="red", markup=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    raw = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in raw or os.environ.get("SFT_DEBUG", "") not in ("", "0")
+    try:
+        args = parser.parse_args(raw)
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            target = parser
+            if getattr(args, "command", None) == "plugins":
+                target = parser._subparsers._group_actions[0].choices["plugins"]  # type: ignore[union-attr]
+            target.print_help()
+            return 0 if args.command is None else 4
+        return handler(args)
+    except SftError as error:
+        _show_error(error, show_traceback)
+        return error.exit_code
+    except KeyboardInterrupt:
+        _console(stderr=True).print("[red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

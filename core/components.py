@@ -1,0 +1,94 @@
+"""The component types plugins register. Plain attrs records: no torch at import time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+
+if TYPE_CHECKING:
+    from sft.config.schema import Config
+    from sft.errors import Problem
+
+ConfigScope = Literal["root", "dataset"]
+
+
+@attrs.frozen
+class ConfigKeys:
+    """A group of config keys owned by one plugin: `cls` is a frozen attrs class of `key(...)`s."""
+
+    cls: type
+    scope: ConfigScope = "root"
+
+
+@attrs.frozen
+class PromptStrategy:
+    """A dataset format selected by `datasets[].type`.
+
+    `factory(dataset_cfg, tokenizer, config)` returns a callable that turns one raw row into
+    `{"input_ids": [...], "labels": [...]}` (labels `-100` where not trained); it may return a
+    list of such dicts (one row → several samples) or raise `sft.data.RowError` for a bad row.
+    `columns` lists the row fields the strategy reads (for error messages and the cache key).
+    """
+
+    name: str
+    factory: Callable[..., Callable[[dict[str, Any]], Any]]
+    description: str = ""
+
+
+@attrs.frozen
+class Packer:
+    """Packs sequence lengths into bins: `pack(lengths, capacity, config, epoch) -> bins`."""
+
+    name: str
+    pack: Callable[..., Sequence[Sequence[int]]]
+    description: str = ""
+
+
+@attrs.frozen
+class AttentionBackend:
+    """An attention implementation selected by `attn_implementation`.
+
+    `packing` says how packed samples are kept apart: `"mask"` (a block-diagonal mask built by
+    the collator), `"varlen"` (flash-attn `cu_seqlens` from `position_ids`), `"block_mask"`
+    (flex attention) or `None` (cannot pack). `check(config)` returns problems on this machine
+    (missing package, no CUDA, wrong dtype) without loading a model.
+    """
+
+    name: str
+    hf_implementation: str
+    packing: Literal["mask", "varlen", "block_mask"] | None
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    check: Callable[[Config], Sequence[Problem]] | None = None
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+
+
+@attrs.frozen
+class Kernel:
+    """A kernel set (liger, ...): `available()` says whether it can run here, and why not."""
+
+    name: str
+    available: Callable[[], tuple[bool, str]]
+    description: str = ""
+
+
+@attrs.frozen
+class Optimizer:
+    """An optimizer selected by `optimizer`: `factory(param_groups, config)` builds it."""
+
+    name: str
+    factory: Callable[[Any, Config], Any]
+    check: Callable[[Config], Sequence[Problem]] | None = None
+    description: str = ""
+
+
+@attrs.frozen
+class DistributedBackend:
+    """A distributed engine: `selected(config)` and the `TrainingArguments` it contributes."""
+
+    name: str
+    selected: Callable[[Config], bool]
+    training_args: Callable[[Config], dict[str, Any]]
+    description: str = ""

@@ -1,0 +1,73 @@
+"""Core checks that span several keys or need the plugin registries (no model load, no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sft.config.schema import ATTENTION_ALIASES, Config
+from sft.errors import Problem
+
+AddProblem = Callable[..., None]
+
+
+def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> None:
+    """Components selected by name must be registered: optimizer, attention backend."""
+    optimizer = values.get("optimizer", "adamw_torch")
+    optimizers = plugins.optimizers()
+    if optimizer not in optimizers:
+        add(("optimizer",), optimizers.unknown_message(optimizer))
+
+    aliases = [alias for alias in ATTENTION_ALIASES if values.get(alias)]
+    if len(aliases) > 1:
+        add((aliases[1],), f"conflicts with {aliases[0]}: choose one attention backend")
+    attention = values.get("attn_implementation")
+    if attention and aliases:
+        add((aliases[0],), f"conflicts with attn_implementation = {attention!r}; keep one")
+    name = attention or (ATTENTION_ALIASES[aliases[0]] if aliases else "sdpa")
+    backends = plugins.attention_backends()
+    if name not in backends:
+        where = ("attn_implementation",) if attention or not aliases else (aliases[0],)
+        add(where, backends.unknown_message(name))
+
+
+def _both(config: Config, first: str, second: str) -> Problem | None:
+    if getattr(config, first) is not None and getattr(config, second) is not None:
+        return Problem(second, f"conflicts with {first}: set only one of them")
+    return None
+
+
+def check_config(config: Config, plugins: Any) -> list[Problem]:
+    """Cross-key rules of the core, and the selected components' own checks."""
+    problems: list[Problem] = []
+    if not config.datasets:
+        problems.append(Problem("datasets", "no training dataset: add at least one [[datasets]]"))
+    for first, second in (
+        ("warmup_steps", "warmup_ratio"),
+        ("eval_steps", "evals_per_epoch"),
+        ("save_steps", "saves_per_epoch"),
+    ):
+        if problem := _both(config, first, second):
+            problems.append(problem)
+    if config.test_datasets and config.val_set_size:
+        problems.append(
+            Problem("val_set_size", "conflicts with test_datasets: use one eval source")
+        )
+    if config.adapter == "qlora" and not config.load_in_4bit:
+        problems.append(
+            Problem(
+                "adapter", "qlora needs the base model in 4-bit", hint="set load_in_4bit = true"
+            )
+        )
+    if config.load_in_4bit and config.load_in_8bit:
+        problems.append(Problem("load_in_8bit", "conflicts with load_in_4bit: choose one"))
+    if config.bf16 is True and config.fp16:
+        problems.append(Problem("fp16", "conflicts with bf16 = true: choose one precision"))
+
+    backend = plugins.attention_backends().get(config.attention)
+    if backend.check is not None:
+        problems.extend(backend.check(config))
+    optimizer = plugins.optimizers().get(config.optimizer)
+    if optimizer.check is not None:
+        problems.extend(optimizer.check(config))
+    return problems

@@ -1,0 +1,26 @@
+"""The cattrs converter for config objects (structure plugin key groups, dump resolved configs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import cattrs
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config (or dataset entry) as plain data, plugin sections flattened in, for dumping."""
+    data: dict[str, Any] = {}
+    for field in attrs.fields(type(config)):
+        if field.name.startswith("_"):
+            continue
+        value = getattr(config, field.name)
+        if isinstance(value, tuple) and value and attrs.has(type(value[0])):
+            data[field.name] = [to_dict(item) for item in value]
+        else:
+            data[field.name] = converter.unstructure(value)
+    for section in getattr(config, "_sections", {}).values():
+        data.update(converter.unstructure(section))
+    return data

@@ -1,0 +1,295 @@
+"""Load a TOML or YAML config into a `Config`, reporting every problem at once."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from sft.components import ConfigKeys
+from sft.config import axolotl
+from sft.config.locate import KeyPath, format_path, line_of, toml_lines, yaml_lines
+from sft.config.schema import Config, DatasetConfig, is_planned
+from sft.config.structure import Mismatch, check_bounds, conform, describe_value, resolved_fields
+from sft.errors import ConfigError, Problem, UsageError
+from sft.registry import did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_DATASET_LISTS = ("datasets", "test_datasets")
+
+
+@attrs.define
+class _Context:
+    """Where values came from, and the problems found so far."""
+
+    lines: dict[KeyPath, int]
+    source: str | None
+    overridden: set[KeyPath] = attrs.field(factory=set)
+    problems: list[Problem] = attrs.field(factory=list)
+
+    def add(self, path: KeyPath, message: str, hint: str | None = None) -> None:
+        if path in self.overridden:
+            self.problems.append(Problem(format_path(path), message, file="--set", hint=hint))
+            return
+        line = line_of(self.lines, path)
+        self.problems.append(Problem(format_path(path), message, line=line, hint=hint))
+
+    def locate(self, problem: Problem) -> Problem:
+        """Fill in the line of a plugin's problem from its key path."""
+        if problem.line is not None or not problem.path:
+            return problem
+        path = _parse_path(problem.path)
+        if path in self.overridden:
+            return attrs.evolve(problem, file="--set")
+        return attrs.evolve(problem, line=line_of(self.lines, path))
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    """Parse a config file by its extension: .toml, or .yaml/.yml."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file not found: {file}")
+    text = file.read_text(encoding="utf-8")
+    return parse_config_text(
+        text, "yaml" if file.suffix in (".yaml", ".yml") else "toml", str(file)
+    )
+
+
+def parse_config_text(
+    text: str, fmt: str, source: str = "<text>"
+) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    if fmt == "yaml":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([Problem("", f"invalid YAML: {exc}")], source) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                [Problem("", "the top level of a config must be a mapping of keys")], source
+            )
+        return data, yaml_lines(text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem("", f"invalid TOML: {exc}")], source) from None
+    return data, toml_lines(text)
+
+
+def _parse_path(text: str) -> KeyPath:
+    parts: list[str | int] = []
+    for chunk in text.replace("[", ".").replace("]", "").split("."):
+        if chunk:
+            parts.append(int(chunk) if chunk.isdigit() else chunk)
+    return tuple(parts)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> set[KeyPath]:
+    """Apply `--set key=value` overrides in place; the value is read as a YAML scalar/list."""
+    touched: set[KeyPath] = set()
+    for override in overrides:
+        name, sep, raw = override.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--set expects key=value, got {override!r}")
+        path = _parse_path(name.strip())
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        target: Any = data
+        for depth, part in enumerate(path[:-1]):
+            nxt = path[depth + 1]
+            if isinstance(part, int):
+                if not isinstance(target, list) or part >= len(target):
+                    raise UsageError(
+                        f"--set {name}: {format_path(path[: depth + 1])} does not exist"
+                    )
+                target = target[part]
+            else:
+                if part not in target:
+                    target[part] = [] if isinstance(nxt, int) else {}
+                target = target[part]
+        last = path[-1]
+        if isinstance(last, int) and (not isinstance(target, list) or last >= len(target)):
+            raise UsageError(f"--set {name}: {format_path(path)} does not exist")
+        target[last] = value
+        touched.add(path)
+    return touched
+
+
+def _groups(plugins: Any, scope: str, ctx: _Context) -> list[tuple[str, type]]:
+    core = Config if scope == "root" else DatasetConfig
+    groups: list[tuple[str, type]] = [("core", core)]
+    entries: list[tuple[str, ConfigKeys]] = plugins.config_keys() if plugins is not None else []
+    for plugin, keys in entries:
+        if keys.scope == scope:
+            groups.append((plugin, keys.cls))
+    return groups
+
+
+def _structure_scope(
+    data: dict[str, Any],
+    groups: list[tuple[str, type]],
+    prefix: KeyPath,
+    ctx: _Context,
+    unsupported: frozenset[str],
+) -> dict[type, dict[str, Any]] | None:
+    owners: dict[str, tuple[str, type, attrs.Attribute]] = {}  # type: ignore[type-arg]
+    for plugin, cls in groups:
+        for field in resolved_fields(cls):
+            if field.name in owners:
+                first = owners[field.name][0]
+                ctx.add(
+                    (*prefix, field.name),
+                    f"key is declared by both {first!r} and {plugin!r}",
+                    hint="two plugins cannot own the same key; disable one (SFT_DISABLE_PLUGINS)",
+                )
+                continue
+            owners[field.name] = (plugin, cls, field)
+
+    for name, value in data.items():
+        if name in owners:
+            continue
+        path = (*prefix, name)
+        if name in axolotl.IGNORED_ROOT_KEYS and not prefix:
+            continue
+        if name in unsupported:
+            if not axolotl.is_inert(value):
+                ctx.add(
+                    path,
+                    "is an Axolotl key that sft does not support yet",
+                    hint="remove it (or leave it empty/false) to run without that feature",
+                )
+            continue
+        guess = did_you_mean(name, list(owners))
+        ctx.add(path, "unknown key" + (f"; did you mean {guess!r}?" if guess else ""))
+
+    values: dict[type, dict[str, Any]] = {cls: {} for _, cls in groups}
+    for name, (_, cls, field) in owners.items():
+        path = (*prefix, name)
+        if name not in data:
+            if field.default is attrs.NOTHING:
+                ctx.add(path, "required key is missing")
+            continue
+        value = data[name]
+        if name in _DATASET_LISTS and cls is Config:
+            values[cls][name] = value  # structured by the caller, entry by entry
+            continue
+        try:
+            value = conform(value, field.type)
+        except Mismatch as exc:
+            ctx.add(path, f"expected {exc}, found {describe_value(value)}")
+            continue
+        if message := check_bounds(field, value):
+            ctx.add(path, message)
+            continue
+        if is_planned(field) and value != field.default:
+            ctx.add(
+                path,
+                "is not supported by sft yet (its feature has not landed)",
+                hint=f"remove it or set it to its default ({field.default!r})",
+            )
+            continue
+        values[cls][name] = value
+    return values
+
+
+def _structure_datasets(
+    raw: Any, key: str, plugins: Any, ctx: _Context
+) -> tuple[DatasetConfig, ...]:
+    path: KeyPath = (key,)
+    if not isinstance(raw, list):
+        ctx.add(path, f"expected a list of dataset tables ([[{key}]]), found {describe_value(raw)}")
+        return ()
+    groups = _groups(plugins, "dataset", ctx)
+    strategies = plugins.prompt_strategies() if plugins is not None else None
+    result = []
+    for index, entry in enumerate(raw):
+        entry_path = (*path, index)
+        if not isinstance(entry, dict):
+            ctx.add(entry_path, f"expected a dataset table, found {describe_value(entry)}")
+            continue
+        values = _structure_scope(entry, groups, entry_path, ctx, axolotl.UNSUPPORTED_DATASET_KEYS)
+        assert values is not None
+        kind = values[DatasetConfig].get("type")
+        if kind is not None and strategies is not None and kind not in strategies:
+            ctx.add((*entry_path, "type"), strategies.unknown_message(kind))
+        try:
+            result.append(_build(DatasetConfig, values, groups))
+        except (TypeError, ValueError):
+            continue  # its problems are already recorded
+    return tuple(result)
+
+
+def _build(core: type, values: dict[type, dict[str, Any]], groups: list[tuple[str, type]]) -> Any:
+    from sft.config.convert import converter
+
+    sections = {cls: converter.structure(values[cls], cls) for _, cls in groups if cls is not core}
+    return core(**values[core], _sections=sections)
+
+
+def load_config(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    plugins: Any = None,
+) -> Config:
+    """Load and fully validate a config file; raise `ConfigError` listing every problem."""
+    data, lines = read_config_file(path)
+    return _load(data, lines, str(path), overrides, plugins)
+
+
+def load_config_text(
+    text: str,
+    fmt: str = "toml",
+    overrides: Sequence[str] = (),
+    plugins: Any = None,
+    source: str = "<text>",
+) -> Config:
+    """Like `load_config`, from a string."""
+    data, lines = parse_config_text(text, fmt, source)
+    return _load(data, lines, source, overrides, plugins)
+
+
+def _load(
+    data: dict[str, Any],
+    lines: dict[KeyPath, int],
+    source: str,
+    overrides: Sequence[str],
+    plugins: Any,
+) -> Config:
+    if plugins is None:
+        from sft.manager import get_plugins
+
+        plugins = get_plugins()
+    ctx = _Context(lines=lines, source=source)
+    ctx.overridden = apply_overrides(data, overrides)
+    groups = _groups(plugins, "root", ctx)
+    values = _structure_scope(data, groups, (), ctx, axolotl.UNSUPPORTED_ROOT_KEYS)
+    assert values is not None
+    for key in _DATASET_LISTS:
+        if key in values[Config]:
+            values[Config][key] = _structure_datasets(values[Config][key], key, plugins, ctx)
+
+    from sft.config.checks import check_selections
+
+    check_selections(values[Config], plugins, ctx.add)
+    if ctx.problems:
+        raise ConfigError(ctx.problems, source)
+    config: Config = _build(Config, values, groups)
+    object.__setattr__(config, "_source", source)
+
+    from sft.config.checks import check_config
+
+    problems = [*check_config(config, plugins), *plugins.validate_config(config)]
+    if problems:
+        raise ConfigError([ctx.locate(p) for p in problems], source)
+    return config

@@ -1,0 +1,334 @@
+"""The core's config keys. Plugins declare theirs through `sft_config_keys`.
+
+Key names follow Axolotl's flat names so an Axolotl user's config runs unchanged. Every key
+has a one-line doc (`docs/config.md` is generated from them). A key whose feature has not
+landed yet is declared with `planned=True`: setting it to anything but its default is reported
+as "not supported yet" instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+import attrs
+
+T = TypeVar("T")
+
+
+def key(
+    default: Any = attrs.NOTHING,
+    *,
+    doc: str,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    planned: bool = False,
+    example: str | None = None,
+) -> Any:
+    """Declare a config key: its default, one-line doc and bounds (checked when loading)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple or None as a config default, not a mutable value")
+    metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "planned": planned, "example": example}
+    return attrs.field(default=default, metadata=metadata, kw_only=True)
+
+
+class _Sections:
+    """Plugin-owned key groups attached to a config object, looked up by their attrs class."""
+
+    _sections: Mapping[type, Any]
+
+    def section(self, cls: type[T]) -> T:
+        """The structured keys of one plugin group (its defaults when the group was not loaded)."""
+        try:
+            return self._sections[cls]  # type: ignore[no-any-return]
+        except KeyError:
+            return cls()
+
+    def __getattr__(self, name: str) -> Any:
+        # Plugin-owned keys are readable as attributes too: `config.liger_rms_norm`.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        for value in self._sections.values():
+            if name in attrs.fields_dict(type(value)):
+                return getattr(value, name)
+        raise AttributeError(f"config has no key {name!r}")
+
+
+ExcessLength = Literal["drop", "truncate", "raise"]
+InvalidRows = Literal["raise", "skip"]
+
+
+@attrs.frozen
+class DatasetConfig(_Sections):
+    """One `[[datasets]]` entry (core keys; format plugins add theirs)."""
+
+    path: str = key(
+        doc="Local file or directory, Hub dataset id, or fsspec URL (s3://, gs://, ...)."
+    )
+    type: str | None = key(
+        None,
+        doc="Prompt strategy (dataset format): chat_template, alpaca, completion, input_output, ... "
+        "Omit for pre-tokenized rows (input_ids, labels).",
+    )
+    name: str | None = key(None, doc="Hub dataset configuration name (the `name` of load_dataset).")
+    split: str = key("train", doc="Split to use.")
+    revision: str | None = key(None, doc="Hub dataset revision (branch, tag or commit).")
+    data_files: str | tuple[str, ...] | None = key(
+        None, doc="File(s) inside `path` to load (a glob or a list)."
+    )
+    ds_type: Literal["json", "jsonl", "parquet", "csv", "arrow", "text"] | None = key(
+        None, doc="File format when it cannot be told from the file extension."
+    )
+    storage_options: dict[str, Any] | None = key(
+        None, doc="fsspec storage options for remote paths (credentials, endpoint_url, ...)."
+    )
+    _sections: Mapping[type, Any] = attrs.field(
+        factory=dict, repr=False, eq=False, alias="_sections"
+    )
+
+
+@attrs.frozen
+class Config(_Sections):
+    """A fully structured config. Core keys are attributes; plugin keys via `section()`."""
+
+    # -- model -------------------------------------------------------------------------------
+    base_model: str = key(
+        doc="Model to fine-tune: Hub id, local directory, or a .gguf file (dequantised on load).",
+        example="HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+    tokenizer_config: str | None = key(
+        None, doc="Tokenizer to use when it differs from base_model (Hub id or directory)."
+    )
+    revision_of_model: str | None = key(None, doc="Hub revision of base_model.")
+    trust_remote_code: bool = key(
+        False, doc="Allow model/tokenizer code from the Hub to run. Off unless you trust it."
+    )
+    special_tokens: dict[str, str] | None = key(
+        None, doc="Override special tokens, e.g. {pad_token = '<|endoftext|>', eos_token = ...}."
+    )
+    tokens: tuple[str, ...] | None = key(
+        None, doc="New tokens to add to the vocabulary (the embeddings are resized)."
+    )
+
+    # -- precision and quantization ------------------------------------------------------------
+    bf16: bool | Literal["auto"] = key(
+        "auto", doc="Train in bfloat16: true, false, or auto (when the hardware supports it)."
+    )
+    fp16: bool = key(False, doc="Train in float16 with loss scaling (GPUs without bf16).")
+    tf32: bool = key(False, doc="Allow TF32 matmuls on Ampere+ GPUs.")
+    load_in_8bit: bool = key(False, doc="Load the base model in 8-bit (bitsandbytes, CUDA).")
+    load_in_4bit: bool = key(
+        False, doc="Load the base model in 4-bit NF4 (bitsandbytes, CUDA); for QLoRA."
+    )
+
+    # -- adapter -------------------------------------------------------------------------------
+    adapter: Literal["lora", "qlora"] | None = key(
+        None,
+        doc="Adapter to train: lora, qlora (needs load_in_4bit), or omit for a full fine-tune.",
+    )
+    lora_r: int = key(8, ge=1, doc="LoRA rank.")
+    lora_alpha: int = key(
+        16, ge=1, doc="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA)."
+    )
+    lora_dropout: float = key(0.0, ge=0.0, le=1.0, doc="Dropout on the LoRA input.")
+    lora_target_modules: tuple[str, ...] | None = key(
+        None, doc="Module names (or regex) to adapt, e.g. ['q_proj', 'v_proj']."
+    )
+    lora_target_linear: bool = key(
+        False,
+        doc="Adapt every linear layer except the output head (overrides lora_target_modules).",
+    )
+    lora_modules_to_save: tuple[str, ...] | None = key(
+        None,
+        doc="Modules trained in full next to the adapter (e.g. embed_tokens, lm_head for new tokens).",
+    )
+    lora_model_dir: str | None = key(None, doc="Continue training from this saved adapter.")
+    peft_use_dora: bool = key(False, doc="Use DoRA (weight-decomposed LoRA).")
+    peft_use_rslora: bool = key(False, doc="Use rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    unfrozen_parameters: tuple[str, ...] | None = key(
+        None,
+        doc="Full fine-tune only these parameters (regexes on parameter names); freeze the rest.",
+    )
+
+    # -- data ----------------------------------------------------------------------------------
+    datasets: tuple[DatasetConfig, ...] = key(
+        doc="Training datasets ([[datasets]] entries), mixed."
+    )
+    test_datasets: tuple[DatasetConfig, ...] = key(
+        (), doc="Evaluation datasets (instead of val_set_size)."
+    )
+    val_set_size: float = key(
+        0.0, ge=0.0, doc="Held-out eval share: a fraction (< 1) or a row count (>= 1); 0 = no eval."
+    )
+    dataset_prepared_path: str | None = key(
+        None,
+        doc="Directory caching prepared (tokenized) data, keyed by everything that changes it.",
+    )
+    dataset_num_proc: int | None = key(
+        None, ge=1, doc="Processes for tokenising (default: CPU count)."
+    )
+    shuffle_merged_datasets: bool = key(True, doc="Shuffle the mixed datasets (seeded by `seed`).")
+    dataset_exact_deduplication: bool = key(
+        False, doc="Drop rows whose tokens exactly repeat another's."
+    )
+    sequence_len: int = key(2048, ge=8, doc="Maximum tokens per sample (and per packed sequence).")
+    excess_length_strategy: ExcessLength = key(
+        "drop", doc="Samples longer than sequence_len: drop, truncate, or raise an error."
+    )
+    invalid_rows: InvalidRows = key(
+        "raise",
+        doc="Malformed rows (missing field, wrong type, unknown role): raise an error naming the "
+        "file and row, or skip them (counted by reason in the summary).",
+    )
+    train_on_inputs: bool = key(
+        False, doc="Also train on prompt/user tokens (default: only on the assistant's reply)."
+    )
+    seed: int = key(42, doc="Seed for shuffling, splits, initialisation and dropout.")
+
+    # -- training ------------------------------------------------------------------------------
+    output_dir: str = key(
+        "./outputs", doc="Where checkpoints, the final model and logs are written."
+    )
+    micro_batch_size: int = key(
+        1, ge=1, doc="Samples (or packed sequences) per device per forward."
+    )
+    eval_batch_size: int | None = key(
+        None, ge=1, doc="Eval batch size (default: micro_batch_size)."
+    )
+    gradient_accumulation_steps: int = key(
+        1, ge=1, doc="Micro-batches accumulated per optimizer step."
+    )
+    num_epochs: float = key(1.0, gt=0.0, doc="Passes over the training data.")
+    max_steps: int | None = key(
+        None, ge=1, doc="Stop after this many optimizer steps (overrides num_epochs)."
+    )
+    learning_rate: float = key(2e-4, gt=0.0, doc="Peak learning rate.")
+    optimizer: str = key(
+        "adamw_torch", doc="Optimizer, by registered name (see `sft plugins list`)."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = key(
+        "cosine", doc="Learning-rate schedule after warmup."
+    )
+    cosine_min_lr_ratio: float | None = key(
+        None, ge=0.0, le=1.0, doc="Cosine schedule floor as a fraction of learning_rate."
+    )
+    warmup_steps: int | None = key(None, ge=0, doc="Linear warmup steps.")
+    warmup_ratio: float | None = key(
+        None, ge=0.0, le=1.0, doc="Warmup as a fraction of total steps."
+    )
+    weight_decay: float = key(
+        0.0, ge=0.0, doc="Decoupled weight decay (not applied to biases and norms)."
+    )
+    max_grad_norm: float = key(1.0, ge=0.0, doc="Gradient clipping norm (0 disables clipping).")
+    gradient_checkpointing: bool = key(
+        False, doc="Recompute activations in backward to save memory."
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | None = key(
+        None, doc="Passed to gradient_checkpointing_enable, e.g. {use_reentrant = false}."
+    )
+    logging_steps: int = key(1, ge=1, doc="Log every this many optimizer steps.")
+    eval_steps: int | None = key(None, ge=1, doc="Evaluate every this many steps.")
+    evals_per_epoch: int | None = key(
+        None, ge=1, doc="Evaluations per epoch (instead of eval_steps)."
+    )
+    save_steps: int | None = key(None, ge=1, doc="Save a checkpoint every this many steps.")
+    saves_per_epoch: int | None = key(
+        None, ge=1, doc="Checkpoints per epoch (instead of save_steps)."
+    )
+    save_total_limit: int | None = key(None, ge=1, doc="Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = key(None, doc="Resume from this checkpoint directory.")
+    auto_resume_from_checkpoints: bool = key(
+        False, doc="Resume from the newest complete checkpoint in output_dir, if any."
+    )
+    use_tensorboard: bool = key(False, doc="Write TensorBoard logs to output_dir/runs.")
+
+    # -- packing and attention -----------------------------------------------------------------
+    sample_packing: bool = key(
+        False, doc="Pack several samples into each sequence (kept apart in attention)."
+    )
+    eval_sample_packing: bool | None = key(
+        None, doc="Pack eval samples too (default: as sample_packing)."
+    )
+    sample_packing_sequentially: bool = key(
+        False, doc="Pack in dataset order (first fit) instead of first-fit decreasing."
+    )
+    sample_packing_bin_size: int = key(200, ge=1, doc="Maximum samples per packed sequence.")
+    pad_to_sequence_len: bool = key(False, doc="Pad every batch to sequence_len (static shapes).")
+    attn_implementation: str | None = key(
+        None,
+        doc="Attention backend: sdpa, eager, flex_attention, flash_attention_2, ... (default sdpa).",
+    )
+    flash_attention: bool = key(
+        False, doc="Axolotl alias for attn_implementation = 'flash_attention_2'."
+    )
+    sdp_attention: bool = key(False, doc="Axolotl alias for attn_implementation = 'sdpa'.")
+    flex_attention: bool = key(
+        False, doc="Axolotl alias for attn_implementation = 'flex_attention'."
+    )
+    eager_attention: bool = key(False, doc="Axolotl alias for attn_implementation = 'eager'.")
+
+    _sections: Mapping[type, Any] = attrs.field(
+        factory=dict, repr=False, eq=False, alias="_sections"
+    )
+    _source: str | None = attrs.field(default=None, repr=False, eq=False, alias="_source")
+
+    @property
+    def source(self) -> str | None:
+        """The file this config was loaded from."""
+        return self._source
+
+    @property
+    def attention(self) -> str:
+        """The selected attention backend name, Axolotl boolean aliases resolved."""
+        if self.attn_implementation:
+            return self.attn_implementation
+        for alias, name in ATTENTION_ALIASES.items():
+            if getattr(self, alias):
+                return name
+        return "sdpa"
+
+
+ATTENTION_ALIASES = {
+    "flash_attention": "flash_attention_2",
+    "sdp_attention": "sdpa",
+    "flex_attention": "flex_attention",
+    "eager_attention": "eager",
+}
+
+
+def doc_of(field: attrs.Attribute) -> str:  # type: ignore[type-arg]
+    return str(field.metadata.get("doc", ""))
+
+
+def public_fields(cls: type) -> list[attrs.Attribute]:  # type: ignore[type-arg]
+    return [f for f in attrs.fields(cls) if not f.name.startswith("_")]
+
+
+# Keys declared for Axolotl compatibility whose feature has not landed yet. Setting one to a
+# non-default value is reported as "not supported yet" — never silently ignored. Shrinks as
+# features land.
+PLANNED_KEYS: frozenset[str] = frozenset(
+    {
+        "tokenizer_config", "revision_of_model", "trust_remote_code", "special_tokens", "tokens",
+        "bf16", "fp16", "tf32", "load_in_8bit", "load_in_4bit",
+        "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+        "lora_target_linear", "lora_modules_to_save", "lora_model_dir", "peft_use_dora",
+        "peft_use_rslora", "unfrozen_parameters",
+        "test_datasets", "val_set_size", "dataset_prepared_path", "dataset_num_proc",
+        "shuffle_merged_datasets", "dataset_exact_deduplication", "sequence_len",
+        "excess_length_strategy", "invalid_rows", "train_on_inputs",
+        "micro_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
+        "max_steps", "lr_scheduler", "cosine_min_lr_ratio", "warmup_steps", "warmup_ratio",
+        "max_grad_norm", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+        "logging_steps", "eval_steps", "evals_per_epoch", "save_steps", "saves_per_epoch",
+        "save_total_limit", "resume_from_checkpoint", "auto_resume_from_checkpoints",
+        "use_tensorboard", "sample_packing", "eval_sample_packing", "sample_packing_sequentially",
+        "sample_packing_bin_size", "pad_to_sequence_len",
+        "name", "split", "revision", "data_files", "ds_type", "storage_options",
+    }
+)  # fmt: skip
+
+
+def is_planned(field: attrs.Attribute) -> bool:  # type: ignore[type-arg]
+    return bool(field.metadata.get("planned")) or field.name in PLANNED_KEYS

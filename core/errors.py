@@ -1,0 +1,113 @@
+"""User-facing errors. The CLI prints an `SftError` as one red block without a traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+
+class SftError(Exception):
+    """An error the user can fix. Anything that is not an `SftError` is a bug in sft or a plugin."""
+
+    exit_code = 1
+    title = "error"
+
+    def render(self) -> str:
+        return str(self)
+
+
+class UsageError(SftError):
+    """Wrong command-line usage (missing file, bad `--set`)."""
+
+    exit_code = 4
+    title = "usage error"
+
+
+@attrs.frozen
+class Problem:
+    """One configuration problem: where it is, what was found, and what would be valid."""
+
+    path: str
+    message: str
+    line: int | None = None
+    file: str | None = None
+    hint: str | None = None
+
+    def render(self) -> str:
+        where = self.path or "<config>"
+        if self.line is not None:
+            where = f"{where} (line {self.line})"
+        elif self.file == "--set":
+            where = f"{where} (--set)"
+        text = f"{where}: {self.message}"
+        if self.hint:
+            text += f"\n    {self.hint}"
+        return text
+
+
+class ConfigError(SftError):
+    """Every problem found in a config, reported together."""
+
+    exit_code = 4
+    title = "config error"
+
+    def __init__(self, problems: Sequence[Problem], source: str | None = None) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.line is None, p.line or 0))
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        count = len(self.problems)
+        head = f"{count} problem{'s' if count != 1 else ''} in {self.source or 'the config'}:"
+        return "\n".join([head, *(f"  - {p.render()}" for p in self.problems)])
+
+
+class PluginError(SftError):
+    """A plugin failed to load, conflicts with another plugin, or broke a hook contract."""
+
+    exit_code = 3
+    title = "plugin error"
+
+    def __init__(self, message: str, plugin: str | None = None, package: str | None = None):
+        self.plugin = plugin
+        self.package = package
+        super().__init__(message)
+
+
+class DataError(SftError):
+    """A dataset problem, naming the file and the row where there is one."""
+
+    exit_code = 5
+    title = "data error"
+
+    def __init__(
+        self,
+        message: str,
+        file: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.file = file
+        self.row = row
+        self.field = field
+        self.hint = hint
+        where = []
+        if file:
+            where.append(str(file))
+        if row is not None:
+            where.append(f"row {row}")
+        if field:
+            where.append(f"field {field!r}")
+        text = f"{', '.join(where)}: {message}" if where else message
+        if hint:
+            text += f"\n  fix: {hint}"
+        super().__init__(text)
+
+
+class ModelError(SftError):
+    """The model, tokenizer or hardware cannot do what the config asks."""
+
+    exit_code = 6
+    title = "model error"

@@ -1,0 +1,159 @@
+"""Config loading: TOML and YAML alike, every problem collected with its key path and line."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from sft.config import load_config, load_config_text
+from sft.config.convert import to_dict
+from sft.errors import ConfigError, UsageError
+from sft.plugins.adamw import AdamKeys
+
+TOML = """
+base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+learning_rate = 2e-4
+optimizer = "adamw_torch_fused"
+adam_beta2 = 0.95
+attn_implementation = "eager"
+wandb_project = ""
+strict = false
+
+[[datasets]]
+path = "data/train.jsonl"
+
+[[datasets]]
+path = "org/dataset"
+split = "train"
+"""
+
+YAML = """
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+learning_rate: 2e-4   # YAML 1.1 reads this as a string; accepted as a number
+optimizer: adamw_torch_fused
+adam_beta2: 0.95
+attn_implementation: eager
+wandb_project:
+strict: false
+datasets:
+  - path: data/train.jsonl
+  - path: org/dataset
+    split: train
+"""
+
+
+def problems_of(text: str, fmt: str = "toml", overrides=()) -> list:
+    with pytest.raises(ConfigError) as error:
+        load_config_text(text, fmt, overrides=overrides)
+    return error.value.problems
+
+
+def test_toml_and_yaml_give_identical_configs(plugins, tmp_path):
+    (tmp_path / "c.toml").write_text(TOML)
+    (tmp_path / "c.yaml").write_text(YAML)
+    from_toml = load_config(tmp_path / "c.toml")
+    from_yaml = load_config(tmp_path / "c.yml" if False else tmp_path / "c.yaml")
+    assert from_toml == from_yaml
+    assert to_dict(from_toml) == to_dict(from_yaml)
+    assert from_toml.section(AdamKeys) == from_yaml.section(AdamKeys) == AdamKeys(adam_beta2=0.95)
+    assert from_toml.learning_rate == 2e-4
+    assert from_toml.adam_beta2 == 0.95  # plugin keys read as attributes too
+    assert from_toml.datasets[1].split == "train"
+
+
+def test_misspelt_key_wrong_type_and_unknown_dataset_type_are_reported_together(plugins):
+    text = textwrap.dedent(
+        """\
+        base_model = "m"
+        learning_rat = 1e-4
+        micro_batch_size = "four"
+
+        [[datasets]]
+        path = "x.jsonl"
+        type = "chat_templat"
+        """
+    )
+    problems = {p.path: p for p in problems_of(text)}
+    assert set(problems) == {"learning_rat", "micro_batch_size", "datasets[0].type"}
+    assert problems["learning_rat"].line == 2
+    assert "did you mean 'learning_rate'" in problems["learning_rat"].message
+    assert problems["micro_batch_size"].line == 3
+    assert problems["micro_batch_size"].message == "expected an integer, found string 'four'"
+    assert problems["datasets[0].type"].line == 7
+    assert "unknown datasets[].type 'chat_templat'" in problems["datasets[0].type"].message
+
+
+def test_yaml_problems_carry_line_numbers(plugins):
+    text = "base_model: m\nlora_r: 0\ndatasets:\n  - path: a\n    pth: b\n"
+    problems = {p.path: p.line for p in problems_of(text, "yaml")}
+    assert problems == {"lora_r": 2, "datasets[0].pth": 5}
+
+
+def test_unknown_optimizer_has_a_did_you_mean_and_the_installed_list(plugins):
+    (problem,) = problems_of(
+        'base_model = "m"\noptimizer = "adamw_torh"\n[[datasets]]\npath = "a"\n'
+    )
+    assert problem.path == "optimizer" and problem.line == 2
+    assert "did you mean 'adamw_torch'" in problem.message
+    assert "adamw_torch_fused" in problem.message
+
+
+def test_required_keys_are_reported_missing(plugins):
+    paths = {p.path for p in problems_of("[[datasets]]\ntype = 'x'\n")}
+    assert {"base_model", "datasets[0].path"} <= paths
+
+
+def test_unsupported_axolotl_key_is_named_as_such_but_blank_ones_pass(plugins):
+    base = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
+    (problem,) = problems_of('wandb_project = "demo"\n' + base)
+    assert problem.path == "wandb_project"
+    assert "Axolotl key that sft does not support yet" in problem.message
+    load_config_text('wandb_project = ""\ndeepspeed = false\n' + base)
+
+
+def test_planned_key_set_to_a_non_default_value_is_not_silently_ignored(plugins):
+    text = 'base_model = "m"\nsample_packing = true\n[[datasets]]\npath = "a"\n'
+    (problem,) = problems_of(text)
+    assert problem.path == "sample_packing" and "not supported by sft yet" in problem.message
+
+
+def test_bounds_and_cross_key_conflicts(plugins):
+    text = 'base_model = "m"\nadam_beta1 = 1.0\nattn_implementation = "sdpa"\neager_attention = true\n[[datasets]]\npath = "a"\n'
+    messages = {p.path: p.message for p in problems_of(text)}
+    assert "eager_attention" in messages
+    text = 'base_model = "m"\nadam_beta1 = 1.0\n[[datasets]]\npath = "a"\n'
+    ((path, message),) = {p.path: p.message for p in problems_of(text)}.items()
+    assert path == "adam_beta1" and message == "must be < 1, found 1"
+
+
+def test_set_overrides_values_and_marks_their_problems(plugins):
+    text = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
+    config = load_config_text(
+        text, overrides=["learning_rate=1e-5", "datasets[0].path=b.jsonl", "adam_beta1=0.8"]
+    )
+    assert config.learning_rate == 1e-5
+    assert config.datasets[0].path == "b.jsonl"
+    assert config.adam_beta1 == 0.8
+    (problem,) = problems_of(text, overrides=["micro_batch_size=abc"])
+    assert problem.file == "--set" and "(--set)" in problem.render()
+    with pytest.raises(UsageError):
+        load_config_text(text, overrides=["no-equals-sign"])
+    with pytest.raises(UsageError):
+        load_config_text(text, overrides=["datasets[3].path=x"])
+
+
+def test_attention_aliases_resolve(plugins):
+    config = load_config_text(
+        'base_model = "m"\neager_attention = true\n[[datasets]]\npath = "a"\n'
+    )
+    assert config.attention == "eager"
+    config = load_config_text('base_model = "m"\n[[datasets]]\npath = "a"\n')
+    assert config.attention == "sdpa"
+
+
+def test_invalid_syntax_is_a_config_error_not_a_traceback(plugins):
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config_text("base_model = = 1")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config_text("a: [1,", "yaml")

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sft.manager import SftPlugins, set_plugins
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def plugins() -> Iterator[SftPlugins]:
+    """The installed plugins, freshly loaded (no SFT_* variables), as the process-wide set."""
+    loaded = SftPlugins.load(environ={})
+    set_plugins(loaded)
+    yield loaded
+    set_plugins(None)
+
+
+def make_distribution(
+    root: Path, name: str, entry_points: dict[str, str], modules: dict[str, str]
+) -> Path:
+    """Write a throwaway installed distribution (dist-info + modules) under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    dist_info = root / f"{name.replace('-', '_')}-0.0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n")
+    lines = ["[sft.plugins]", *(f"{ep} = {target}" for ep, target in entry_points.items())]
+    (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    return root
+
+
+@pytest.fixture
+def throwaway_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Factory installing a throwaway distribution on sys.path for this test."""
+
+    def install(name: str, entry_points: dict[str, str], modules: dict[str, str]) -> Path:
+        root = make_distribution(tmp_path / "site", name, entry_points, modules)
+        monkeypatch.syspath_prepend(str(root))
+        for module in modules:
+            sys.modules.pop(module, None)
+        return root
+
+    return install

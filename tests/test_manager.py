@@ -1,0 +1,132 @@
+"""Plugin discovery through entry points, failures recorded, env selection, tracing."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from sft import hookimpl
+from sft.components import Optimizer
+from sft.errors import PluginError
+from sft.manager import SftPlugins
+
+BUILTINS = {"sdpa", "eager", "adamw"}
+
+
+def test_builtin_plugins_load_from_entry_points():
+    plugins = SftPlugins.load(environ={})
+    assert set(plugins.records) >= BUILTINS
+    for name in BUILTINS:
+        record = plugins.records[name]
+        assert record.status == "ok", record.error
+        assert record.package == "sft-train"
+        assert record.module == f"sft.plugins.{name}"
+
+
+def test_broken_import_is_recorded_with_its_distribution(throwaway_dist):
+    throwaway_dist(
+        "broken-sft-plugin",
+        {"broken": "broken_sft_plugin"},
+        {"broken_sft_plugin": "import not_a_real_module_xyz\n"},
+    )
+    plugins = SftPlugins.load(environ={})
+    record = plugins.records["broken"]
+    assert record.status == "error"
+    assert record.package == "broken-sft-plugin"
+    assert "not_a_real_module_xyz" in (record.error or "")
+    failure = plugins.failure_for("broken")
+    assert failure is not None and "broken-sft-plugin" in str(failure)
+    # The others still load.
+    assert all(plugins.records[name].status == "ok" for name in BUILTINS)
+
+
+def test_hook_with_no_spec_is_an_error_with_a_did_you_mean(throwaway_dist):
+    throwaway_dist(
+        "typo-plugin",
+        {"typo": "typo_plugin"},
+        {
+            "typo_plugin": """
+            from sft import hookimpl
+
+            @hookimpl
+            def sft_register_optimizer(register):
+                pass
+            """
+        },
+    )
+    plugins = SftPlugins.load(environ={})
+    record = plugins.records["typo"]
+    assert record.status == "error"
+    assert "sft_register_optimizers" in (record.error or "")
+    plugins.check_pending()  # the bad plugin was unregistered, nothing pending remains
+
+
+def test_sft_plugins_loads_only_the_named_plugins():
+    plugins = SftPlugins.load(environ={"SFT_PLUGINS": "sdpa, nonexistent"})
+    assert plugins.records["sdpa"].status == "ok"
+    assert plugins.records["adamw"].status == "not selected"
+    assert plugins.optimizers().names() == []
+    assert any("nonexistent" in problem for problem in plugins.problems)
+
+
+def test_sft_disable_plugins_blocks_them():
+    plugins = SftPlugins.load(environ={"SFT_DISABLE_PLUGINS": "eager"})
+    assert plugins.records["eager"].status == "disabled"
+    assert "eager" not in plugins.attention_backends()
+    assert "sdpa" in plugins.attention_backends()
+
+
+def test_tracing_writes_hook_calls():
+    plugins = SftPlugins.load(environ={})
+    out = io.StringIO()
+    plugins.enable_tracing(out.write)
+    plugins.optimizers()
+    assert "sft_register_optimizers [adamw]" in out.getvalue()
+
+
+def test_sft_trace_plugins_env_enables_tracing(capfd):
+    plugins = SftPlugins.load(environ={"SFT_TRACE_PLUGINS": "1"})
+    plugins.attention_backends()
+    assert "sft_register_attention_backends" in capfd.readouterr().err
+
+
+class _DuplicateAdamW:
+    @hookimpl
+    def sft_register_optimizers(self, register):
+        register(Optimizer("adamw_torch", lambda params, config: None))
+
+
+def test_same_component_name_from_two_plugins_is_an_error_naming_both():
+    plugins = SftPlugins.load(environ={})
+    plugins.register(_DuplicateAdamW(), name="copycat")
+    with pytest.raises(PluginError) as error:
+        plugins.optimizers().get("adamw_torch")
+    assert "adamw" in str(error.value) and "copycat" in str(error.value)
+
+
+class _RaisingRegistration:
+    @hookimpl
+    def sft_register_optimizers(self, register):
+        raise RuntimeError("boom")
+
+
+def test_a_register_hook_that_raises_is_recorded_against_its_plugin():
+    plugins = SftPlugins.load(environ={})
+    plugins.register(_RaisingRegistration(), name="raiser")
+    registry = plugins.optimizers()
+    assert plugins.records["raiser"].status == "error"
+    assert "boom" in (plugins.records["raiser"].error or "")
+    with pytest.raises(PluginError, match="raiser"):
+        registry.get("adamw_torch")
+
+
+def test_register_rejects_unknown_hooks_in_process():
+    class Bad:
+        @hookimpl
+        def sft_not_a_hook(self):
+            pass
+
+    plugins = SftPlugins.load(environ={})
+    with pytest.raises(PluginError, match="sft_not_a_hook"):
+        plugins.register(Bad(), name="bad")
