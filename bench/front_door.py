@@ -48,7 +48,9 @@ def main() -> None:
     print(f"{'command':40} {'median s':>9} {'x python':>9} {'x torch':>8}  target")
     for name, seconds in results.items():
         target = "" if "baseline" in name else ("< 0.5 s ok" if seconds < 0.5 else "< 0.5 s MISSED")
-        print(f"{name:40} {seconds:9.3f} {seconds / base:9.1f} {seconds / torch_time:8.2f}  {target}")
+        print(
+            f"{name:40} {seconds:9.3f} {seconds / base:9.1f} {seconds / torch_time:8.2f}  {target}"
+        )
 
 
 if __name__ == "__main__":
