@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(validate)
     validate.set_defaults(handler=cmd_validate)
 
+    preprocess = commands.add_parser(
+        "preprocess", help="tokenize, mask and cache the datasets; print a summary"
+    )
+    _add_config_args(preprocess)
+    preprocess.add_argument(
+        "--debug", action="store_true", help="show examples token by token and self-check labels"
+    )
+    preprocess.add_argument(
+        "--debug-num-examples", type=int, default=3, metavar="N", help="examples per dataset"
+    )
+    preprocess.add_argument("--ids", action="store_true", help="with --debug: show token ids")
+    preprocess.add_argument(
+        "--no-cache", action="store_true", help="re-prepare even when a cached copy exists"
+    )
+    preprocess.set_defaults(handler=cmd_preprocess)
+
     plugins = commands.add_parser("plugins", help="installed plugins")
     plugin_commands = plugins.add_subparsers(
         dest="plugins_command", metavar="COMMAND", parser_class=_Parser
@@ -90,6 +106,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     console.print(f"  datasets   {names}")
     console.print(f"  optimizer  {config.optimizer}, lr {config.learning_rate:g}")
     console.print(f"  attention  {config.attention}")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from sft.config import load_config
+    from sft.data.pipeline import prepare_datasets
+    from sft.manager import get_plugins
+    from sft.tokenizer import load_tokenizer
+
+    config = load_config(args.config, overrides=args.overrides)
+    plugins = get_plugins()
+    console = _console()
+    tokenizer = load_tokenizer(config, plugins)
+    prepared = prepare_datasets(config, tokenizer, plugins, use_cache=not args.no_cache)
+    console.print(prepared.summary.table())
+    for line in prepared.summary.lines():
+        console.print(line)
+    if prepared.cache_dir is not None:
+        state = "loaded from" if prepared.from_cache else "written to"
+        console.print(f"prepared data {state} {prepared.cache_dir}")
+    if args.debug:
+        from sft.data.debug import debug_examples, render_example
+
+        examples = debug_examples(config, tokenizer, plugins, args.debug_num_examples)
+        for example in examples:
+            render_example(example, tokenizer, console, args.ids)
+        failed = [e for e in examples if e.problems]
+        zero = sum(d.dropped.get("no trainable tokens", 0) for d in prepared.summary.datasets)
+        console.print(
+            f"self-check: {len(examples) - len(failed)}/{len(examples)} examples passed; "
+            f"{zero} rows without trainable tokens were dropped"
+        )
+        return 0 if not failed else 5
     return 0
 
 

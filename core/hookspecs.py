@@ -69,6 +69,19 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
     """
 
 
+@hookspec
+def sft_prepare_tokenizer(tokenizer: Any, config: Config) -> None:
+    """Adjust the loaded tokenizer in place (e.g. set the chat template the config selects).
+
+    Called once per process after the tokenizer is loaded and the config's `special_tokens` and
+    `tokens` are applied, before any data is prepared. Whatever is set here is saved with the
+    model, so `sft chat` and plain transformers see the same template the data was rendered with.
+
+    :param tokenizer: the `transformers` fast tokenizer.
+    :param config: the run's config.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # components: registered by name, selected by the config
 # --------------------------------------------------------------------------------------------

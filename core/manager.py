@@ -263,6 +263,9 @@ class SftPlugins:
             for p in problems or ()
         ]
 
+    def prepare_tokenizer(self, tokenizer: Any, config: Config) -> None:
+        self.manager.hook.sft_prepare_tokenizer(tokenizer=tokenizer, config=config)
+
     def patch_model(self, model: Any, config: Config) -> None:
         self.manager.hook.sft_patch_model(model=model, config=config)
 

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# No Hugging Face Hub here or in CI: fail fast instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sft.manager import SftPlugins, set_plugins
 
@@ -49,3 +55,30 @@ def throwaway_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return root
 
     return install
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A tiny byte-level BPE tokenizer with BOS added and EOS `</s>`."""
+    from sft.testing import build_tokenizer
+
+    return build_tokenizer(eos_token="</s>", bos_token="<s>", add_bos=True)
+
+
+@pytest.fixture
+def make_config(plugins, tmp_path):
+    """Build a config from TOML text; `{tmp}` is replaced by the test's tmp dir."""
+    from sft.config import load_config_text
+
+    def make(text: str, *overrides: str):
+        text = 'base_model = "unused"\n' + text.replace("{tmp}", str(tmp_path))
+        return load_config_text(text, overrides=list(overrides), source=str(tmp_path / "c.toml"))
+
+    return make

@@ -149,6 +149,10 @@ class Recorder:
         self.calls: list[tuple] = []
 
     @hookimpl
+    def sft_prepare_tokenizer(self, tokenizer, config):
+        tokenizer.chat_template = "{{ messages }}"
+
+    @hookimpl
     def sft_patch_model(self, model, config):
         model["patched"] = True
 
@@ -180,6 +184,14 @@ class Saver:
     @hookimpl
     def sft_save_model(self, config, model, tokenizer, output_dir):
         return self.result
+
+
+def test_sft_prepare_tokenizer(tokenizer):
+    from types import SimpleNamespace
+
+    target = SimpleNamespace(chat_template=None)
+    fresh(Recorder()).prepare_tokenizer(target, config=load_config_text(MINIMAL))
+    assert target.chat_template == "{{ messages }}"
 
 
 def test_sft_patch_model():

@@ -310,14 +310,10 @@ def public_fields(cls: type) -> list[attrs.Attribute]:  # type: ignore[type-arg]
 # features land.
 PLANNED_KEYS: frozenset[str] = frozenset(
     {
-        "tokenizer_config", "revision_of_model", "trust_remote_code", "special_tokens", "tokens",
         "bf16", "fp16", "tf32", "load_in_8bit", "load_in_4bit",
         "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
         "lora_target_linear", "lora_modules_to_save", "lora_model_dir", "peft_use_dora",
         "peft_use_rslora", "unfrozen_parameters",
-        "test_datasets", "val_set_size", "dataset_prepared_path", "dataset_num_proc",
-        "shuffle_merged_datasets", "dataset_exact_deduplication", "sequence_len",
-        "excess_length_strategy", "invalid_rows", "train_on_inputs",
         "micro_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
         "max_steps", "lr_scheduler", "cosine_min_lr_ratio", "warmup_steps", "warmup_ratio",
         "max_grad_norm", "gradient_checkpointing", "gradient_checkpointing_kwargs",
@@ -325,7 +321,6 @@ PLANNED_KEYS: frozenset[str] = frozenset(
         "save_total_limit", "resume_from_checkpoint", "auto_resume_from_checkpoints",
         "use_tensorboard", "sample_packing", "eval_sample_packing", "sample_packing_sequentially",
         "sample_packing_bin_size", "pad_to_sequence_len",
-        "name", "split", "revision", "data_files", "ds_type", "storage_options",
     }
 )  # fmt: skip
 

@@ -1,0 +1,360 @@
+"""Prepare training and eval data: read → render → tokenise → label → filter → mix → split → cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+import sft
+from sft.config.convert import to_dict
+from sft.config.schema import Config, DatasetConfig
+from sft.data.sources import RawRows, read_rows
+from sft.data.summary import DatasetSummary, Summary
+from sft.data.tokenize import ChunkResult, TokenizeOptions, process_chunk
+from sft.errors import DataError
+
+CHUNK_ROWS = 256
+
+# Set before forking workers: the children inherit it (render closures are not picklable).
+_WORK: dict[str, Any] = {}
+
+
+@attrs.frozen
+class Prepared:
+    """Prepared datasets (`input_ids`, `labels` columns) and what happened to every row."""
+
+    train: Any
+    eval: Any | None
+    summary: Summary
+    cache_dir: Path | None = None
+    from_cache: bool = False
+
+
+def _worker(task: tuple[int, int]) -> ChunkResult:
+    start, stop = task
+    return process_chunk(
+        _WORK["rows"][start:stop], start, _WORK["render"], _WORK["tokenizer"], _WORK["opts"]
+    )
+
+
+def _num_proc(config: Config, rows: int) -> int:
+    wanted = config.dataset_num_proc or (os.cpu_count() or 1)
+    return max(1, min(wanted, rows // CHUNK_ROWS))
+
+
+def tokenize_rows(
+    raw: RawRows,
+    render: Callable[[dict[str, Any]], Any],
+    tokenizer: Any,
+    config: Config,
+    progress: Any = None,
+) -> ChunkResult:
+    """Process every row of one source, in parallel when `dataset_num_proc` allows."""
+    opts = TokenizeOptions(
+        sequence_len=config.sequence_len,
+        excess_length_strategy=config.excess_length_strategy,
+        invalid_rows=config.invalid_rows,
+        train_on_inputs=config.train_on_inputs,
+    )
+    tasks = [(i, min(i + CHUNK_ROWS, len(raw.rows))) for i in range(0, len(raw.rows), CHUNK_ROWS)]
+    total = ChunkResult()
+    total.dropped.update(raw.dropped)
+    _WORK.update(rows=raw.rows, render=render, tokenizer=tokenizer, opts=opts)
+    procs = _num_proc(config, len(raw.rows))
+    try:
+        if procs > 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            with multiprocessing.get_context("fork").Pool(procs) as pool:
+                results = pool.imap(_worker, tasks)
+                _collect(results, total, raw, progress)
+        else:
+            _collect(map(_worker, tasks), total, raw, progress)
+    finally:
+        _WORK.clear()
+    return total
+
+
+def _collect(results: Any, total: ChunkResult, raw: RawRows, progress: Any) -> None:
+    for result in results:
+        if result.error is not None:
+            index, reason, message, field = result.error
+            file, number = raw.where(index)
+            raise DataError(
+                f"{reason}: {message}",
+                file=file,
+                row=number,
+                field=field,
+                hint='fix the row, or set invalid_rows = "skip" to skip and count such rows'
+                if reason != "too long"
+                else 'raise sequence_len, or set excess_length_strategy = "drop" or "truncate"',
+            )
+        order = sorted(range(len(result.sources)), key=result.sources.__getitem__)
+        total.input_ids.extend(result.input_ids[i] for i in order)
+        total.labels.extend(result.labels[i] for i in order)
+        total.sources.extend(result.sources[i] for i in order)
+        total.dropped.update(result.dropped)
+        if progress is not None:
+            progress(len(result.sources) + sum(result.dropped.values()))
+
+
+def _strategy_for(ds: DatasetConfig, plugins: Any) -> str:
+    return ds.type or "pretokenized"
+
+
+def build_render(
+    ds: DatasetConfig, tokenizer: Any, config: Config, plugins: Any
+) -> Callable[[dict[str, Any]], Any]:
+    strategy = plugins.prompt_strategies().get(_strategy_for(ds, plugins))
+    return strategy.factory(ds, tokenizer, config)
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        backend.to_str() if backend is not None else repr(tokenizer),
+        str(getattr(tokenizer, "chat_template", None)),
+        json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+_RELEVANT_ROOT_KEYS = (
+    "sequence_len",
+    "excess_length_strategy",
+    "invalid_rows",
+    "train_on_inputs",
+    "val_set_size",
+    "seed",
+    "shuffle_merged_datasets",
+    "dataset_exact_deduplication",
+    "special_tokens",
+    "tokens",
+)
+
+
+def cache_key(config: Config, tokenizer: Any, fingerprints: list[str], plugins: Any) -> str:
+    """Hash of everything that changes the prepared data."""
+    data = to_dict(config)
+    relevant = {k: data[k] for k in _RELEVANT_ROOT_KEYS}
+    relevant["datasets"] = data["datasets"]
+    relevant["test_datasets"] = data["test_datasets"]
+    relevant["root_plugin_keys"] = {
+        k: v for k, v in data.items() if k not in attrs.fields_dict(Config) and "template" in k
+    }
+    payload = json.dumps(
+        {
+            "sft": sft.__version__,
+            "keys": relevant,
+            "data": fingerprints,
+            "tokenizer": _tokenizer_fingerprint(tokenizer),
+            "strategies": sorted(
+                f"{name}@{plugins.prompt_strategies().owner(name)}"
+                for name in {
+                    _strategy_for(d, plugins) for d in (*config.datasets, *config.test_datasets)
+                }
+            ),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _to_dataset(ids: list[list[int]], labels: list[list[int]]) -> Any:
+    import datasets
+
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+        }
+    )
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}, features=features)
+
+
+def _process_sources(
+    entries: tuple[DatasetConfig, ...],
+    tokenizer: Any,
+    config: Config,
+    plugins: Any,
+    raws: list[RawRows],
+    summary: Summary,
+    show_progress: bool,
+) -> tuple[list[list[int]], list[list[int]]]:
+    ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    for ds, raw in zip(entries, raws, strict=True):
+        render = build_render(ds, tokenizer, config, plugins)
+        with _progress(f"tokenising {raw.name}", len(raw.rows), show_progress) as advance:
+            result = tokenize_rows(raw, render, tokenizer, config, advance)
+        summary.datasets.append(
+            DatasetSummary.from_samples(
+                name=raw.name,
+                strategy=_strategy_for(ds, plugins),
+                rows_in=len(raw.rows) + sum(raw.dropped.values()),
+                rows_kept=len(set(result.sources)),
+                dropped=result.dropped,
+                input_ids=result.input_ids,
+                labels=result.labels,
+            )
+        )
+        ids.extend(result.input_ids)
+        labels.extend(result.labels)
+    return ids, labels
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing (one summary later) in CI logs."""
+
+    def __init__(self, description: str, total: int, enabled: bool) -> None:
+        self.description, self.total, self.enabled = description, total, enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return None
+        self.bar = Progress(console=console, transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def prepare_datasets(
+    config: Config,
+    tokenizer: Any = None,
+    plugins: Any = None,
+    show_progress: bool = True,
+    use_cache: bool = True,
+) -> Prepared:
+    """Prepare the config's training and eval data (from the cache when nothing changed)."""
+    if plugins is None:
+        from sft.manager import get_plugins
+
+        plugins = get_plugins()
+    if tokenizer is None:
+        from sft.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config, plugins)
+    base_dir = (
+        Path(config.source).parent if config.source and not config.source.startswith("<") else None
+    )
+    raws = [read_rows(ds, config.invalid_rows, base_dir) for ds in config.datasets]
+    test_raws = [read_rows(ds, config.invalid_rows, base_dir) for ds in config.test_datasets]
+    key = cache_key(config, tokenizer, [r.fingerprint for r in (*raws, *test_raws)], plugins)
+    cache_dir = Path(config.dataset_prepared_path) / key if config.dataset_prepared_path else None
+    if use_cache and cache_dir is not None and (cache_dir / "complete").exists():
+        return _load_cached(cache_dir)
+
+    summary = Summary()
+    ids, labels = _process_sources(
+        config.datasets, tokenizer, config, plugins, raws, summary, show_progress
+    )
+    if config.dataset_exact_deduplication:
+        ids, labels, summary.duplicates = _deduplicate(ids, labels)
+    import numpy as np
+
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(ids)) if config.shuffle_merged_datasets else np.arange(len(ids))
+    eval_ids: list[list[int]] = []
+    eval_labels: list[list[int]] = []
+    if config.test_datasets:
+        eval_summary = Summary()
+        eval_ids, eval_labels = _process_sources(
+            config.test_datasets, tokenizer, config, plugins, test_raws, eval_summary, show_progress
+        )
+        summary.eval_datasets = eval_summary.datasets
+    elif config.val_set_size:
+        size = config.val_set_size
+        count = round(len(ids) * size) if size < 1 else int(size)
+        if count >= len(ids) or count < 1:
+            raise DataError(
+                f"val_set_size = {size:g} leaves {len(ids) - count} of {len(ids)} samples for training",
+                hint="lower val_set_size, or add data",
+            )
+        split_order = np.random.default_rng(config.seed + 1).permutation(len(ids))
+        held = set(split_order[:count].tolist())
+        eval_ids = [ids[i] for i in sorted(held)]
+        eval_labels = [labels[i] for i in sorted(held)]
+        order = np.array([i for i in order.tolist() if i not in held], dtype=np.int64)
+    train_ids = [ids[i] for i in order.tolist()]
+    train_labels = [labels[i] for i in order.tolist()]
+    summary.train_samples, summary.eval_samples = len(train_ids), len(eval_ids)
+    if not train_ids:
+        raise DataError(
+            "no training sample left after preparing the data",
+            hint="see the summary: rows may all be too long, malformed, or without trainable tokens",
+        )
+    prepared = Prepared(
+        train=_to_dataset(train_ids, train_labels),
+        eval=_to_dataset(eval_ids, eval_labels) if eval_ids else None,
+        summary=summary,
+        cache_dir=cache_dir,
+    )
+    if cache_dir is not None:
+        _save_cached(prepared, cache_dir)
+    return prepared
+
+
+def _deduplicate(
+    ids: list[list[int]], labels: list[list[int]]
+) -> tuple[list[list[int]], list[list[int]], int]:
+    seen: set[bytes] = set()
+    kept_ids, kept_labels = [], []
+    for sample_ids, sample_labels in zip(ids, labels, strict=True):
+        digest = hashlib.blake2b(
+            repr((sample_ids, sample_labels)).encode(), digest_size=16
+        ).digest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        kept_ids.append(sample_ids)
+        kept_labels.append(sample_labels)
+    return kept_ids, kept_labels, len(ids) - len(kept_ids)
+
+
+def _save_cached(prepared: Prepared, cache_dir: Path) -> None:
+    """Write into a temporary directory and rename it into place: never a half-written cache."""
+    tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    prepared.train.save_to_disk(str(tmp / "train"))
+    if prepared.eval is not None:
+        prepared.eval.save_to_disk(str(tmp / "eval"))
+    (tmp / "summary.json").write_text(json.dumps(prepared.summary.to_json(), indent=2))
+    (tmp / "complete").write_text(sft.__version__)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    tmp.rename(cache_dir)
+
+
+def _load_cached(cache_dir: Path) -> Prepared:
+    import datasets
+
+    eval_dir = cache_dir / "eval"
+    return Prepared(
+        train=datasets.load_from_disk(str(cache_dir / "train")),
+        eval=datasets.load_from_disk(str(eval_dir)) if eval_dir.exists() else None,
+        summary=Summary.from_json(json.loads((cache_dir / "summary.json").read_text())),
+        cache_dir=cache_dir,
+        from_cache=True,
+    )
+
+
+__all__ = ["Prepared", "cache_key", "prepare_datasets", "tokenize_rows"]

@@ -1,0 +1,122 @@
+"""What preparing the data did: rows in, kept, dropped by reason, tokens, trainable share."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+IGNORE = -100
+PERCENTILES = (50, 90, 99, 100)
+
+
+@attrs.define
+class DatasetSummary:
+    name: str
+    strategy: str
+    rows_in: int
+    rows_kept: int
+    samples: int
+    dropped: dict[str, int]
+    tokens: int
+    trainable_tokens: int
+    length_percentiles: dict[str, int]
+
+    @classmethod
+    def from_samples(
+        cls,
+        name: str,
+        strategy: str,
+        rows_in: int,
+        rows_kept: int,
+        dropped: Counter[str],
+        input_ids: Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]],
+    ) -> DatasetSummary:
+        import numpy as np
+
+        lengths = np.array([len(ids) for ids in input_ids] or [0])
+        trainable = sum(sum(1 for x in sample if x != IGNORE) for sample in labels)
+        return cls(
+            name=name,
+            strategy=strategy,
+            rows_in=rows_in,
+            rows_kept=rows_kept,
+            samples=len(input_ids),
+            dropped=dict(sorted(dropped.items())),
+            tokens=int(lengths.sum()) if input_ids else 0,
+            trainable_tokens=int(trainable),
+            length_percentiles={
+                f"p{p}" if p < 100 else "max": int(np.percentile(lengths, p)) for p in PERCENTILES
+            },
+        )
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_tokens / self.tokens if self.tokens else 0.0
+
+
+@attrs.define
+class Summary:
+    datasets: list[DatasetSummary] = attrs.field(factory=list)
+    eval_datasets: list[DatasetSummary] = attrs.field(factory=list)
+    duplicates: int = 0
+    train_samples: int = 0
+    eval_samples: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Summary:
+        return cls(
+            datasets=[DatasetSummary(**d) for d in data["datasets"]],
+            eval_datasets=[DatasetSummary(**d) for d in data["eval_datasets"]],
+            duplicates=data["duplicates"],
+            train_samples=data["train_samples"],
+            eval_samples=data["eval_samples"],
+        )
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="prepared data", title_justify="left")
+        for column in (
+            "dataset",
+            "type",
+            "rows in",
+            "kept",
+            "dropped (reason: rows)",
+            "tokens",
+            "trained",
+            "length p50/p90/p99/max",
+        ):
+            table.add_column(
+                column,
+                overflow="fold",
+                justify="right" if column in ("rows in", "kept", "tokens", "trained") else "left",
+            )
+        for label, group in (("", self.datasets), ("eval: ", self.eval_datasets)):
+            for d in group:
+                dropped = ", ".join(f"{reason}: {n}" for reason, n in d.dropped.items()) or "none"
+                lengths = "/".join(str(v) for v in d.length_percentiles.values())
+                table.add_row(
+                    label + d.name,
+                    d.strategy,
+                    str(d.rows_in),
+                    str(d.rows_kept),
+                    dropped,
+                    f"{d.tokens:,}",
+                    f"{d.trainable_share:.1%}",
+                    lengths,
+                )
+        return table
+
+    def lines(self) -> list[str]:
+        text = [
+            f"train samples: {self.train_samples}, eval samples: {self.eval_samples}"
+            + (f", exact duplicates dropped: {self.duplicates}" if self.duplicates else "")
+        ]
+        return text

@@ -1,0 +1,73 @@
+"""Load the tokenizer a config asks for, with its special-token overrides and new tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sft.config.schema import Config
+from sft.errors import ModelError
+
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+def model_source(name: str) -> tuple[str, dict[str, Any]]:
+    """Split a `.gguf` file path into (directory, {"gguf_file": file name}) for from_pretrained."""
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {name}")
+        return str(path.parent), {"gguf_file": path.name}
+    return name, {}
+
+
+def load_tokenizer(config: Config, plugins: Any = None) -> Any:
+    from transformers import AutoTokenizer
+
+    name = config.tokenizer_config or config.base_model
+    source, extra = model_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source,
+            trust_remote_code=config.trust_remote_code,
+            revision=config.revision_of_model,
+            **extra,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load the tokenizer of {name!r}: {exc}\n"
+            "  fix: check base_model / tokenizer_config (a Hub id needs network access or a "
+            "local cache; a directory needs tokenizer files)"
+        ) from exc
+    return apply_token_config(tokenizer, config, plugins)
+
+
+def apply_token_config(tokenizer: Any, config: Config, plugins: Any = None) -> Any:
+    """Apply `special_tokens`, `tokens` and the plugins' tokenizer preparation."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(
+            "sft needs a fast (Rust) tokenizer for exact label masking; this one is slow",
+        )
+    if config.special_tokens:
+        unknown = sorted(set(config.special_tokens) - set(SPECIAL_TOKEN_KEYS))
+        if unknown:
+            raise ModelError(
+                f"special_tokens: unknown role(s) {', '.join(unknown)}; valid: {', '.join(SPECIAL_TOKEN_KEYS)}"
+            )
+        tokenizer.add_special_tokens(dict(config.special_tokens))
+    if config.tokens:
+        tokenizer.add_tokens(list(config.tokens))
+    if plugins is None:
+        from sft.manager import get_plugins
+
+        plugins = get_plugins()
+    plugins.prepare_tokenizer(tokenizer, config)
+    return tokenizer

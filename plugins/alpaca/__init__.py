@@ -1,0 +1,79 @@
+"""`type = "alpaca"`: instruction / input / output rows in the Alpaca prompt format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from sft import hookimpl
+from sft.components import ConfigKeys, PromptStrategy
+from sft.config.schema import key
+from sft.data.sample import Rendered, RowError, require
+
+PREAMBLE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request."
+)
+PREAMBLE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request."
+)
+
+
+@attrs.frozen
+class AlpacaKeys:
+    field_instruction: str = key("instruction", doc="Alpaca: row field with the instruction.")
+    field_input: str = key("input", doc="Alpaca: row field with the optional input.")
+    field_output: str = key("output", doc="Alpaca: row field with the response (trained).")
+    system_prompt: str | None = key(
+        None, doc="Alpaca: replaces the standard 'Below is an instruction...' preamble."
+    )
+    system_format: str = key("{system}\n\n", doc="Alpaca: how the preamble is written ({system}).")
+    format: str = key(
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        doc="Alpaca: prompt when the row has an input ({instruction}, {input}).",
+    )
+    no_input_format: str = key(
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+        doc="Alpaca: prompt when the input is empty ({instruction}).",
+    )
+
+
+def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Rendered]:
+    keys: AlpacaKeys = ds.section(AlpacaKeys)
+    eos = tokenizer.eos_token or ""
+
+    def render(row: dict[str, Any]) -> Rendered:
+        instruction = require(row, keys.field_instruction)
+        output = require(row, keys.field_output)
+        raw_input = row.get(keys.field_input)
+        if raw_input is not None and not isinstance(raw_input, str):
+            raise RowError(
+                "wrong type", f"field {keys.field_input!r} should be a string", keys.field_input
+            )
+        has_input = bool(raw_input and raw_input.strip())
+        preamble = keys.system_prompt or (PREAMBLE_WITH_INPUT if has_input else PREAMBLE_NO_INPUT)
+        template = keys.format if has_input else keys.no_input_format
+        prompt = keys.system_format.format(system=preamble) + template.format(
+            instruction=instruction, input=raw_input or ""
+        )
+        text = f"{prompt}{output}{eos}"
+        return Rendered(text=text, spans=((len(prompt), len(text)),), add_special_tokens=True)
+
+    return render
+
+
+@hookimpl
+def sft_config_keys() -> Sequence[ConfigKeys]:
+    return [ConfigKeys(AlpacaKeys, scope="dataset")]
+
+
+@hookimpl
+def sft_register_prompt_strategies(register: Callable[[PromptStrategy], None]) -> None:
+    register(
+        PromptStrategy(
+            "alpaca", _factory, "instruction/input/output rows; trains the output and EOS"
+        )
+    )

@@ -1,0 +1,157 @@
+"""The preparation pipeline: lengths, bad rows, mixing, dedup, splits, cache, parallelism."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_jsonl
+
+from sft.data import pipeline
+from sft.data.pipeline import prepare_datasets
+from sft.errors import DataError
+
+ALPACA = '[[datasets]]\npath = "{tmp}/a.jsonl"\ntype = "alpaca"\n'
+
+
+def alpaca_rows(n: int, start: int = 0) -> list[dict]:
+    return [
+        {"instruction": f"Say number {i}.", "input": "", "output": f"The number is {i}."}
+        for i in range(start, start + n)
+    ]
+
+
+def prepare(config, tokenizer, **kwargs):
+    return prepare_datasets(config, tokenizer, show_progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kept", "dropped"),
+    [("drop", 1, {"longer than sequence_len": 1}), ("truncate", 2, {})],
+)
+def test_excess_length_strategies(make_config, tokenizer, tmp_path, strategy, kept, dropped):
+    rows = [*alpaca_rows(1), {"instruction": "Repeat.", "input": "", "output": "la " * 200}]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    config = make_config(f'sequence_len = 160\nexcess_length_strategy = "{strategy}"\n' + ALPACA)
+    prepared = prepare(config, tokenizer)
+    assert len(prepared.train) == kept
+    assert prepared.summary.datasets[0].dropped == dropped
+    assert all(len(r["input_ids"]) <= 160 for r in prepared.train)
+
+
+def test_excess_length_raise_names_the_row(make_config, tokenizer, tmp_path):
+    write_jsonl(
+        tmp_path / "a.jsonl", [*alpaca_rows(2), {"instruction": "x", "output": "la " * 200}]
+    )
+    config = make_config('sequence_len = 160\nexcess_length_strategy = "raise"\n' + ALPACA)
+    with pytest.raises(DataError) as error:
+        prepare(config, tokenizer)
+    assert error.value.row == 3 and "sequence_len" in str(error.value)
+
+
+def test_truncation_that_leaves_nothing_trainable_drops_and_counts(
+    make_config, tokenizer, tmp_path
+):
+    write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": "word " * 100, "output": "yes"}, *alpaca_rows(1)]
+    )
+    config = make_config('sequence_len = 90\nexcess_length_strategy = "truncate"\n' + ALPACA)
+    prepared = prepare(config, tokenizer)
+    assert len(prepared.train) == 1
+    assert prepared.summary.datasets[0].dropped == {"no trainable tokens": 1}
+
+
+def test_malformed_rows_raise_with_file_row_field_or_are_skipped_by_reason(
+    make_config, tokenizer, tmp_path
+):
+    rows = [*alpaca_rows(2), {"instruction": "no output"}, {"instruction": 5, "output": "x"}]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        prepare(make_config(ALPACA), tokenizer)
+    assert (error.value.file, error.value.row, error.value.field) == (str(path), 3, "output")
+    assert "missing field 'output'" in str(error.value)
+    prepared = prepare(make_config('invalid_rows = "skip"\n' + ALPACA), tokenizer)
+    assert len(prepared.train) == 2
+    assert prepared.summary.datasets[0].dropped == {"missing field": 1, "wrong type": 1}
+
+
+def test_mixing_is_seeded_and_val_split_is_deterministic(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(20))
+    write_jsonl(tmp_path / "b.jsonl", alpaca_rows(20, start=100))
+    text = ALPACA + '[[datasets]]\npath = "{tmp}/b.jsonl"\ntype = "alpaca"\n'
+    first = prepare(make_config("val_set_size = 0.25\n" + text), tokenizer)
+    again = prepare(make_config("val_set_size = 0.25\n" + text), tokenizer)
+    other = prepare(make_config("val_set_size = 0.25\nseed = 7\n" + text), tokenizer)
+    assert (len(first.train), len(first.eval)) == (30, 10)
+    assert first.train["input_ids"] == again.train["input_ids"]
+    assert first.eval["input_ids"] == again.eval["input_ids"]
+    assert first.train["input_ids"] != other.train["input_ids"]
+    train = {tuple(x) for x in first.train["input_ids"]}
+    assert not train & {tuple(x) for x in first.eval["input_ids"]}
+    counted = prepare(make_config("val_set_size = 4\n" + text), tokenizer)
+    assert len(counted.eval) == 4
+    unshuffled = prepare(make_config("shuffle_merged_datasets = false\n" + text), tokenizer)
+    decoded = tokenizer.decode(unshuffled.train[0]["input_ids"])
+    assert "Say number 0." in decoded
+
+
+def test_val_set_size_too_large_is_a_clear_error(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(3))
+    with pytest.raises(DataError, match="val_set_size"):
+        prepare(make_config("val_set_size = 3\n" + ALPACA), tokenizer)
+
+
+def test_test_datasets_are_the_eval_set(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(5))
+    write_jsonl(tmp_path / "t.jsonl", alpaca_rows(2, start=50))
+    config = make_config(ALPACA + '[[test_datasets]]\npath = "{tmp}/t.jsonl"\ntype = "alpaca"\n')
+    prepared = prepare(config, tokenizer)
+    assert (len(prepared.train), len(prepared.eval)) == (5, 2)
+    assert "Say number 50." in tokenizer.decode(prepared.eval[0]["input_ids"])
+
+
+def test_exact_deduplication(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(3) + alpaca_rows(2))
+    prepared = prepare(make_config("dataset_exact_deduplication = true\n" + ALPACA), tokenizer)
+    assert len(prepared.train) == 3 and prepared.summary.duplicates == 2
+
+
+def test_cache_is_reused_without_tokenising_and_invalidated_by_changes(
+    make_config, tokenizer, tmp_path, monkeypatch
+):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
+    text = 'dataset_prepared_path = "{tmp}/cache"\n' + ALPACA
+    first = prepare(make_config(text), tokenizer)
+    assert not first.from_cache and (first.cache_dir / "complete").exists()
+
+    calls = []
+    real = pipeline.tokenize_rows
+    monkeypatch.setattr(pipeline, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = prepare(make_config(text), tokenizer)
+    assert second.from_cache and not calls
+    assert second.train["input_ids"] == first.train["input_ids"]
+    assert second.summary == first.summary
+
+    changed_key = prepare(make_config(text, "sequence_len=1024"), tokenizer)
+    assert not changed_key.from_cache and changed_key.cache_dir != first.cache_dir
+    from sft.testing import build_tokenizer
+
+    other_tokenizer = build_tokenizer(eos_token="<|end|>", add_bos=True)
+    assert not prepare(make_config(text), other_tokenizer).from_cache
+    write_jsonl(path, alpaca_rows(5))
+    assert not prepare(make_config(text), tokenizer).from_cache
+    assert len(calls) == 3
+
+
+def test_parallel_tokenising_gives_the_same_result(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(600))
+    serial = prepare(make_config("dataset_num_proc = 1\n" + ALPACA), tokenizer)
+    parallel = prepare(make_config("dataset_num_proc = 2\n" + ALPACA), tokenizer)
+    assert serial.train["input_ids"] == parallel.train["input_ids"]
+    assert serial.train["labels"] == parallel.train["labels"]
+
+
+def test_summary_counts(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
+    summary = prepare(make_config(ALPACA), tokenizer).summary.datasets[0]
+    assert (summary.rows_in, summary.rows_kept, summary.samples) == (4, 4, 4)
+    assert 0.1 < summary.trainable_share < 0.6
+    assert summary.length_percentiles["max"] >= summary.length_percentiles["p50"] > 0
