@@ -346,10 +346,12 @@ class ConversationRenderer:
             and text.startswith(through)
         ):
             start, stop = len(before), len(through)
+            exact = True
         else:
             start, stop = self._search(text, messages, index, tools, cursor)
             if start < 0:
                 return None
+            exact = False
         if not assistant and content:
             found = text.find(content, start, stop)
             if found != -1:
@@ -360,6 +362,8 @@ class ConversationRenderer:
             if found != -1:
                 content_end = found + len(content)
         marker = self._find_marker(text, content_end, stop)
+        if marker and not exact and not assistant and text[content_end : marker[0]].strip():
+            marker = None  # found by search: only a marker right after the content ends this turn
         end = marker[0] if marker else (content_end if content else stop)
         if marker is None and not content:
             end = len(text[:stop].rstrip()) if stop > start else start
@@ -370,21 +374,28 @@ class ConversationRenderer:
     def _search(
         self, text: str, messages: list[dict[str, Any]], index: int, tools: Any, cursor: int
     ) -> tuple[int, int]:
-        """Fallback: find the turn after `cursor`, anchored on its header when known."""
+        """Fallback: find the turn after `cursor`, anchored on the template text before it.
+
+        The anchor is what the template writes between the previous message's content and this
+        turn (e.g. `[/INST]`, or the generation prompt), taken from a prefix rendering.
+        """
         message = messages[index]
         content = message["content"].strip()
-        header = ""
-        if message["role"] == "assistant" and index:
-            with_prompt = self._prefix(messages[:index], tools, generation_prompt=True)
-            without = self._prefix(messages[:index], tools, generation_prompt=False)
-            if with_prompt and without is not None and with_prompt.startswith(without):
-                header = with_prompt[len(without) :]
-        if header:
-            found = text.find(header + content, cursor) if content else text.find(header, cursor)
-            if found != -1:
-                start = found + len(header)
-                marker = self._find_marker(text, start + len(content), len(text))
+        anchor = ""
+        if index:
+            before = self._prefix(messages[:index], tools, message["role"] == "assistant")
+            previous = messages[index - 1]["content"].strip()
+            if before:
+                position = before.rfind(previous) if previous else -1
+                anchor = before[position + len(previous) :] if position != -1 else ""
+        position = text.find(anchor, cursor) if anchor else -1
+        while position != -1:
+            start = position + len(anchor)
+            found = text.find(content, start) if content else start
+            if found != -1 and not text[start:found].strip():
+                marker = self._find_marker(text, found + len(content), len(text))
                 return start, (marker[1] if marker else len(text))
+            position = text.find(anchor, position + 1)
         if content:
             found = text.find(content, cursor)
             if found != -1:
