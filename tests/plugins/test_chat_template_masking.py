@@ -246,5 +246,5 @@ def test_user_and_assistant_together(plugins, stem):
 def test_pad_equal_to_eos_keeps_the_eos_labels(plugins):
     tokenizer = tokenizer_for("chatml", pad_token="<|im_end|>")
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
-    ids, labels = our_labels(tokenizer, list(TURNS))
+    _, labels = our_labels(tokenizer, list(TURNS))
     assert labels.count(tokenizer.eos_token_id) == 2  # one per assistant turn
