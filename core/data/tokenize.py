@@ -57,6 +57,34 @@ def labels_from_spans(
     return labels
 
 
+def labels_from_encoding(encoding: Any, spans: Sequence[tuple[int, int]]) -> list[int]:
+    """`labels_from_spans` through the Rust encoding's char → token map (O(spans), not O(tokens))."""
+    ids = encoding.ids
+    labels = [IGNORE] * len(ids)
+    for start, end in spans:
+        first = encoding.char_to_token(start)
+        last = encoding.char_to_token(end - 1)
+        if first is None or last is None:  # a span edge on a character no token covers
+            return labels_from_spans(ids, encoding.offsets, spans)
+        # A character split over several byte-level tokens maps to one of them: widen.
+        while first > 0 and _token_end(encoding, first - 1) > start:
+            first -= 1
+        while last + 1 < len(ids) and _token_start(encoding, last + 1) < end:
+            last += 1
+        labels[first : last + 1] = ids[first : last + 1]
+    return labels
+
+
+def _token_start(encoding: Any, index: int) -> int:
+    chars = encoding.token_to_chars(index)
+    return chars[0] if chars and chars[1] > chars[0] else 1 << 62
+
+
+def _token_end(encoding: Any, index: int) -> int:
+    chars = encoding.token_to_chars(index)
+    return chars[1] if chars and chars[1] > chars[0] else -1
+
+
 def _finish(
     ids: list[int],
     labels: list[int],
@@ -123,22 +151,31 @@ def process_chunk(
                 rendered.append((index, sample))
         if out.error:
             return out
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     for add_special in (False, True):
         group = [(i, r) for i, r in rendered if r.add_special_tokens is add_special]
         if not group:
             continue
-        encoded = tokenizer(
-            [r.text for _, r in group],
-            add_special_tokens=add_special,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-            verbose=False,
-        )
-        for (index, sample), ids, offsets in zip(
-            group, encoded["input_ids"], encoded["offset_mapping"], strict=True
-        ):
-            labels = labels_from_spans(ids, offsets, sample.spans)
-            _finish(ids, labels, sample.split_long, opts, out, index)
+        texts = [r.text for _, r in group]
+        if backend is not None:  # the Rust tokenizer directly: the same ids, less overhead
+            encodings = backend.encode_batch(texts, add_special_tokens=add_special)
+            pairs = [
+                (e.ids, labels_from_encoding(e, s.spans))
+                for e, (_, s) in zip(encodings, group, strict=True)
+            ]
+        else:
+            encoded = tokenizer(
+                texts, add_special_tokens=add_special, return_offsets_mapping=True, verbose=False
+            )
+            pairs = [
+                (ids, labels_from_spans(ids, offsets, s.spans))
+                for ids, offsets, (_, s) in zip(
+                    encoded["input_ids"], encoded["offset_mapping"], group, strict=True
+                )
+            ]
+        for (index, sample), (ids, labels) in zip(group, pairs, strict=True):
+            _finish(list(ids), labels, sample.split_long, opts, out, index)
             if out.error:
                 return out
+    return out
     return out

@@ -337,7 +337,8 @@ class ConversationRenderer:
         before = (
             self._prefix(messages[:index], tools, generation_prompt=assistant) if index else None
         )
-        through = self._prefix(messages[: index + 1], tools, generation_prompt=False)
+        last = index == len(messages) - 1
+        through = text if last else self._prefix(messages[: index + 1], tools, generation_prompt=False)
         if (
             before is not None
             and through is not None
