@@ -61,7 +61,9 @@ def config_markdown(plugins: Any) -> str:
         "",
         *_table(DatasetConfig),
     ]
-    for plugin, keys in sorted(plugins.config_keys(), key=lambda item: (item[1].scope, item[0])):
+    builtin = {name for name, record in plugins.records.items() if record.package == "sft-train"}
+    groups = [(p, k) for p, k in plugins.config_keys() if p in builtin]  # not third-party plugins
+    for plugin, keys in sorted(groups, key=lambda item: (item[1].scope, item[0])):
         scope = "top-level keys" if keys.scope == "root" else "`[[datasets]]` keys"
         lines += ["", f"## Plugin `{plugin}`: {scope}", "", *_table(keys.cls)]
     return "\n".join(lines) + "\n"

