@@ -37,3 +37,10 @@ def prepare_datasets(config: Config, tokenizer: Any = None) -> tuple[Any, Any | 
 
     prepared = _prepare(config, tokenizer=tokenizer, show_progress=False)
     return prepared.train, prepared.eval
+
+
+def train(config: Config) -> Any:
+    """Fine-tune as the config says; returns a `RunResult` (output_dir, steps, final loss, ...)."""
+    from sft.train.run import train as _train
+
+    return _train(config)

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(validate)
     validate.set_defaults(handler=cmd_validate)
 
+    run = commands.add_parser("run", help="fine-tune: prepare data, train, save")
+    _add_config_args(run)
+    run.set_defaults(handler=cmd_run)
+
     preprocess = commands.add_parser(
         "preprocess", help="tokenize, mask and cache the datasets; print a summary"
     )
@@ -106,6 +110,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     console.print(f"  datasets   {names}")
     console.print(f"  optimizer  {config.optimizer}, lr {config.learning_rate:g}")
     console.print(f"  attention  {config.attention}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sft.config import load_config
+    from sft.train.run import train
+
+    config = load_config(args.config, overrides=args.overrides)
+    train(config, console=_console())
     return 0
 
 

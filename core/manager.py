@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from sft.config.schema import Config
 
 ENTRY_POINT_GROUP = "sft.plugins"
+CORE_PLUGIN = "sft-core"
 PluginStatus = Literal["ok", "error", "disabled", "not selected"]
 
 
@@ -83,6 +84,9 @@ class SftPlugins:
         plugins = cls(manager, {})
         only = _env_list(env.get("SFT_PLUGINS"))
         disabled = set(_env_list(env.get("SFT_DISABLE_PLUGINS")) or [])
+        from sft import save
+
+        manager.register(save, name=CORE_PLUGIN)  # the core's own defaults (trylast)
         if entry_points is None:
             entry_points = importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
         for ep in sorted(entry_points, key=lambda ep: ep.name):

@@ -29,11 +29,21 @@ def model_source(name: str) -> tuple[str, dict[str, Any]]:
     return name, {}
 
 
+def _gguf_tokenizer_dir(name: str) -> Path:
+    from sft.model import gguf_cache_dir
+
+    return gguf_cache_dir(Path(name).expanduser()).with_name(
+        gguf_cache_dir(Path(name).expanduser()).name + "-tokenizer"
+    )
+
+
 def load_tokenizer(config: Config, plugins: Any = None) -> Any:
     from transformers import AutoTokenizer
 
     name = config.tokenizer_config or config.base_model
     source, extra = model_source(name)
+    if extra and (_gguf_tokenizer_dir(name) / "tokenizer_config.json").exists():
+        source, extra = str(_gguf_tokenizer_dir(name)), {}  # converted once, loads in ~0.1 s
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source,
@@ -47,6 +57,11 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
             "  fix: check base_model / tokenizer_config (a Hub id needs network access or a "
             "local cache; a directory needs tokenizer files)"
         ) from exc
+    if extra:
+        from sft.fsutil import atomic_directory
+
+        with atomic_directory(_gguf_tokenizer_dir(name), replace=False) as staging:
+            tokenizer.save_pretrained(staging)
     return apply_token_config(tokenizer, config, plugins)
 
 

@@ -222,11 +222,24 @@ def test_sft_before_save():
     assert recorder.calls == [("before_save", "out")]
 
 
+class FakeModel:
+    def __init__(self):
+        self.saved: list[str] = []
+
+    def save_pretrained(self, path, **kwargs):
+        self.saved.append(path)
+
+
 def test_sft_save_model():
-    # firstresult: the last registered non-None implementation wins and stops the chain.
-    plugins = fresh(Saver("adapter"), Saver(None))
-    assert plugins.save_model(None, None, None, "out") == "adapter"
-    assert fresh(Saver(None)).save_model(None, None, None, "out") is None
+    # firstresult: a plugin's non-None result stops the chain before the core's default.
+    model, tokenizer = FakeModel(), FakeModel()
+    config = load_config_text(MINIMAL)
+    plugins = fresh(Saver("sharded"), Saver(None))
+    assert plugins.save_model(config, model, tokenizer, "out") == "sharded"
+    assert model.saved == []
+    # No plugin result: the core's default (trylast) saves the model and the tokenizer.
+    assert fresh(Saver(None)).save_model(config, model, tokenizer, "out") == "model"
+    assert model.saved == ["out"] and tokenizer.saved == ["out"]
 
 
 def test_sft_after_save():

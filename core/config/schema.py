@@ -310,19 +310,12 @@ def public_fields(cls: type) -> list[attrs.Attribute]:  # type: ignore[type-arg]
 # features land.
 PLANNED_KEYS: frozenset[str] = frozenset(
     {
-        "bf16", "fp16", "tf32", "load_in_8bit", "load_in_4bit",
-        "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-        "lora_target_linear", "lora_modules_to_save", "lora_model_dir", "peft_use_dora",
-        "peft_use_rslora", "unfrozen_parameters",
-        "micro_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
-        "max_steps", "lr_scheduler", "cosine_min_lr_ratio", "warmup_steps", "warmup_ratio",
-        "max_grad_norm", "gradient_checkpointing", "gradient_checkpointing_kwargs",
-        "logging_steps", "eval_steps", "evals_per_epoch", "save_steps", "saves_per_epoch",
-        "save_total_limit", "resume_from_checkpoint", "auto_resume_from_checkpoints",
-        "use_tensorboard", "sample_packing", "eval_sample_packing", "sample_packing_sequentially",
-        "sample_packing_bin_size", "pad_to_sequence_len",
+        "sample_packing",
+        "eval_sample_packing",
+        "sample_packing_sequentially",
+        "sample_packing_bin_size",
     }
-)  # fmt: skip
+)
 
 
 def is_planned(field: attrs.Attribute) -> bool:  # type: ignore[type-arg]

@@ -6,7 +6,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -333,17 +332,15 @@ def _deduplicate(
 
 
 def _save_cached(prepared: Prepared, cache_dir: Path) -> None:
-    """Write into a temporary directory and rename it into place: never a half-written cache."""
-    tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    prepared.train.save_to_disk(str(tmp / "train"))
-    if prepared.eval is not None:
-        prepared.eval.save_to_disk(str(tmp / "eval"))
-    (tmp / "summary.json").write_text(json.dumps(prepared.summary.to_json(), indent=2))
-    (tmp / "complete").write_text(sft.__version__)
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    tmp.rename(cache_dir)
+    """Written atomically: a crash never leaves a cache that a later run would load."""
+    from sft.fsutil import atomic_directory
+
+    with atomic_directory(cache_dir) as tmp:
+        prepared.train.save_to_disk(str(tmp / "train"))
+        if prepared.eval is not None:
+            prepared.eval.save_to_disk(str(tmp / "eval"))
+        (tmp / "summary.json").write_text(json.dumps(prepared.summary.to_json(), indent=2))
+        (tmp / "complete").write_text(sft.__version__)
 
 
 def _load_cached(cache_dir: Path) -> Prepared:

@@ -338,7 +338,9 @@ class ConversationRenderer:
             self._prefix(messages[:index], tools, generation_prompt=assistant) if index else None
         )
         last = index == len(messages) - 1
-        through = text if last else self._prefix(messages[: index + 1], tools, generation_prompt=False)
+        through = (
+            text if last else self._prefix(messages[: index + 1], tools, generation_prompt=False)
+        )
         if (
             before is not None
             and through is not None

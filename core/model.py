@@ -1,0 +1,213 @@
+"""Load the base model a config asks for, and attach the adapter (or prepare a full fine-tune)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from sft.config.schema import Config
+from sft.errors import ModelError
+from sft.fsutil import atomic_directory
+from sft.tokenizer import model_source
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(config: Config) -> Any:
+    """The training dtype: `bf16 = auto` means bf16 where the GPU supports it, else fp32."""
+    import torch
+
+    if config.fp16:
+        if not cuda_available():
+            raise ModelError(
+                "fp16 = true needs a CUDA GPU (mixed precision with loss scaling)\n  fix: remove fp16 to train in float32 on CPU"
+            )
+        return torch.float16
+    if config.bf16 is True:
+        return torch.bfloat16
+    if config.bf16 == "auto" and cuda_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_hardware(config: Config) -> None:
+    """Refuse what this machine cannot do, before any model is loaded."""
+    if (config.load_in_4bit or config.load_in_8bit) and not cuda_available():
+        flag = "load_in_4bit" if config.load_in_4bit else "load_in_8bit"
+        raise ModelError(
+            f"{flag} = true quantizes the model with bitsandbytes, which sft runs on CUDA GPUs only; "
+            "no CUDA GPU is visible here\n"
+            f"  fix: on CPU remove {flag} (and use adapter = 'lora' instead of 'qlora'), "
+            "or run on a machine with a CUDA GPU"
+        )
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    """Where a dequantised GGUF model is kept in transformers format (so later loads are fast)."""
+    stat = path.stat()
+    key = hashlib.sha256(
+        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    root = Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
+    return root / "gguf" / f"{path.stem}-{key}"
+
+
+def _materialise_gguf(name: str, dtype: Any) -> str:
+    """Dequantise a .gguf file once into a transformers directory; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).expanduser()
+    target = gguf_cache_dir(path)
+    if (target / "config.json").exists():
+        return str(target)
+    source, extra = model_source(name)
+    model = AutoModelForCausalLM.from_pretrained(source, **extra)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers keeps a GGUF quantizer on the dequantised model that blocks saving/training.
+        model.hf_quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    with atomic_directory(target, replace=False) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return str(target)
+
+
+def model_path(config: Config) -> str:
+    """A path or Hub id from_pretrained can load (GGUF files dequantised and cached)."""
+    if config.base_model.endswith(".gguf"):
+        return _materialise_gguf(config.base_model, None)
+    return config.base_model
+
+
+def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
+    """The base model, patched by kernel plugins, resized for new tokens, ready for the adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_hardware(config)
+    dtype = resolve_dtype(config)
+    backend = plugins.attention_backends().get(config.attention)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": backend.hf_implementation,
+        "trust_remote_code": config.trust_remote_code,
+    }
+    if config.revision_of_model:
+        kwargs["revision"] = config.revision_of_model
+    if config.load_in_4bit or config.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=config.load_in_4bit,
+            load_in_8bit=config.load_in_8bit,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+        )
+    source = model_path(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load base_model {config.base_model!r}: {exc}\n"
+            "  fix: check the Hub id or path (a Hub id needs network access or a local cache)"
+        ) from exc
+    model.config.use_cache = False  # a cache disables the packed-sequence mask and wastes memory
+    plugins.patch_model(model, config)
+    _fit_vocabulary(model, tokenizer, config)
+    if config.gradient_checkpointing:
+        options = {"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    return model
+
+
+def _fit_vocabulary(model: Any, tokenizer: Any, config: Config) -> None:
+    embeddings = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= embeddings:
+        return
+    if config.adapter:
+        trained = set(config.lora_modules_to_save or ())
+        if not {"embed_tokens", "lm_head"} <= trained:
+            raise ModelError(
+                f"the tokenizer has {len(tokenizer) - embeddings} new token(s) (tokens / "
+                "special_tokens) but an adapter leaves the embeddings frozen, so they would never "
+                "be learned\n  fix: lora_modules_to_save = ['embed_tokens', 'lm_head']"
+            )
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def linear_module_names(model: Any) -> list[str]:
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in (
+            "Linear4bit",
+            "Linear8bitLt",
+        ):
+            names.add(name.rsplit(".", 1)[-1])
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def apply_adapter(model: Any, config: Config) -> Any:
+    """Attach LoRA/QLoRA/DoRA (peft), or freeze for `unfrozen_parameters`; return the model."""
+    if not config.adapter:
+        if config.unfrozen_parameters:
+            patterns = [re.compile(p) for p in config.unfrozen_parameters]
+            kept = 0
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad = any(p.search(name) for p in patterns)
+                kept += parameter.requires_grad
+            if not kept:
+                raise ModelError(
+                    "unfrozen_parameters matches no parameter name\n"
+                    "  fix: use regexes over names like 'model.layers.0.mlp.down_proj.weight'"
+                )
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if config.load_in_4bit or config.load_in_8bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    elif config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if config.lora_model_dir:
+        return PeftModel.from_pretrained(model, config.lora_model_dir, is_trainable=True)
+    if config.lora_target_linear:
+        targets: Any = "all-linear"
+    elif config.lora_target_modules:
+        targets = list(config.lora_target_modules)
+    else:
+        targets = None  # peft's defaults for the architecture
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        modules_to_save=list(config.lora_modules_to_save) if config.lora_modules_to_save else None,
+        use_dora=config.peft_use_dora,
+        use_rslora=config.peft_use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ModelError(
+            f"cannot attach the adapter: {exc}\n  fix: set lora_target_modules to module names "
+            f"of this model ({', '.join(linear_module_names(model))}) or lora_target_linear = true"
+        ) from exc
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,78 @@
+"""The core's default save (an `sft_save_model` implementation, `trylast`), model card, config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import sft
+from sft import hookimpl
+from sft.config.convert import to_dict
+from sft.config.schema import Config
+
+RESOLVED_CONFIG = "sft_config.yaml"
+
+
+@hookimpl(trylast=True)
+def sft_save_model(config: Config, model: Any, tokenizer: Any, output_dir: str) -> str:
+    """Adapter (adapter_model.safetensors + adapter_config.json) or full model, + tokenizer."""
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return "adapter" if config.adapter else "model"
+
+
+def write_resolved_config(config: Config, output_dir: Path) -> Path:
+    path = output_dir / RESOLVED_CONFIG
+    data = {"sft_version": sft.__version__, **to_dict(config)}
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def read_resolved_config(directory: Path) -> dict[str, Any] | None:
+    path = directory / RESOLVED_CONFIG
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) -> Path:
+    kind = (
+        f"{config.adapter} adapter (r={config.lora_r}, alpha={config.lora_alpha})"
+        if config.adapter
+        else "full fine-tune"
+    )
+    datasets = "\n".join(f"- `{d.path}` ({d.type or 'pre-tokenized'})" for d in config.datasets)
+    load = (
+        "from peft import AutoPeftModelForCausalLM\n"
+        f"model = AutoPeftModelForCausalLM.from_pretrained({str(output_dir)!r})"
+        if config.adapter
+        else "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(output_dir)!r})"
+    )
+    lines = [
+        f"# {output_dir.name}",
+        "",
+        f"Fine-tuned from `{config.base_model}` with sft {sft.__version__}: {kind}.",
+        "",
+        "## Data",
+        "",
+        datasets,
+        "",
+        "## Training",
+        "",
+        f"- optimizer `{config.optimizer}`, learning rate {config.learning_rate:g}, schedule `{config.lr_scheduler}`",
+        f"- micro batch {config.micro_batch_size} × accumulation {config.gradient_accumulation_steps}, sequence_len {config.sequence_len}",
+        *(f"- {key}: {value}" for key, value in summary.items()),
+        "",
+        "## Use",
+        "",
+        "```python",
+        load,
+        "```",
+        "",
+        f"or `sft chat {output_dir}`. The full resolved config is in `{RESOLVED_CONFIG}`.",
+        "",
+    ]
+    path = output_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path

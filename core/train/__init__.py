@@ -1,0 +1,1 @@
+"""Training: the HF Trainer subclass, optimizer/scheduler wiring, monitoring, the run itself."""

@@ -1,0 +1,292 @@
+"""What the user sees during training: a live view (or one line per log), metrics JSONL, and a
+training-health monitor with the thresholds of the SFT reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+GRAD_NORM_SPIKE = 100.0
+LOSS_NEAR_ZERO = 0.01
+FLAT_WINDOW = 10  # logged steps compared for "flat or rising from step 1"
+
+
+@attrs.define
+class HealthWarning:
+    step: int
+    problem: str
+    fix: str
+
+    def render(self) -> str:
+        return f"step {self.step}: {self.problem} — {self.fix}"
+
+
+@attrs.define
+class HealthMonitor:
+    """Checks each log against the healthy-training signals; each problem is reported once."""
+
+    lr_schedule: str = "cosine"
+    warmup: int = 0
+    losses: list[float] = attrs.field(factory=list)
+    eval_losses: list[tuple[int, float, float]] = attrs.field(factory=list)
+    lrs: list[float] = attrs.field(factory=list)
+    warnings: list[HealthWarning] = attrs.field(factory=list)
+    _seen: set[str] = attrs.field(factory=set)
+
+    def _warn(self, key: str, step: int, problem: str, fix: str) -> HealthWarning | None:
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        warning = HealthWarning(step, problem, fix)
+        self.warnings.append(warning)
+        return warning
+
+    def check(self, step: int, logs: dict[str, float]) -> list[HealthWarning]:
+        found: list[HealthWarning | None] = []
+        loss = logs.get("loss")
+        if loss is not None:
+            if not math.isfinite(loss):
+                found.append(
+                    self._warn(
+                        "nan",
+                        step,
+                        f"loss is {loss}",
+                        "lower learning_rate, use bf16 = 'auto', check the data for empty samples",
+                    )
+                )
+            else:
+                self.losses.append(loss)
+                if loss < LOSS_NEAR_ZERO:
+                    found.append(
+                        self._warn(
+                            "zero",
+                            step,
+                            f"loss {loss:.4f} is near 0 (memorising?)",
+                            "fewer epochs or more data; check that labels are not the inputs",
+                        )
+                    )
+                if len(self.losses) == FLAT_WINDOW:
+                    first, last = self.losses[0], sum(self.losses[-3:]) / 3
+                    if last >= first * 0.99:
+                        found.append(
+                            self._warn(
+                                "flat",
+                                step,
+                                f"loss has not fallen since step 1 ({first:.3f} → {last:.3f})",
+                                "check train_on_inputs and the dataset (`sft preprocess --debug`), try a higher learning_rate",
+                            )
+                        )
+        grad_norm = logs.get("grad_norm")
+        if grad_norm is not None:
+            if not math.isfinite(grad_norm):
+                found.append(
+                    self._warn(
+                        "grad_nan",
+                        step,
+                        f"grad_norm is {grad_norm}",
+                        "lower learning_rate; check the data",
+                    )
+                )
+            elif grad_norm == 0.0:
+                found.append(
+                    self._warn(
+                        "grad_zero",
+                        step,
+                        "grad_norm is 0: nothing is learning",
+                        "check that parameters are trainable (adapter / unfrozen_parameters) and labels are not all -100",
+                    )
+                )
+            elif grad_norm > GRAD_NORM_SPIKE:
+                found.append(
+                    self._warn(
+                        "grad_spike",
+                        step,
+                        f"grad_norm {grad_norm:.1f} > {GRAD_NORM_SPIKE:g}: unstable",
+                        "lower learning_rate, keep max_grad_norm = 1.0, add warmup",
+                    )
+                )
+        lr = logs.get("learning_rate")
+        if lr is not None:
+            if not math.isfinite(lr):
+                found.append(
+                    self._warn(
+                        "lr_nan",
+                        step,
+                        f"learning rate is {lr}",
+                        "check learning_rate and the schedule keys",
+                    )
+                )
+            else:
+                self.lrs.append(lr)
+                if (
+                    self.lr_schedule != "constant"
+                    and step > self.warmup + 2
+                    and len(self.lrs) >= 5
+                    and len(set(self.lrs[-5:])) == 1
+                    and self.lrs[-1] > 0
+                    and self.lr_schedule in ("cosine", "linear")
+                ):
+                    found.append(
+                        self._warn(
+                            "lr_flat",
+                            step,
+                            f"learning rate stays at {lr:.2e} under a {self.lr_schedule} schedule",
+                            "check lr_scheduler, warmup and max_steps",
+                        )
+                    )
+        eval_loss = logs.get("eval_loss")
+        if eval_loss is not None:
+            train_loss = self.losses[-1] if self.losses else math.nan
+            self.eval_losses.append((step, eval_loss, train_loss))
+            if len(self.eval_losses) >= 3:
+                (_, e0, t0), (_, e1, _), (_, e2, t2) = self.eval_losses[-3:]
+                if e2 > e1 > e0 and t2 < t0:
+                    found.append(
+                        self._warn(
+                            "overfit",
+                            step,
+                            f"eval_loss rising ({e0:.3f} → {e2:.3f}) while train loss falls",
+                            "overfitting: fewer epochs, more data, or more lora_dropout / weight_decay",
+                        )
+                    )
+        return [w for w in found if w is not None]
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def make_callback(config: Any, output_dir: Path, console: Any, monitor: HealthMonitor) -> Any:
+    from transformers import TrainerCallback
+
+    class SftProgress(TrainerCallback):
+        """Metrics JSONL (always), live view on a terminal or one line per log, health warnings."""
+
+        def __init__(self) -> None:
+            self.metrics_path = output_dir / "metrics.jsonl"
+            self.start = time.time()
+            self.last_time = self.start
+            self.last_tokens = 0
+            self.live: Any = None
+            self.history: list[dict[str, Any]] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.start = self.last_time = time.time()
+            self.last_tokens = state.num_input_tokens_seen or 0
+            if console.is_terminal:
+                from rich.live import Live
+
+                self.live = Live(console=console, refresh_per_second=4, transient=True)
+                self.live.start()
+
+        def on_log(
+            self,
+            args: Any,
+            state: Any,
+            control: Any,
+            logs: dict[str, float] | None = None,
+            **kwargs: Any,
+        ) -> None:
+            if not logs:
+                return
+            now = time.time()
+            tokens = state.num_input_tokens_seen or 0
+            record: dict[str, Any] = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                **logs,
+            }
+            if "loss" in logs:
+                elapsed = max(now - self.last_time, 1e-9)
+                record["tokens_per_second"] = round((tokens - self.last_tokens) / elapsed, 1)
+                self.last_time, self.last_tokens = now, tokens
+            record["time"] = round(now - self.start, 2)
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.history.append(record)
+            for warning in monitor.check(state.global_step, logs):
+                self._print(f"[yellow]warning[/] {warning.render()}")
+            if "loss" in logs or "eval_loss" in logs:
+                self._show(record, state)
+
+        def _show(self, record: dict[str, Any], state: Any) -> None:
+            done, total = state.global_step, state.max_steps or 1
+            elapsed = time.time() - self.start
+            eta = elapsed / max(done, 1) * (total - done)
+            parts = [f"step {done}/{total}"]
+            if "loss" in record:
+                parts.append(f"loss {record['loss']:.4f}")
+            if "eval_loss" in record:
+                parts.append(f"eval_loss {record['eval_loss']:.4f}")
+            if "learning_rate" in record:
+                parts.append(f"lr {record['learning_rate']:.2e}")
+            if "grad_norm" in record:
+                parts.append(f"grad_norm {record['grad_norm']:.3f}")
+            if "tokens_per_second" in record:
+                parts.append(f"{record['tokens_per_second']:.0f} tok/s")
+            parts.append(f"eta {format_seconds(eta)}")
+            line = " | ".join(parts)
+            if self.live is not None:
+                from rich.progress_bar import ProgressBar
+                from rich.table import Table
+
+                table = Table.grid(padding=(0, 1))
+                table.add_row(ProgressBar(total=total, completed=done, width=30), line)
+                self.live.update(table)
+                if "eval_loss" in record:
+                    console.print(line)
+            else:
+                console.print(line, highlight=False)
+
+        def _print(self, text: str) -> None:
+            console.print(text)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.live is not None:
+                self.live.stop()
+                if self.history:
+                    last = next((r for r in reversed(self.history) if "loss" in r), None)
+                    if last:
+                        self._show(last, state)
+
+    return SftProgress()
+
+
+def write_plot(history: list[dict[str, Any]], path: Path) -> bool:
+    """A loss / learning-rate plot (PNG); False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    lrs = [(r["step"], r["learning_rate"]) for r in history if "learning_rate" in r]
+    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    if train:
+        loss_axis.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        loss_axis.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend()
+    if lrs:
+        lr_axis.plot(*zip(*lrs, strict=True), color="tab:orange")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

@@ -1,0 +1,246 @@
+"""`sft run`: prepare data → load model → adapter → train → save. Read top to bottom."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from sft.config.schema import Config
+from sft.errors import ModelError
+
+
+@attrs.frozen
+class RunResult:
+    output_dir: Path
+    saved: str
+    global_step: int
+    train_loss: float | None
+    metrics: dict[str, Any]
+    warnings: list[str]
+    resumed_from: str | None
+
+
+def quiet_libraries() -> None:
+    """sft shows its own progress; library progress bars and chatter would interleave with it."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def steps_per_epoch(samples: int, config: Config) -> int:
+    return max(
+        1, math.ceil(samples / config.micro_batch_size) // config.gradient_accumulation_steps
+    )
+
+
+def training_arguments(config: Config, train_samples: int, has_eval: bool, dtype: Any) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    per_epoch = steps_per_epoch(train_samples, config)
+    eval_kwargs: dict[str, Any] = {"eval_strategy": "no"}
+    if has_eval:
+        if config.eval_steps:
+            eval_kwargs = {"eval_strategy": "steps", "eval_steps": config.eval_steps}
+        elif config.evals_per_epoch:
+            eval_kwargs = {
+                "eval_strategy": "steps",
+                "eval_steps": max(1, per_epoch // config.evals_per_epoch),
+            }
+        else:
+            eval_kwargs = {"eval_strategy": "epoch"}
+    if config.save_steps:
+        save_kwargs: dict[str, Any] = {"save_strategy": "steps", "save_steps": config.save_steps}
+    elif config.saves_per_epoch:
+        save_kwargs = {
+            "save_strategy": "steps",
+            "save_steps": max(1, per_epoch // config.saves_per_epoch),
+        }
+    else:
+        save_kwargs = {"save_strategy": "epoch"}
+    report_to: list[str] = []
+    if config.use_tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ModelError(
+                "use_tensorboard = true needs tensorboard\n  fix: pip install 'sft-train[tensorboard]'"
+            ) from None
+        report_to = ["tensorboard"]
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.micro_batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else 0.0,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tf32=config.tf32 or None,
+        report_to=report_to,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        save_only_model=False,
+        **eval_kwargs,
+        **save_kwargs,
+    )
+
+
+def resume_point(config: Config) -> str | None:
+    from sft.train.trainer import latest_checkpoint
+
+    if config.resume_from_checkpoint:
+        if not Path(config.resume_from_checkpoint).is_dir():
+            raise ModelError(
+                f"resume_from_checkpoint: no checkpoint directory {config.resume_from_checkpoint}"
+            )
+        return config.resume_from_checkpoint
+    if config.auto_resume_from_checkpoints:
+        found = latest_checkpoint(config.output_dir)
+        return str(found) if found else None
+    return None
+
+
+def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult:
+    """Fine-tune as the config says; return where the result was written and how it went."""
+    if plugins is None:
+        from sft.manager import get_plugins
+
+        plugins = get_plugins()
+    if console is None:
+        from rich.console import Console
+
+        console = Console(highlight=False)
+    from sft.data.pipeline import prepare_datasets
+    from sft.model import apply_adapter, check_hardware, count_parameters, load_model, resolve_dtype
+    from sft.save import write_model_card, write_resolved_config
+    from sft.tokenizer import load_tokenizer
+    from sft.train.monitor import HealthMonitor, make_callback, write_plot
+    from sft.train.trainer import Collator, make_trainer_class, pad_id_of, warmup_steps
+
+    check_hardware(config)  # before anything slow
+    quiet_libraries()
+    output_dir = Path(config.output_dir)
+    seed_everything(config.seed)
+
+    tokenizer = load_tokenizer(config, plugins)
+    prepared = prepare_datasets(config, tokenizer, plugins)
+    summary = prepared.summary
+    console.print(
+        f"data: {summary.train_samples} train / {summary.eval_samples} eval samples"
+        + (" (from cache)" if prepared.from_cache else "")
+    )
+
+    dtype = resolve_dtype(config)
+    model = load_model(config, tokenizer, plugins)
+    model = apply_adapter(model, config)
+    trainable, total = count_parameters(model)
+    console.print(
+        f"model: {config.base_model} ({dtype}), trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%})"
+    )
+
+    args = training_arguments(config, len(prepared.train), prepared.eval is not None, dtype)
+    total_steps = config.max_steps or math.ceil(
+        steps_per_epoch(len(prepared.train), config) * config.num_epochs
+    )
+    monitor = HealthMonitor(
+        lr_schedule=config.lr_scheduler, warmup=warmup_steps(config, total_steps)
+    )
+    progress = make_callback(config, output_dir, console, monitor)
+    trainer_class = make_trainer_class()
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        data_collator=Collator(
+            pad_id_of(tokenizer), config.sequence_len if config.pad_to_sequence_len else None
+        ),
+        processing_class=tokenizer,
+        callbacks=[progress, *plugins.trainer_callbacks(config)],
+        sft_config=config,
+        plugins=plugins,
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)  # our own view replaces the raw log dicts
+    trainer.remove_callback(ProgressCallback)
+    resumed_from = resume_point(config)
+    if resumed_from:
+        console.print(f"resuming from {resumed_from}")
+    elif (output_dir / "metrics.jsonl").exists():
+        (output_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+
+    plugins.train_start(config, trainer)
+    result = trainer.train(resume_from_checkpoint=resumed_from)
+    metrics = dict(result.metrics)
+    plugins.train_end(config, trainer, metrics)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plugins.before_save(config, trainer.model, str(output_dir))
+    saved = plugins.save_model(config, trainer.model, tokenizer, str(output_dir)) or "nothing"
+    warnings = [w.render() for w in monitor.warnings]
+    if trainer.is_world_process_zero():
+        write_resolved_config(config, output_dir)
+        losses = [r["loss"] for r in progress.history if "loss" in r]
+        write_model_card(
+            config,
+            output_dir,
+            {
+                "steps": trainer.state.global_step,
+                "final train loss": f"{losses[-1]:.4f}" if losses else "n/a",
+            },
+        )
+        if not write_plot(progress.history, output_dir / "loss.png"):
+            console.print("note: install matplotlib (pip install 'sft-train[plot]') for loss.png")
+        plugins.after_save(config, str(output_dir))
+    console.print(f"saved {saved} to {output_dir}")
+    if warnings:
+        console.print("[yellow]training-health warnings:[/]")
+        for warning in warnings:
+            console.print(f"  - {warning}")
+    else:
+        console.print("training health: no warnings")
+    losses = [r["loss"] for r in progress.history if "loss" in r]
+    return RunResult(
+        output_dir=output_dir,
+        saved=saved,
+        global_step=trainer.state.global_step,
+        train_loss=losses[-1] if losses else None,
+        metrics=metrics,
+        warnings=warnings,
+        resumed_from=resumed_from,
+    )
+
+
+__all__ = ["RunResult", "train"]

@@ -1,0 +1,171 @@
+"""The HF `Trainer` subclass: our optimizer registry, schedules, and atomic checkpoints.
+
+Loss normalisation: transformers' Trainer counts the trainable tokens of every micro-batch of
+an optimizer step (`num_items_in_batch`) and the causal-LM loss divides the summed token losses
+by that count, so the update is the mean over trainable tokens of the whole step whatever the
+micro-batch / accumulation split (tested). We keep that path intact (no custom loss).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sft.config.schema import Config
+from sft.errors import ModelError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+IGNORE = -100
+
+
+class Collator:
+    """Pads a batch to its longest sample (or `sequence_len`): pad id for inputs, -100 for labels.
+
+    Labels are never derived from the pad id, so a tokenizer whose pad token is its EOS still
+    trains the real EOS tokens.
+    """
+
+    def __init__(self, pad_id: int, pad_to: int | None = None, multiple_of: int | None = None):
+        self.pad_id = pad_id
+        self.pad_to = pad_to
+        self.multiple_of = multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        width = self.pad_to or longest
+        if self.multiple_of and not self.pad_to:
+            width = math.ceil(width / self.multiple_of) * self.multiple_of
+        batch = len(features)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+        attention = torch.zeros((batch, width), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
+            labels[row, :n] = torch.as_tensor(feature["labels"])
+            attention[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def parameter_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; never biases, norms or other 1-D parameters."""
+    decay, no_decay = [], []
+    for _, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def warmup_steps(config: Config, total_steps: int) -> int:
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    if config.warmup_ratio is not None:
+        return math.ceil(config.warmup_ratio * total_steps)
+    return 0
+
+
+def build_scheduler(config: Config, optimizer: Any, total_steps: int) -> Any:
+    from transformers import optimization as schedules
+
+    warmup = warmup_steps(config, total_steps)
+    if config.lr_scheduler == "cosine":
+        if config.cosine_min_lr_ratio is not None:
+            return schedules.get_cosine_with_min_lr_schedule_with_warmup(
+                optimizer, warmup, total_steps, min_lr_rate=config.cosine_min_lr_ratio
+            )
+        return schedules.get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    if config.lr_scheduler == "linear":
+        return schedules.get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    if config.lr_scheduler == "constant_with_warmup":
+        return schedules.get_constant_schedule_with_warmup(optimizer, warmup)
+    return schedules.get_constant_schedule(optimizer)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint. Checkpoints appear by an atomic rename, so each one is complete."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return max(found)[1] if found else None
+
+
+def make_trainer_class() -> type:
+    """Build the Trainer subclass (transformers is imported only when training)."""
+    from transformers import Trainer
+    from transformers.trainer_utils import rotate_checkpoints
+
+    class SftTrainer(Trainer):
+        def __init__(self, *args: Any, sft_config: Config, plugins: Any, **kwargs: Any) -> None:
+            self.sft_config = sft_config
+            self.sft_plugins = plugins
+            self._staging_dir: str | None = None
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            if self.optimizer is None:
+                target = self.model if model is None else model
+                spec = self.sft_plugins.optimizers().get(self.sft_config.optimizer)
+                groups = parameter_groups(target, self.sft_config.weight_decay)
+                if not any(group["params"] for group in groups):
+                    raise ModelError("no trainable parameter: check adapter / unfrozen_parameters")
+                self.optimizer = spec.factory(groups, self.sft_config)
+            return self.optimizer
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                self.lr_scheduler = build_scheduler(
+                    self.sft_config, optimizer or self.optimizer, num_training_steps
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+        def _get_output_dir(self, trial: Any) -> str:
+            return self._staging_dir or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            # Write into a staging directory, then rename: a kill mid-save never leaves a
+            # `checkpoint-N` that resume would pick up half-written.
+            root = Path(super()._get_output_dir(trial))
+            name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            staging = root / ".staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            self._staging_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_dir = None
+            if self.args.should_save:
+                target = root / name
+                shutil.rmtree(target, ignore_errors=True)
+                (staging / name).replace(target)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(
+                    output_dir=root,
+                    save_total_limit=self.args.save_total_limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=False,
+                )
+
+    return SftTrainer
