@@ -64,6 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.set_defaults(handler=cmd_run)
 
+    merge = commands.add_parser("merge-lora", help="merge the trained adapter into its base model")
+    _add_config_args(merge)
+    merge.add_argument("--output", help="where to write (default: OUTPUT_DIR/merged)")
+    merge.set_defaults(handler=cmd_merge_lora)
+
+    chat = commands.add_parser("chat", help="talk to the fine-tuned model")
+    chat.add_argument(
+        "target", metavar="CONFIG|DIR", help="a config (its output_dir) or a directory sft wrote"
+    )
+    chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument(
+        "--base", action="store_true", help="talk to the base model instead (before/after)"
+    )
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.set_defaults(handler=cmd_chat)
+
     preprocess = commands.add_parser(
         "preprocess", help="tokenize, mask and cache the datasets; print a summary"
     )
@@ -119,6 +137,61 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, overrides=args.overrides)
     train(config, console=_console())
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sft.inference import locate, merge_lora
+    from sft.train.run import quiet_libraries
+
+    quiet_libraries()
+    trained = locate(args.config, tuple(args.overrides))
+    target = merge_lora(trained, Path(args.output) if args.output else None)
+    _console().print(f"merged model written to {target}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from sft.inference import load_trained, locate, reply
+    from sft.train.run import quiet_libraries
+
+    quiet_libraries()
+    trained = locate(args.target)
+    model, tokenizer = load_trained(trained, base_only=args.base)
+    console = _console()
+    history: list[dict[str, str]] = (
+        [{"role": "system", "content": args.system}] if args.system else []
+    )
+
+    def ask(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        answer = reply(
+            model,
+            tokenizer,
+            history,
+            args.max_new_tokens,
+            args.temperature,
+            on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False),
+        )
+        console.print()
+        history.append({"role": "assistant", "content": answer})
+
+    if args.prompt is not None:
+        ask(args.prompt)
+        return 0
+    console.print(
+        f"chatting with {trained.directory}{' (base model)' if args.base else ''}; empty line or Ctrl-D to quit"
+    )
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        ask(text)
     return 0
 
 

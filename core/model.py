@@ -79,11 +79,11 @@ def _materialise_gguf(name: str, dtype: Any) -> str:
     return str(target)
 
 
-def model_path(config: Config) -> str:
+def model_path(base_model: str) -> str:
     """A path or Hub id from_pretrained can load (GGUF files dequantised and cached)."""
-    if config.base_model.endswith(".gguf"):
-        return _materialise_gguf(config.base_model, None)
-    return config.base_model
+    if base_model.endswith(".gguf"):
+        return _materialise_gguf(base_model, None)
+    return base_model
 
 
 def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
@@ -111,7 +111,7 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
         )
-    source = model_path(config)
+    source = model_path(config.base_model)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -108,3 +108,60 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not present (the shared data folder sits beside the checkout)")
     return path
+
+
+TINY_CONFIG = """
+base_model = "{tmp}/tiny"
+chat_template = "chatml"
+micro_batch_size = 2
+num_epochs = 1
+learning_rate = 0.01
+output_dir = "{tmp}/out"
+seed = 3
+[[datasets]]
+path = "{tmp}/data.jsonl"
+type = "chat_template"
+"""
+
+
+def tiny_rows(count: int = 24) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?" + " Please." * (i % 4)},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def tiny_project(tmp_path, plugins):
+    """A tiny random Llama-style model + ChatML tokenizer + chat data in tmp_path.
+
+    Returns `make(*overrides, text="")` giving a loaded Config.
+    """
+    from sft.config import load_config_text
+    from sft.plugins.chat_template import builtin_template
+    from sft.testing import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(
+        chat_template=builtin_template("chatml"),
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    model = build_model(tokenizer)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    write_jsonl(tmp_path / "data.jsonl", tiny_rows())
+
+    def make(*overrides: str, text: str = ""):
+        body = (TINY_CONFIG + text).replace("{tmp}", str(tmp_path))
+        return load_config_text(
+            body, overrides=list(overrides), source=str(tmp_path / "config.toml")
+        )
+
+    make.tmp_path = tmp_path  # type: ignore[attr-defined]
+    return make

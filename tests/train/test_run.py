@@ -1,0 +1,139 @@
+"""End-to-end training on a tiny random-init model: what a user gets on disk, and that it loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sft.errors import ModelError
+from sft.train.run import train
+
+
+def test_lora_run_writes_adapter_tokenizer_config_metrics_card_and_plot(tiny_project):
+    config = tiny_project("adapter=lora", "lora_target_linear=true", "max_steps=6", "lora_r=4")
+    result = train(config)
+    out = result.output_dir
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "sft_config.yaml",
+        "metrics.jsonl",
+        "README.md",
+        "loss.png",
+    ):
+        assert (out / name).exists(), name
+    assert result.global_step == 6 and result.saved == "adapter"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(out)  # plain peft, no sft
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in tokenizer.chat_template  # saved with the template it trained on
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    assert torch.isfinite(model(**ids).logits).all()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [["peft_use_dora=true"], ["peft_use_rslora=true", "lora_target_modules=[q_proj, v_proj]"]],
+)
+def test_dora_and_rslora_train(tiny_project, variant):
+    result = train(tiny_project("adapter=lora", "max_steps=3", *variant))
+    adapter = json.loads((result.output_dir / "adapter_config.json").read_text())
+    if "peft_use_dora=true" in variant:
+        assert adapter["use_dora"] is True
+    else:
+        assert adapter["use_rslora"] is True and set(adapter["target_modules"]) == {
+            "q_proj",
+            "v_proj",
+        }
+
+
+def test_full_finetune_saves_a_model_plain_transformers_loads(tiny_project):
+    from transformers import AutoModelForCausalLM
+
+    result = train(tiny_project("max_steps=3", "optimizer=adamw_torch_fused"))
+    assert result.saved == "model"
+    tuned = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_project.tmp_path / "tiny")
+    changed = [
+        n
+        for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
+    assert changed
+
+
+def test_unfrozen_parameters_train_only_the_matching_weights(tiny_project):
+    from transformers import AutoModelForCausalLM
+
+    result = train(tiny_project("max_steps=2", "unfrozen_parameters=['layers\\.1\\.mlp']"))
+    tuned = dict(AutoModelForCausalLM.from_pretrained(result.output_dir).named_parameters())
+    base = dict(
+        AutoModelForCausalLM.from_pretrained(tiny_project.tmp_path / "tiny").named_parameters()
+    )
+    changed = {name for name in tuned if not torch.equal(tuned[name], base[name])}
+    assert changed and all("layers.1.mlp" in name for name in changed)
+
+
+def test_eval_runs_with_val_set_size_and_is_logged(tiny_project):
+    result = train(tiny_project("max_steps=4", "val_set_size=4", "eval_steps=2", "adapter=lora"))
+    records = [
+        json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records if "eval_loss" in r][:2] == [2, 4]
+
+
+def test_seed_makes_runs_repeatable(tiny_project):
+    first = train(tiny_project("max_steps=3", "adapter=lora", "lora_dropout=0.1"))
+    second = train(tiny_project("max_steps=3", "adapter=lora", "lora_dropout=0.1"))
+    assert first.train_loss == pytest.approx(second.train_loss, abs=1e-6)
+
+
+def test_tensorboard_logs_are_written(tiny_project):
+    result = train(tiny_project("max_steps=2", "adapter=lora", "use_tensorboard=true"))
+    assert list(result.output_dir.rglob("events.out.tfevents.*"))
+
+
+def test_new_tokens_under_an_adapter_need_trainable_embeddings(tiny_project):
+    with pytest.raises(ModelError, match="lora_modules_to_save"):
+        train(tiny_project("max_steps=1", "adapter=lora", "tokens=['<|tool|>']"))
+    result = train(
+        tiny_project(
+            "max_steps=1",
+            "adapter=lora",
+            "tokens=['<|tool|>']",
+            "lora_modules_to_save=[embed_tokens, lm_head]",
+        )
+    )
+    assert result.global_step == 1
+
+
+@pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
+def test_quantization_without_cuda_is_a_clear_error_before_loading(tiny_project, flag):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: quantized loading is tested in the gpu tests")
+    overrides = [f"{flag}=true", "adapter=qlora" if flag == "load_in_4bit" else "adapter=lora"]
+    with pytest.raises(ModelError) as error:
+        train(tiny_project("max_steps=1", *overrides))
+    assert "CUDA" in str(error.value) and f"remove {flag}" in str(error.value)
+
+
+@pytest.mark.gpu
+def test_qlora_on_gpu(tiny_project):
+    if not torch.cuda.is_available():
+        pytest.skip("QLoRA (bitsandbytes 4-bit) needs a CUDA GPU; none is visible on this machine")
+    result = train(tiny_project("max_steps=2", "adapter=qlora", "load_in_4bit=true", "bf16=true"))
+    assert result.global_step == 2
