@@ -24,9 +24,10 @@ def sft_save_model(config: Config, model: Any, tokenizer: Any, output_dir: str) 
 
 
 def write_resolved_config(config: Config, output_dir: Path) -> Path:
+    """Every key with its effective value; `sft validate` / `sft run` accept the file as it is."""
     path = output_dir / RESOLVED_CONFIG
-    data = {"sft_version": sft.__version__, **to_dict(config)}
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    header = f"# resolved config written by sft {sft.__version__} (every key, defaults included)\n"
+    path.write_text(header + yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
     return path
 
 

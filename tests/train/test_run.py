@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ def test_lora_run_writes_adapter_tokenizer_config_metrics_card_and_plot(tiny_pro
     ):
         assert (out / name).exists(), name
     assert result.global_step == 6 and result.saved == "adapter"
+    from sft.config import load_config
+
+    assert load_config(out / "sft_config.yaml") == config  # the resolved config runs as it is
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]
@@ -137,3 +141,39 @@ def test_qlora_on_gpu(tiny_project):
         pytest.skip("QLoRA (bitsandbytes 4-bit) needs a CUDA GPU; none is visible on this machine")
     result = train(tiny_project("max_steps=2", "adapter=qlora", "load_in_4bit=true", "bf16=true"))
     assert result.global_step == 2
+
+
+@pytest.mark.slow
+def test_smollm2_lora_runs_a_few_steps_on_the_real_model(smollm2_gguf, tmp_path, plugins):
+    from conftest import write_jsonl
+
+    from sft.config import load_config_text
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Who are you?"},
+                {"role": "assistant", "content": "I am Quill, a writing assistant."},
+            ]
+        }
+        for _ in range(6)
+    ]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    config = load_config_text(
+        f'base_model = "{smollm2_gguf}"\nadapter = "lora"\nlora_r = 8\nlora_target_modules = ["q_proj", "v_proj"]\n'
+        f'sequence_len = 128\nmicro_batch_size = 2\nmax_steps = 3\nlearning_rate = 1e-3\noutput_dir = "{tmp_path}/out"\n'
+        f'[[datasets]]\npath = "{tmp_path}/d.jsonl"\ntype = "chat_template"\n'
+    )
+    result = train(config)
+    assert (
+        result.global_step == 3
+        and result.train_loss is not None
+        and math.isfinite(result.train_loss)
+    )
+    records = [
+        json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert (
+        0.5 < losses[0] < 10
+    )  # a pretrained chat model starts near its usual loss, not ~ln(vocab)
