@@ -209,6 +209,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     console.print(prepared.summary.table())
     for line in prepared.summary.lines():
         console.print(line)
+    if config.sample_packing:
+        from sft.data.packing import pack_dataset
+
+        _, stats = pack_dataset(prepared.train, config.sequence_len, config, plugins)
+        console.print(f"packing: {stats.render()}")
     if prepared.cache_dir is not None:
         state = "loaded from" if prepared.from_cache else "written to"
         console.print(f"prepared data {state} {prepared.cache_dir}")

@@ -65,6 +65,16 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
         problems.append(Problem("fp16", "conflicts with bf16 = true: choose one precision"))
 
     backend = plugins.attention_backends().get(config.attention)
+    if config.sample_packing and backend.packing is None:
+        problems.append(
+            Problem(
+                "sample_packing",
+                f"attention backend {backend.name!r} cannot keep packed samples apart",
+                hint="use attn_implementation = 'sdpa' (or flash_attention_2 on a GPU), or sample_packing = false",
+            )
+        )
+    if config.sample_packing and not plugins.packers().names():
+        problems.append(Problem("sample_packing", "no packer plugin is installed (multipack)"))
     if backend.check is not None:
         problems.extend(backend.check(config))
     optimizer = plugins.optimizers().get(config.optimizer)

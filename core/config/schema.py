@@ -308,14 +308,7 @@ def public_fields(cls: type) -> list[attrs.Attribute]:  # type: ignore[type-arg]
 # Keys declared for Axolotl compatibility whose feature has not landed yet. Setting one to a
 # non-default value is reported as "not supported yet" — never silently ignored. Shrinks as
 # features land.
-PLANNED_KEYS: frozenset[str] = frozenset(
-    {
-        "sample_packing",
-        "eval_sample_packing",
-        "sample_packing_sequentially",
-        "sample_packing_bin_size",
-    }
-)
+PLANNED_KEYS: frozenset[str] = frozenset()
 
 
 def is_planned(field: attrs.Attribute) -> bool:  # type: ignore[type-arg]

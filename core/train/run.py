@@ -116,6 +116,30 @@ def training_arguments(config: Config, train_samples: int, has_eval: bool, dtype
     )
 
 
+def pack_if_asked(config: Config, prepared: Any, plugins: Any, console: Any) -> tuple[Any, Any]:
+    """Packed views of the prepared data when `sample_packing` is on (eval: `eval_sample_packing`)."""
+    if not config.sample_packing:
+        return prepared.train, prepared.eval
+    from sft.data.packing import pack_dataset, sample_lengths
+
+    train_data, stats = pack_dataset(prepared.train, config.sequence_len, config, plugins)
+    console.print(f"packing: {stats.render()}")
+    eval_data = prepared.eval
+    eval_packing = (
+        config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing
+    )
+    if eval_data is not None and eval_packing:
+        if sum(sample_lengths(eval_data)) < config.sequence_len:
+            console.print(
+                f"notice: the eval set ({len(eval_data)} samples) does not fill one packed row of "
+                f"{config.sequence_len} tokens; evaluating it unpacked"
+            )
+        else:
+            eval_data, eval_stats = pack_dataset(eval_data, config.sequence_len, config, plugins)
+            console.print(f"eval packing: {eval_stats.render()}")
+    return train_data, eval_data
+
+
 def resume_point(config: Config) -> str | None:
     from sft.train.trainer import latest_checkpoint
 
@@ -169,10 +193,11 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
         f"model: {config.base_model} ({dtype}), trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%})"
     )
 
-    args = training_arguments(config, len(prepared.train), prepared.eval is not None, dtype)
-    total_steps = config.max_steps or math.ceil(
-        steps_per_epoch(len(prepared.train), config) * config.num_epochs
-    )
+    train_data, eval_data = pack_if_asked(config, prepared, plugins, console)
+    args = training_arguments(config, len(train_data), eval_data is not None, dtype)
+    per_epoch = steps_per_epoch(len(train_data), config)
+    total_steps = config.max_steps or math.ceil(per_epoch * config.num_epochs)
+    console.print(f"steps: {total_steps} ({per_epoch} per epoch)")
     monitor = HealthMonitor(
         lr_schedule=config.lr_scheduler, warmup=warmup_steps(config, total_steps)
     )
@@ -181,8 +206,8 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
     trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
         data_collator=Collator(
             pad_id_of(tokenizer), config.sequence_len if config.pad_to_sequence_len else None
         ),

@@ -21,10 +21,12 @@ IGNORE = -100
 
 
 class Collator:
-    """Pads a batch to its longest sample (or `sequence_len`): pad id for inputs, -100 for labels.
+    """Pads a batch to its longest row (or `sequence_len`): pad id for inputs, -100 for labels.
 
-    Labels are never derived from the pad id, so a tokenizer whose pad token is its EOS still
-    trains the real EOS tokens.
+    Plain samples get an `attention_mask`. Packed rows (with `position_ids`) get none: the
+    restarting positions keep their samples apart; the padded tail is one more segment
+    (positions from 0) that nothing real attends to. Labels are never derived from the pad id,
+    so a tokenizer whose pad token is its EOS still trains the real EOS tokens.
     """
 
     def __init__(self, pad_id: int, pad_to: int | None = None, multiple_of: int | None = None):
@@ -36,19 +38,32 @@ class Collator:
         import torch
 
         longest = max(len(f["input_ids"]) for f in features)
-        width = self.pad_to or longest
+        width = max(self.pad_to or 0, longest)
         if self.multiple_of and not self.pad_to:
             width = math.ceil(width / self.multiple_of) * self.multiple_of
         batch = len(features)
+        packed = "position_ids" in features[0]
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         labels = torch.full((batch, width), IGNORE, dtype=torch.long)
-        attention = torch.zeros((batch, width), dtype=torch.long)
+        if packed:
+            positions = torch.zeros((batch, width), dtype=torch.long)
+        else:
+            attention = torch.zeros((batch, width), dtype=torch.long)
         for row, feature in enumerate(features):
             n = len(feature["input_ids"])
             input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
             labels[row, :n] = torch.as_tensor(feature["labels"])
-            attention[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+            if packed:
+                positions[row, :n] = torch.as_tensor(feature["position_ids"])
+                positions[row, n:] = torch.arange(width - n)
+            else:
+                attention[row, :n] = 1
+        out = {"input_ids": input_ids, "labels": labels}
+        if packed:
+            out["position_ids"] = positions
+        else:
+            out["attention_mask"] = attention
+        return out
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -121,6 +136,7 @@ def make_trainer_class() -> type:
             self.sft_config = sft_config
             self.sft_plugins = plugins
             self._staging_dir: str | None = None
+            self.sft_pad_id = kwargs["data_collator"].pad_id
             super().__init__(*args, **kwargs)
 
         def create_optimizer(self, model: Any = None) -> Any:
@@ -140,6 +156,20 @@ def make_trainer_class() -> type:
                 )
                 self._created_lr_scheduler = True
             return self.lr_scheduler
+
+        def _track_num_input_tokens(self, inputs: Any) -> None:
+            # Packed rows carry no attention_mask (it would disable the packed-sequence mask):
+            # real tokens are all but each row's padded tail.
+            if "attention_mask" in inputs or "position_ids" not in inputs:
+                return super()._track_num_input_tokens(inputs)
+            import torch
+
+            ids = inputs["input_ids"]
+            pad = self.sft_pad_id
+            is_pad = (ids == pad).flip(-1).to(torch.int64)
+            tail = is_pad.cumprod(-1).sum()
+            self.state.num_input_tokens_seen += int(ids.numel() - tail)
+            return None
 
         def _get_output_dir(self, trial: Any) -> str:
             return self._staging_dir or super()._get_output_dir(trial)

@@ -177,3 +177,53 @@ def test_smollm2_lora_runs_a_few_steps_on_the_real_model(smollm2_gguf, tmp_path,
     assert (
         0.5 < losses[0] < 10
     )  # a pretrained chat model starts near its usual loss, not ~ln(vocab)
+
+
+def test_packed_training_tracks_the_unpacked_loss_curve(tiny_project):
+    # Same samples, same model: packing changes batching, not what is learned per token.
+    common = [
+        "max_steps=6",
+        "adapter=lora",
+        "lora_target_linear=true",
+        "micro_batch_size=4",
+        "sequence_len=128",
+        "learning_rate=0.02",
+    ]
+    unpacked = train(tiny_project(*common, "output_dir=" + str(tiny_project.tmp_path / "u")))
+    packed = train(
+        tiny_project(
+            *common,
+            "sample_packing=true",
+            "micro_batch_size=1",
+            "output_dir=" + str(tiny_project.tmp_path / "p"),
+        )
+    )
+
+    def losses(result):
+        records = [
+            json.loads(line)
+            for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+        ]
+        return [r["loss"] for r in records if "loss" in r]
+
+    unpacked_losses, packed_losses = losses(unpacked), losses(packed)
+    assert packed_losses[-1] < packed_losses[0]
+    assert abs(packed_losses[0] - unpacked_losses[0]) < 0.15  # same model, different first batches
+    assert abs(packed_losses[-1] - unpacked_losses[-1]) < 0.25
+
+
+def test_eval_packing_on_an_eval_set_smaller_than_one_row_falls_back(tiny_project, capsys):
+    result = train(
+        tiny_project(
+            "max_steps=2",
+            "sample_packing=true",
+            "val_set_size=2",
+            "eval_steps=2",
+            "sequence_len=1024",
+        )
+    )
+    assert "evaluating it unpacked" in capsys.readouterr().out
+    records = [
+        json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any("eval_loss" in r for r in records)
