@@ -42,7 +42,7 @@ class Problem:
             where = f"{where} (--set)"
         text = f"{where}: {self.message}"
         if self.hint:
-            text += f"\n    {self.hint}"
+            text += f"\n    fix: {self.hint}"
         return text
 
 

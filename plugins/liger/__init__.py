@@ -1,0 +1,127 @@
+"""Liger kernels (Triton, CUDA): fused RoPE, RMSNorm, SwiGLU/GeGLU, cross-entropy, and the fused
+linear + cross-entropy that never materialises the full logits.
+
+Keys (Axolotl's names): `liger_rope`, `liger_rms_norm`, `liger_glu_activation`,
+`liger_layer_norm`, `liger_cross_entropy`, `liger_fused_linear_cross_entropy`. Validated at
+`sft validate` time: the package must be installed and a CUDA GPU visible; otherwise the config
+is refused with the reason, never a crash at step 1. Applied to the architectures liger
+supports; any other architecture is refused by name when the model is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from sft import hookimpl
+from sft.components import ConfigKeys, Kernel
+from sft.config.schema import Config, key
+from sft.errors import ModelError, Problem
+from sft.hardware import cuda_present, installed
+
+SUPPORTED = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "granite",
+    "olmo2",
+)
+
+
+@attrs.frozen
+class LigerKeys:
+    liger_rope: bool = key(False, doc="Liger fused rotary embedding (CUDA).")
+    liger_rms_norm: bool = key(False, doc="Liger fused RMSNorm (CUDA).")
+    liger_glu_activation: bool = key(False, doc="Liger fused SwiGLU/GeGLU MLP (CUDA).")
+    liger_layer_norm: bool = key(False, doc="Liger fused LayerNorm (CUDA).")
+    liger_cross_entropy: bool = key(False, doc="Liger cross-entropy (CUDA).")
+    liger_fused_linear_cross_entropy: bool = key(
+        False, doc="Liger fused LM head + cross-entropy: no full logits tensor (CUDA)."
+    )
+
+
+def _enabled(keys: LigerKeys) -> list[str]:
+    return [f.name for f in attrs.fields(LigerKeys) if getattr(keys, f.name)]
+
+
+def available() -> tuple[bool, str]:
+    if not installed("liger_kernel"):
+        return False, "liger-kernel is not installed (pip install 'sft-train[liger]')"
+    if not cuda_present():
+        return (
+            False,
+            "liger kernels are Triton kernels for CUDA GPUs; no NVIDIA GPU is visible here",
+        )
+    return True, "ok"
+
+
+@hookimpl
+def sft_config_keys() -> Sequence[ConfigKeys]:
+    return [ConfigKeys(LigerKeys)]
+
+
+@hookimpl
+def sft_validate_config(config: Config) -> Sequence[Problem]:
+    keys = config.section(LigerKeys)
+    enabled = _enabled(keys)
+    if not enabled:
+        return []
+    problems = []
+    ok, reason = available()
+    if not ok:
+        problems.append(
+            Problem(
+                enabled[0],
+                f"unavailable on this machine: {reason}",
+                hint=f"remove {', '.join(enabled)} here",
+            )
+        )
+    if keys.liger_cross_entropy and keys.liger_fused_linear_cross_entropy:
+        problems.append(
+            Problem(
+                "liger_cross_entropy", "conflicts with liger_fused_linear_cross_entropy: choose one"
+            )
+        )
+    return problems
+
+
+@hookimpl
+def sft_register_kernels(register: Callable[[Kernel], None]) -> None:
+    register(
+        Kernel("liger", available, "Liger Triton kernels (RoPE, RMSNorm, GLU, CE, fused linear CE)")
+    )
+
+
+@hookimpl
+def sft_patch_model(model: Any, config: Config) -> None:
+    keys = config.section(LigerKeys)
+    if not _enabled(keys):
+        return
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED:
+        raise ModelError(
+            f"liger kernels do not support the {model_type!r} architecture (supported: {', '.join(SUPPORTED)})\n"
+            "  fix: remove the liger_* keys for this model"
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ModelError("liger kernels need a CUDA GPU\n  fix: remove the liger_* keys on CPU")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(
+        model=model,
+        rope=keys.liger_rope,
+        rms_norm=keys.liger_rms_norm,
+        swiglu=keys.liger_glu_activation,
+        cross_entropy=keys.liger_cross_entropy,
+        fused_linear_cross_entropy=keys.liger_fused_linear_cross_entropy,
+    )
