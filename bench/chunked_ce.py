@@ -22,7 +22,15 @@ def child(variant: str, steps: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     model.config.use_cache = False
     if variant == "chunked":
@@ -43,7 +51,17 @@ def child(variant: str, steps: int) -> None:
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"variant": variant, "step_s": min(times), "peak_mib": peak / 1024, "training_mib": (peak - base) / 1024, "loss": loss.item()}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "step_s": min(times),
+                "peak_mib": peak / 1024,
+                "training_mib": (peak - base) / 1024,
+                "loss": loss.item(),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -56,12 +74,21 @@ def main() -> None:
         return
     results = {}
     for variant in ("plain", "chunked"):
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", variant, "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     plain, chunked = results["plain"], results["chunked"]
     for r in (plain, chunked):
-        print(f"{r['variant']:8} step {r['step_s']:.2f} s | peak RSS {r['peak_mib']:.0f} MiB (training adds {r['training_mib']:.0f} MiB) | loss {r['loss']:.4f}")
-    print(f"chunked / plain: memory added by training {chunked['training_mib'] / plain['training_mib']:.2f}x, peak {chunked['peak_mib'] / plain['peak_mib']:.2f}x, step time {chunked['step_s'] / plain['step_s']:.2f}x")
+        print(
+            f"{r['variant']:8} step {r['step_s']:.2f} s | peak RSS {r['peak_mib']:.0f} MiB (training adds {r['training_mib']:.0f} MiB) | loss {r['loss']:.4f}"
+        )
+    print(
+        f"chunked / plain: memory added by training {chunked['training_mib'] / plain['training_mib']:.2f}x, peak {chunked['peak_mib'] / plain['peak_mib']:.2f}x, step time {chunked['step_s'] / plain['step_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "target", metavar="CONFIG|DIR", help="a config (its output_dir) or a directory sft wrote"
     )
+    chat.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of CONFIG (e.g. --set output_dir=other)",
+    )
     chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     chat.add_argument("--system", help="system message")
     chat.add_argument(
@@ -158,7 +166,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from sft.train.run import quiet_libraries
 
     quiet_libraries()
-    trained = locate(args.target)
+    trained = locate(args.target, tuple(args.overrides))
     model, tokenizer = load_trained(trained, base_only=args.base)
     console = _console()
     history: list[dict[str, str]] = (

@@ -17,13 +17,13 @@ import attrs
 import pluggy
 
 from sft import hookspecs
+from sft.components import ConfigKeys
 from sft.errors import PluginError, Problem
 from sft.registry import KINDS, Registry, did_you_mean
 
 if TYPE_CHECKING:
     from sft.components import (
         AttentionBackend,
-        ConfigKeys,
         DistributedBackend,
         Kernel,
         Optimizer,
@@ -194,16 +194,38 @@ class SftPlugins:
 
     # -- calling -----------------------------------------------------------------------------
 
-    def _each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call every implementation of a hook separately, returning (plugin name, result)."""
+    def _each(self, hook_name: str, strict: bool = True, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook separately, returning (plugin name, result).
+
+        An implementation that raises is the plugin's bug: it is recorded against the plugin and
+        raised as a `PluginError` naming it (`strict`), or skipped (`sft plugins list`).
+        """
         caller = getattr(self.manager.hook, hook_name)
         results = []
         for impl in reversed(caller.get_hookimpls()):
             if self._tracing:
                 self.manager.trace.root.get("hook")(f"{hook_name} [{impl.plugin_name}]")
-            result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            try:
+                result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception as exc:
+                error = self._record_failure(impl.plugin_name, hook_name, exc)
+                if strict:
+                    raise error from exc
+                continue
             results.append((impl.plugin_name, result))
         return results
+
+    def _record_failure(self, plugin: str, hook_name: str, exc: BaseException) -> PluginError:
+        message = f"{hook_name} raised {type(exc).__name__}: {exc}"
+        record = self.records.get(plugin)
+        if record is not None:
+            record.status, record.error = "error", message
+        package = record.package if record else None
+        return PluginError(
+            f"plugin {plugin!r} ({package or 'unknown package'}): {message}",
+            plugin=plugin,
+            package=package,
+        )
 
     def registry(self, kind: str) -> Registry[Any]:
         """The registry of one component kind, built on first use from the register hooks."""
@@ -223,15 +245,8 @@ class SftPlugins:
                 try:
                     impl.function(register=register)
                 except Exception as exc:  # the plugin's bug: recorded against it, not raised here
-                    error = f"{KINDS[kind].hook} raised {type(exc).__name__}: {exc}"
-                    record = self.records.get(impl.plugin_name)
-                    if record is not None:
-                        record.status, record.error = "error", error
-                    registry.conflicts.append(
-                        PluginError(
-                            f"plugin {impl.plugin_name!r}: {error}", plugin=impl.plugin_name
-                        )
-                    )
+                    self._record_failure(impl.plugin_name, KINDS[kind].hook, exc)
+            registry.broken_plugins = self.broken
             self._registries[kind] = registry
         return self._registries[kind]
 
@@ -253,12 +268,21 @@ class SftPlugins:
     def distributed_backends(self) -> Registry[DistributedBackend]:
         return self.registry("distributed_backends")
 
-    def config_keys(self) -> list[tuple[str, ConfigKeys]]:
-        return [
-            (plugin, keys)
-            for plugin, groups in self._each("sft_config_keys")
-            for keys in groups or ()
-        ]
+    def config_keys(self, strict: bool = True) -> list[tuple[str, ConfigKeys]]:
+        found = []
+        for plugin, groups in self._each("sft_config_keys", strict=strict):
+            for keys in groups or ():
+                if not isinstance(keys, ConfigKeys) or not attrs.has(keys.cls):
+                    error = self._record_failure(
+                        plugin,
+                        "sft_config_keys",
+                        TypeError(f"returned {keys!r}, not ConfigKeys(<attrs class>)"),
+                    )
+                    if strict:
+                        raise error
+                    continue
+                found.append((plugin, keys))
+        return found
 
     def validate_config(self, config: Config) -> list[Problem]:
         return [
@@ -311,10 +335,10 @@ class SftPlugins:
             registry = self.registry(kind)
             for name, _ in registry.items():
                 provided.setdefault(registry.owner(name), {}).setdefault(kind, []).append(name)
-            for conflict in registry.conflicts:
+            for conflict in registry.conflicts.values():
                 if conflict.plugin:
                     conflicts[conflict.plugin] = str(conflict)
-        for plugin, keys in self.config_keys():
+        for plugin, keys in self.config_keys(strict=False):
             names = [field.name for field in attrs.fields(keys.cls)]
             label = "config keys" if keys.scope == "root" else "dataset keys"
             provided.setdefault(plugin, {}).setdefault(label, []).extend(names)

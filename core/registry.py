@@ -56,7 +56,7 @@ class Registry(Generic[T]):
         self._components: dict[str, T] = {}
         self._owners: dict[str, str] = {}
         self._aliases: dict[str, str] = {}
-        self.conflicts: list[PluginError] = []
+        self.conflicts: dict[str, PluginError] = {}  # name → the error naming both plugins
         self.broken_plugins: dict[str, str] = {}
 
     def add(self, component: T, plugin: str) -> None:
@@ -64,22 +64,16 @@ class Registry(Generic[T]):
         for label in (name, *getattr(component, "aliases", ())):
             owner = self._owners.get(label) or self._owners.get(self._aliases.get(label, ""))
             if owner is not None:
-                self.conflicts.append(
-                    PluginError(
-                        f"{self.kind.name}: {label!r} is registered by both plugin {owner!r} and "
-                        f"plugin {plugin!r}; uninstall or disable one (SFT_DISABLE_PLUGINS={plugin})",
-                        plugin=plugin,
-                    )
+                self.conflicts[label] = PluginError(
+                    f"{self.kind.name}: {label!r} is registered by both plugin {owner!r} and "
+                    f"plugin {plugin!r}; uninstall or disable one (SFT_DISABLE_PLUGINS={plugin})",
+                    plugin=plugin,
                 )
                 return
         self._components[name] = component
         self._owners[name] = plugin
         for alias in getattr(component, "aliases", ()):
             self._aliases[alias] = name
-
-    def raise_conflicts(self) -> None:
-        if self.conflicts:
-            raise self.conflicts[0]
 
     def canonical(self, name: str) -> str:
         return self._aliases.get(name, name)
@@ -117,7 +111,9 @@ class Registry(Generic[T]):
         return text
 
     def get(self, name: str) -> T:
-        self.raise_conflicts()
+        """The component `name`; a conflict over another name does not affect this one."""
+        if name in self.conflicts or self.canonical(name) in self.conflicts:
+            raise self.conflicts.get(name) or self.conflicts[self.canonical(name)]
         try:
             return self._components[self.canonical(name)]
         except KeyError:

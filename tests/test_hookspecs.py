@@ -196,7 +196,7 @@ def test_sft_prepare_tokenizer(tokenizer):
 
 def test_sft_patch_model():
     model: dict = {}
-    fresh(Recorder()).patch_model(model, config=None)
+    fresh(Recorder()).patch_model(model, config=load_config_text(MINIMAL))
     assert model == {"patched": True}
 
 

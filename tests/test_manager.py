@@ -10,6 +10,7 @@ from sft import hookimpl
 from sft.components import Optimizer
 from sft.errors import PluginError
 from sft.manager import SftPlugins
+from sft.registry import UnknownComponentError
 
 BUILTINS = {"sdpa", "eager", "adamw"}
 
@@ -117,8 +118,41 @@ def test_a_register_hook_that_raises_is_recorded_against_its_plugin():
     registry = plugins.optimizers()
     assert plugins.records["raiser"].status == "error"
     assert "boom" in (plugins.records["raiser"].error or "")
-    with pytest.raises(PluginError, match="raiser"):
-        registry.get("adamw_torch")
+    assert registry.get("adamw_torch").name == "adamw_torch"  # other plugins are unaffected
+    with pytest.raises(UnknownComponentError, match="raiser"):
+        registry.get("what_raiser_would_have_provided")
+
+
+def test_a_conflict_blocks_only_the_contested_name():
+    plugins = SftPlugins.load(environ={})
+    plugins.register(_DuplicateAdamW(), name="copycat")
+    assert plugins.optimizers().get("sgd").name == "sgd"
+
+
+class _BadKeys:
+    @hookimpl
+    def sft_config_keys(self):
+        raise RuntimeError("keys exploded")
+
+
+class _NotAttrs:
+    @hookimpl
+    def sft_config_keys(self):
+        return [object()]
+
+
+@pytest.mark.parametrize("plugin", [_BadKeys(), _NotAttrs()])
+def test_a_broken_config_keys_hook_is_a_plugin_error_not_a_traceback(plugin):
+    from sft.cli import plugin_rows
+    from sft.config import load_config_text
+
+    plugins = SftPlugins.load(environ={})
+    plugins.register(plugin, name="badkeys", package="bad-keys-dist")
+    with pytest.raises(PluginError) as error:
+        load_config_text('base_model = "m"\n[[datasets]]\npath = "a"\n', plugins=plugins)
+    assert "badkeys" in str(error.value) and "bad-keys-dist" in str(error.value)
+    row = {r["name"]: r for r in plugin_rows(plugins)}["badkeys"]  # `plugins list` still works
+    assert row["status"] == "error" and "sft_config_keys" in row["error"]
 
 
 def test_register_rejects_unknown_hooks_in_process():

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sft.config.schema import ATTENTION_ALIASES, Config
-from sft.errors import Problem
+from sft.errors import PluginError, Problem
 
 AddProblem = Callable[..., None]
 
@@ -75,9 +75,19 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
         )
     if config.sample_packing and not plugins.packers().names():
         problems.append(Problem("sample_packing", "no packer plugin is installed (multipack)"))
-    if backend.check is not None:
-        problems.extend(backend.check(config))
     optimizer = plugins.optimizers().get(config.optimizer)
-    if optimizer.check is not None:
-        problems.extend(optimizer.check(config))
+    for registry, component in (
+        (plugins.attention_backends(), backend),
+        (plugins.optimizers(), optimizer),
+    ):
+        if component.check is None:
+            continue
+        try:
+            problems.extend(component.check(config))
+        except Exception as exc:  # the plugin's bug, named as such
+            owner = registry.owner(component.name)
+            raise PluginError(
+                f"plugin {owner!r}: the check of {component.name!r} raised {type(exc).__name__}: {exc}",
+                plugin=owner,
+            ) from exc
     return problems

@@ -104,14 +104,14 @@ def _collect(results: Any, total: ChunkResult, raw: RawRows, progress: Any) -> N
             progress(len(result.sources) + sum(result.dropped.values()))
 
 
-def _strategy_for(ds: DatasetConfig, plugins: Any) -> str:
+def _strategy_for(ds: DatasetConfig) -> str:
     return ds.type or "pretokenized"
 
 
 def build_render(
     ds: DatasetConfig, tokenizer: Any, config: Config, plugins: Any
 ) -> Callable[[dict[str, Any]], Any]:
-    strategy = plugins.prompt_strategies().get(_strategy_for(ds, plugins))
+    strategy = plugins.prompt_strategies().get(_strategy_for(ds))
     return strategy.factory(ds, tokenizer, config)
 
 
@@ -139,27 +139,42 @@ _RELEVANT_ROOT_KEYS = (
 )
 
 
+def _file_contents(value: Any) -> Any:
+    """Replace strings naming existing files by their content hash (templates read from files)."""
+    if isinstance(value, dict):
+        return {k: _file_contents(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_file_contents(v) for v in value]
+    if isinstance(value, str) and "{" not in value and len(value) < 4096:
+        path = Path(value).expanduser()
+        try:
+            if path.is_file():
+                return {"file": value, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        except OSError:
+            pass
+    return value
+
+
 def cache_key(config: Config, tokenizer: Any, fingerprints: list[str], plugins: Any) -> str:
-    """Hash of everything that changes the prepared data."""
+    """Hash of everything that can change the prepared data.
+
+    Every plugin-owned key is included (a plugin may change rendering from a top-level key), and
+    a key naming a file (e.g. a jinja template) contributes the file's content.
+    """
     data = to_dict(config)
+    core = attrs.fields_dict(Config)
     relevant = {k: data[k] for k in _RELEVANT_ROOT_KEYS}
     relevant["datasets"] = data["datasets"]
     relevant["test_datasets"] = data["test_datasets"]
-    relevant["root_plugin_keys"] = {
-        k: v for k, v in data.items() if k not in attrs.fields_dict(Config) and "template" in k
-    }
+    relevant["plugin_keys"] = {k: v for k, v in data.items() if k not in core}
+    strategies = {_strategy_for(d) for d in (*config.datasets, *config.test_datasets)}
     payload = json.dumps(
         {
             "sft": sft.__version__,
-            "keys": relevant,
+            "keys": _file_contents(relevant),
             "data": fingerprints,
             "tokenizer": _tokenizer_fingerprint(tokenizer),
-            "strategies": sorted(
-                f"{name}@{plugins.prompt_strategies().owner(name)}"
-                for name in {
-                    _strategy_for(d, plugins) for d in (*config.datasets, *config.test_datasets)
-                }
-            ),
+            "strategies": sorted(f"{n}@{plugins.prompt_strategies().owner(n)}" for n in strategies),
         },
         sort_keys=True,
         default=str,
@@ -199,7 +214,7 @@ def _process_sources(
         summary.datasets.append(
             DatasetSummary.from_samples(
                 name=raw.name,
-                strategy=_strategy_for(ds, plugins),
+                strategy=_strategy_for(ds),
                 rows_in=len(raw.rows) + sum(raw.dropped.values()),
                 rows_kept=len(set(result.sources)),
                 dropped=result.dropped,
@@ -285,7 +300,12 @@ def prepare_datasets(
     elif config.val_set_size:
         size = config.val_set_size
         count = round(len(ids) * size) if size < 1 else int(size)
-        if count >= len(ids) or count < 1:
+        if count < 1:
+            raise DataError(
+                f"val_set_size = {size:g} of {len(ids)} samples holds out no sample",
+                hint="raise val_set_size (a fraction, or a row count >= 1), or add data",
+            )
+        if count >= len(ids):
             raise DataError(
                 f"val_set_size = {size:g} leaves {len(ids) - count} of {len(ids)} samples for training",
                 hint="lower val_set_size, or add data",

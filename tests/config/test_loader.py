@@ -113,9 +113,26 @@ def test_unsupported_axolotl_key_is_named_as_such_but_blank_ones_pass(plugins):
 
 
 def test_planned_key_set_to_a_non_default_value_is_not_silently_ignored(plugins):
-    text = 'base_model = "m"\nsample_packing = true\n[[datasets]]\npath = "a"\n'
-    (problem,) = problems_of(text)
-    assert problem.path == "sample_packing" and "not supported by sft yet" in problem.message
+    import attrs
+
+    from sft import hookimpl
+    from sft.components import ConfigKeys
+    from sft.config.schema import key
+
+    @attrs.frozen
+    class Future:
+        future_feature: bool = key(False, doc="Declared before its feature lands.", planned=True)
+
+    class Plugin:
+        @hookimpl
+        def sft_config_keys(self):
+            return [ConfigKeys(Future)]
+
+    plugins.register(Plugin(), name="future")
+    base = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
+    load_config_text("future_feature = false\n" + base)  # the default is harmless
+    (problem,) = problems_of("future_feature = true\n" + base)
+    assert problem.path == "future_feature" and "not supported by sft yet" in problem.message
 
 
 def test_bounds_and_cross_key_conflicts(plugins):

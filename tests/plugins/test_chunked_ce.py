@@ -54,13 +54,21 @@ def test_generation_and_label_free_calls_use_the_original_forward(tokenizer):
     reference = model(input_ids=torch.tensor([[5, 6, 7]])).logits
     patch(model, chunk=4)
     torch.testing.assert_close(model(input_ids=torch.tensor([[5, 6, 7]])).logits, reference)
-    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape == (
+        1,
+        5,
+    )
 
 
 def test_keys_and_training_with_it(tiny_project):
     from sft.train.run import train
 
-    config = tiny_project("max_steps=3", "adapter=lora", "chunked_cross_entropy=true", "chunked_cross_entropy_chunk=16")
+    config = tiny_project(
+        "max_steps=3",
+        "adapter=lora",
+        "chunked_cross_entropy=true",
+        "chunked_cross_entropy_chunk=16",
+    )
     assert config.section(ChunkedCEKeys).chunked_cross_entropy
     result = train(config)
     assert result.train_loss is not None and result.global_step == 3
@@ -70,4 +78,6 @@ def test_chunk_size_is_bounded(plugins):
     from sft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="chunked_cross_entropy_chunk"):
-        load_config_text('base_model = "m"\nchunked_cross_entropy_chunk = 2\n[[datasets]]\npath = "a"\n')
+        load_config_text(
+            'base_model = "m"\nchunked_cross_entropy_chunk = 2\n[[datasets]]\npath = "a"\n'
+        )

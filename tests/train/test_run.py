@@ -227,3 +227,53 @@ def test_eval_packing_on_an_eval_set_smaller_than_one_row_falls_back(tiny_projec
         json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
     ]
     assert any("eval_loss" in r for r in records)
+
+
+def test_continue_training_from_a_saved_adapter(tiny_project):
+    first = train(
+        tiny_project(
+            "adapter=lora",
+            "max_steps=2",
+            "lora_r=4",
+            "output_dir=" + str(tiny_project.tmp_path / "first"),
+        )
+    )
+    second = train(
+        tiny_project(
+            "adapter=lora",
+            "max_steps=2",
+            f"lora_model_dir={first.output_dir}",
+            "output_dir=" + str(tiny_project.tmp_path / "second"),
+        )
+    )
+    from safetensors.torch import load_file
+
+    before = load_file(first.output_dir / "adapter_model.safetensors")
+    after = load_file(second.output_dir / "adapter_model.safetensors")
+    assert before.keys() == after.keys()  # the same adapter (rank 4), trained further
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("adapter", [["adapter=lora"], []])
+def test_gradient_checkpointing_trains_the_same(tiny_project, adapter):
+    plain = train(
+        tiny_project("max_steps=2", *adapter, "output_dir=" + str(tiny_project.tmp_path / "plain"))
+    )
+    checkpointed = train(
+        tiny_project(
+            "max_steps=2",
+            *adapter,
+            "gradient_checkpointing=true",
+            "output_dir=" + str(tiny_project.tmp_path / "gc"),
+        )
+    )
+    assert checkpointed.train_loss == pytest.approx(plain.train_loss, abs=1e-5)
+
+
+def test_special_tokens_override_the_tokenizer(tiny_project):
+    from sft.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_project("special_tokens={pad_token='<|im_start|>'}"))
+    assert tokenizer.pad_token == "<|im_start|>"
+    with pytest.raises(ModelError, match="unknown role"):
+        load_tokenizer(tiny_project("special_tokens={padding='x'}"))
