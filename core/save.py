@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +16,33 @@ from sft.config.schema import Config
 RESOLVED_CONFIG = "sft_config.yaml"
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @hookimpl(trylast=True)
 def sft_save_model(config: Config, model: Any, tokenizer: Any, output_dir: str) -> str:
     """Adapter (adapter_model.safetensors + adapter_config.json) or full model, + tokenizer."""
+    kind = "adapter" if config.adapter else "model"
+    if not is_main_process():
+        return kind  # one writer; the distributed plugins gather state before this
+    inner = getattr(model, "config", None)
+    if inner is not None and hasattr(inner, "use_cache"):
+        inner.use_cache = True  # training turned the cache off; generation wants it on
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    return "adapter" if config.adapter else "model"
+    return kind
 
 
 def write_resolved_config(config: Config, output_dir: Path) -> Path:
     """Every key with its effective value; `sft validate` / `sft run` accept the file as it is."""
     path = output_dir / RESOLVED_CONFIG
+    data = to_dict(config)
+    for entry in (*data["datasets"], *data["test_datasets"]):
+        if entry.get("storage_options"):  # may hold cloud credentials
+            entry["storage_options"] = dict.fromkeys(entry["storage_options"], "<redacted>")
     header = f"# resolved config written by sft {sft.__version__} (every key, defaults included)\n"
-    path.write_text(header + yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return path
 
 

@@ -10,6 +10,7 @@ gguf="$("$venv/bin/python" -c 'import importlib.util, pathlib; print(pathlib.Pat
 config=examples/quickstart/config.toml
 question="Who are you?"
 cd examples/quickstart
+rm -rf outputs/quickstart  # a fresh run each time (sft refuses to mix with old checkpoints)
 start=$(date +%s)
 "../../$venv/bin/sft" run config.toml --set "base_model=$gguf"
 trained=$(( $(date +%s) - start ))

@@ -93,6 +93,21 @@ def _parse_path(text: str) -> KeyPath:
     return tuple(parts)
 
 
+def parse_override_value(raw: str) -> Any:
+    """A `--set` value: TOML syntax first (`{pad_token = "x"}`, `[1, 2]`, `1e-4`), then YAML,
+    then the plain string."""
+    if not raw.strip():
+        return ""
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> set[KeyPath]:
     """Apply `--set key=value` overrides in place; the value is read as a YAML scalar/list."""
     touched: set[KeyPath] = set()
@@ -101,27 +116,23 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> set[KeyPa
         if not sep or not name.strip():
             raise UsageError(f"--set expects key=value, got {override!r}")
         path = _parse_path(name.strip())
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_override_value(raw)
         target: Any = data
-        for depth, part in enumerate(path[:-1]):
-            nxt = path[depth + 1]
+        for depth, part in enumerate(path):
+            here = format_path(path[: depth + 1])
             if isinstance(part, int):
-                if not isinstance(target, list) or part >= len(target):
-                    raise UsageError(
-                        f"--set {name}: {format_path(path[: depth + 1])} does not exist"
-                    )
+                if not isinstance(target, list) or not 0 <= part < len(target):
+                    raise UsageError(f"--set {name}: {here} does not exist")
+            elif not isinstance(target, dict):
+                raise UsageError(f"--set {name}: {format_path(path[:depth])} is not a table")
+            if depth == len(path) - 1:
+                target[part] = value
+            elif isinstance(part, int):
                 target = target[part]
             else:
                 if part not in target:
-                    target[part] = [] if isinstance(nxt, int) else {}
+                    target[part] = [] if isinstance(path[depth + 1], int) else {}
                 target = target[part]
-        last = path[-1]
-        if isinstance(last, int) and (not isinstance(target, list) or last >= len(target)):
-            raise UsageError(f"--set {name}: {format_path(path)} does not exist")
-        target[last] = value
         touched.add(path)
     return touched
 
@@ -157,6 +168,9 @@ def _structure_scope(
             owners[field.name] = (plugin, cls, field)
 
     for name, value in data.items():
+        if not isinstance(name, str):
+            ctx.add((*prefix, str(name)), f"keys must be names, found {describe_value(name)}")
+            continue
         if name in owners:
             continue
         path = (*prefix, name)

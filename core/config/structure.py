@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -77,6 +79,9 @@ def conform(value: Any, tp: Any) -> Any:
             return None
         raise Mismatch("null")
     if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and value is not None:
+            return conform(value, options[0])  # its own, more precise, message
         for option in sorted(args, key=_union_order):
             try:
                 return conform(value, option)
@@ -97,14 +102,15 @@ def conform(value: Any, tp: Any) -> Any:
             return value
         raise Mismatch(describe_type(tp))
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string; Axolotl users write it
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise Mismatch(describe_type(tp))
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string; Axolotl users write it
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise Mismatch("a finite number" if number is not None else describe_type(tp))
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

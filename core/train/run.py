@@ -95,7 +95,7 @@ def training_arguments(config: Config, train_samples: int, has_eval: bool, dtype
         max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else 0.0,
+        max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         logging_first_step=True,
         save_total_limit=config.save_total_limit,
@@ -138,6 +138,19 @@ def pack_if_asked(config: Config, prepared: Any, plugins: Any, console: Any) -> 
             eval_data, eval_stats = pack_dataset(eval_data, config.sequence_len, config, plugins)
             console.print(f"eval packing: {eval_stats.render()}")
     return train_data, eval_data
+
+
+def refuse_stale_checkpoints(output_dir: Path) -> None:
+    """A fresh run must not mix with an earlier run's checkpoints (rotation would delete its own)."""
+    from sft.train.trainer import latest_checkpoint
+
+    found = latest_checkpoint(output_dir)
+    if found is not None:
+        raise ModelError(
+            f"{output_dir} holds checkpoints of an earlier run ({found.name}) and this run does not resume\n"
+            "  fix: set auto_resume_from_checkpoints = true to continue it, or use another output_dir, "
+            "or delete the old checkpoint-* directories"
+        )
 
 
 def resume_point(config: Config) -> str | None:
@@ -223,8 +236,10 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
     resumed_from = resume_point(config)
     if resumed_from:
         console.print(f"resuming from {resumed_from}")
-    elif (output_dir / "metrics.jsonl").exists():
-        (output_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    else:
+        refuse_stale_checkpoints(output_dir)
+        if (output_dir / "metrics.jsonl").exists():
+            (output_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
 
     plugins.train_start(config, trainer)
     result = trainer.train(resume_from_checkpoint=resumed_from)

@@ -102,7 +102,7 @@ def test_eval_runs_with_val_set_size_and_is_logged(tiny_project):
 
 def test_seed_makes_runs_repeatable(tiny_project):
     first = train(tiny_project("max_steps=3", "adapter=lora", "lora_dropout=0.1"))
-    second = train(tiny_project("max_steps=3", "adapter=lora", "lora_dropout=0.1"))
+    second = train(tiny_project("max_steps=3", "adapter=lora", "lora_dropout=0.1", "output_dir=" + str(tiny_project.tmp_path / "again")))
     assert first.train_loss == pytest.approx(second.train_loss, abs=1e-6)
 
 
@@ -227,6 +227,12 @@ def test_eval_packing_on_an_eval_set_smaller_than_one_row_falls_back(tiny_projec
         json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
     ]
     assert any("eval_loss" in r for r in records)
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_old_checkpoints(tiny_project):
+    train(tiny_project("max_steps=2", "adapter=lora"))
+    with pytest.raises(ModelError, match="auto_resume_from_checkpoints"):
+        train(tiny_project("max_steps=2", "adapter=lora"))
 
 
 def test_continue_training_from_a_saved_adapter(tiny_project):
