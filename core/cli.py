@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check a config: every problem at once, no model load"
     )
     _add_config_args(validate)
+    validate.add_argument(
+        "--portable",
+        action="store_true",
+        help="check the config only, not whether this machine can run it (GPU, kernel packages)",
+    )
     validate.set_defaults(handler=cmd_validate)
 
     run = commands.add_parser("run", help="fine-tune: prepare data, train, save")
@@ -127,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_validate(args: argparse.Namespace) -> int:
     from sft.config import load_config
 
-    config = load_config(args.config, overrides=args.overrides)
+    config = load_config(args.config, overrides=args.overrides, machine_checks=not args.portable)
     console = _console()
     names = ", ".join(f"{d.path} ({d.type or 'pre-tokenized'})" for d in config.datasets)
     console.print(f"[green]✓[/] {args.config} is valid")

@@ -33,6 +33,7 @@ class Problem:
     line: int | None = None
     file: str | None = None
     hint: str | None = None
+    machine: bool = False  # about this machine (no GPU, package missing), not the config itself
 
     def render(self) -> str:
         where = self.path or "<config>"
@@ -41,6 +42,8 @@ class Problem:
         elif self.file == "--set":
             where = f"{where} (--set)"
         text = f"{where}: {self.message}"
+        if self.machine:
+            text += " [this machine]"
         if self.hint:
             text += f"\n    fix: {self.hint}"
         return text

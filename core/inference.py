@@ -126,7 +126,9 @@ def reply(
     options: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "streamer": streamer,
-        "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.eos_token_id
+        if tokenizer.pad_token_id is None
+        else tokenizer.pad_token_id,
     }
     if temperature > 0:
         options.update(do_sample=True, temperature=temperature)

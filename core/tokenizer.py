@@ -8,16 +8,6 @@ from typing import Any
 from sft.config.schema import Config
 from sft.errors import ModelError
 
-SPECIAL_TOKEN_KEYS = (
-    "bos_token",
-    "eos_token",
-    "pad_token",
-    "unk_token",
-    "sep_token",
-    "cls_token",
-    "mask_token",
-)
-
 
 def model_source(name: str) -> tuple[str, dict[str, Any]]:
     """Split a `.gguf` file path into (directory, {"gguf_file": file name}) for from_pretrained."""
@@ -32,9 +22,8 @@ def model_source(name: str) -> tuple[str, dict[str, Any]]:
 def _gguf_tokenizer_dir(name: str) -> Path:
     from sft.model import gguf_cache_dir
 
-    return gguf_cache_dir(Path(name).expanduser()).with_name(
-        gguf_cache_dir(Path(name).expanduser()).name + "-tokenizer"
-    )
+    model_dir = gguf_cache_dir(Path(name).expanduser())
+    return model_dir.with_name(model_dir.name + "-tokenizer")
 
 
 def load_tokenizer(config: Config, plugins: Any = None) -> Any:
@@ -48,7 +37,7 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(
             source,
             trust_remote_code=config.trust_remote_code,
-            revision=config.revision_of_model,
+            revision=None if config.tokenizer_config else config.revision_of_model,
             **extra,
         )
     except (OSError, ValueError) as exc:
@@ -71,12 +60,7 @@ def apply_token_config(tokenizer: Any, config: Config, plugins: Any = None) -> A
         raise ModelError(
             "sft needs a fast (Rust) tokenizer for exact label masking; this one is slow",
         )
-    if config.special_tokens:
-        unknown = sorted(set(config.special_tokens) - set(SPECIAL_TOKEN_KEYS))
-        if unknown:
-            raise ModelError(
-                f"special_tokens: unknown role(s) {', '.join(unknown)}; valid: {', '.join(SPECIAL_TOKEN_KEYS)}"
-            )
+    if config.special_tokens:  # roles were checked with the config
         tokenizer.add_special_tokens(dict(config.special_tokens))
     if config.tokens:
         tokenizer.add_tokens(list(config.tokens))

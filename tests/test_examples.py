@@ -26,5 +26,6 @@ def test_there_are_examples():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
 def test_example_validates(plugins, path):
-    config = load_config(path)
+    # GPU examples are valid configs; whether this machine can run them is a separate check.
+    config = load_config(path, machine_checks=False)
     assert config.datasets

@@ -37,6 +37,74 @@ def _both(config: Config, first: str, second: str) -> Problem | None:
     return None
 
 
+SPECIAL_TOKEN_ROLES = (
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+def _hardware_and_model_problems(config: Config) -> list[Problem]:
+    """What `sft run` would refuse later, found now (no torch import: see sft.hardware)."""
+    import re
+    from pathlib import Path
+
+    from sft.hardware import cuda_present
+
+    problems = []
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        if getattr(config, flag) and not cuda_present():
+            problems.append(
+                Problem(
+                    flag,
+                    "bitsandbytes quantization runs on CUDA GPUs in sft; no NVIDIA GPU is visible here",
+                    machine=True,
+                    hint=f"remove {flag} (and use adapter = 'lora') on CPU",
+                )
+            )
+    for role in sorted(set(config.special_tokens or {}) - set(SPECIAL_TOKEN_ROLES)):
+        problems.append(
+            Problem(
+                f"special_tokens.{role}",
+                f"unknown special token role {role!r}",
+                hint=f"one of {', '.join(SPECIAL_TOKEN_ROLES)}",
+            )
+        )
+    for index, pattern in enumerate(config.unfrozen_parameters or ()):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(
+                Problem(f"unfrozen_parameters[{index}]", f"invalid regex {pattern!r}: {exc}")
+            )
+    if config.unfrozen_parameters and config.adapter:
+        problems.append(
+            Problem(
+                "unfrozen_parameters",
+                "applies to a full fine-tune; with an adapter use lora_modules_to_save",
+            )
+        )
+    if config.lora_model_dir:
+        local = Path(config.lora_model_dir).expanduser()
+        if local.is_dir() and not (local / "adapter_config.json").exists():
+            problems.append(
+                Problem(
+                    "lora_model_dir", f"{local} holds no adapter_config.json (not a saved adapter)"
+                )
+            )
+        elif not local.exists() and config.lora_model_dir.startswith((".", "/", "~")):
+            problems.append(
+                Problem("lora_model_dir", f"directory not found: {config.lora_model_dir}")
+            )
+        if not config.adapter:
+            problems.append(Problem("lora_model_dir", "continues an adapter: set adapter = 'lora'"))
+    return problems
+
+
 def check_config(config: Config, plugins: Any) -> list[Problem]:
     """Cross-key rules of the core, and the selected components' own checks."""
     problems: list[Problem] = []
@@ -63,6 +131,13 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
         problems.append(Problem("load_in_8bit", "conflicts with load_in_4bit: choose one"))
     if config.bf16 is True and config.fp16:
         problems.append(Problem("fp16", "conflicts with bf16 = true: choose one precision"))
+    problems += _hardware_and_model_problems(config)
+    if config.eval_sample_packing and not config.sample_packing:
+        problems.append(
+            Problem(
+                "eval_sample_packing", "packs eval data only together with sample_packing = true"
+            )
+        )
 
     backend = plugins.attention_backends().get(config.attention)
     if config.sample_packing and backend.packing is None:
@@ -73,8 +148,10 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
                 hint="use attn_implementation = 'sdpa' (or flash_attention_2 on a GPU), or sample_packing = false",
             )
         )
-    if config.sample_packing and not plugins.packers().names():
-        problems.append(Problem("sample_packing", "no packer plugin is installed (multipack)"))
+    if config.sample_packing and config.sample_packer not in plugins.packers():
+        problems.append(
+            Problem("sample_packer", plugins.packers().unknown_message(config.sample_packer))
+        )
     optimizer = plugins.optimizers().get(config.optimizer)
     for registry, component in (
         (plugins.attention_backends(), backend),

@@ -255,10 +255,15 @@ def load_config(
     path: str | Path,
     overrides: Sequence[str] = (),
     plugins: Any = None,
+    machine_checks: bool = True,
 ) -> Config:
-    """Load and fully validate a config file; raise `ConfigError` listing every problem."""
+    """Load and fully validate a config file; raise `ConfigError` listing every problem.
+
+    `machine_checks = False` skips what depends on this machine (a GPU, an installed kernel
+    package): for checking a GPU config on a laptop.
+    """
     data, lines = read_config_file(path)
-    return _load(data, lines, str(path), overrides, plugins)
+    return _load(data, lines, str(path), overrides, plugins, machine_checks)
 
 
 def load_config_text(
@@ -267,10 +272,11 @@ def load_config_text(
     overrides: Sequence[str] = (),
     plugins: Any = None,
     source: str = "<text>",
+    machine_checks: bool = True,
 ) -> Config:
     """Like `load_config`, from a string."""
     data, lines = parse_config_text(text, fmt, source)
-    return _load(data, lines, source, overrides, plugins)
+    return _load(data, lines, source, overrides, plugins, machine_checks)
 
 
 def _load(
@@ -279,6 +285,7 @@ def _load(
     source: str,
     overrides: Sequence[str],
     plugins: Any,
+    machine_checks: bool = True,
 ) -> Config:
     if plugins is None:
         from sft.manager import get_plugins
@@ -304,6 +311,8 @@ def _load(
     from sft.config.checks import check_config
 
     problems = [*check_config(config, plugins), *plugins.validate_config(config)]
+    if not machine_checks:
+        problems = [p for p in problems if not p.machine]
     if problems:
         raise ConfigError([ctx.locate(p) for p in problems], source)
     return config

@@ -247,6 +247,7 @@ class Config(_Sections):
     sample_packing: bool = key(
         False, doc="Pack several samples into each sequence (kept apart in attention)."
     )
+    sample_packer: str = key("multipack", doc="The packer plugin used by sample_packing.")
     eval_sample_packing: bool | None = key(
         None, doc="Pack eval samples too (default: as sample_packing)."
     )

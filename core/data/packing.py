@@ -68,7 +68,7 @@ class PackedDataset:
 def pack_dataset(
     dataset: Any, capacity: int, config: Any, plugins: Any
 ) -> tuple[PackedDataset, PackingStats]:
-    packer = plugins.packers().get("multipack")
+    packer = plugins.packers().get(config.sample_packer)
     lengths = sample_lengths(dataset)
     bins = [list(b) for b in packer.pack(lengths, capacity, config, 0)]
     stats = PackingStats(

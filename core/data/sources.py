@@ -110,6 +110,15 @@ def _read_file(
         data = handle.read()
     hasher.update(path.encode())
     hasher.update(hashlib.sha256(data).digest())
+    if fmt in ("json", "jsonl", "text"):
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r})",
+                file=path,
+                hint="re-encode the file as UTF-8 (e.g. iconv -t UTF-8)",
+            ) from None
     index = len(out.files)
     out.files.append(path)
     if fmt == "jsonl":
@@ -180,7 +189,13 @@ def _list_files(path: str, ds: DatasetConfig) -> list[str]:
                 raise DataError(f"data_files pattern {pattern!r} matches no file", file=path)
             files.extend(found)
     else:
-        files = sorted(f for f in fs.find(base) if _format_of(f, ds) is not None)
+        # Plain .txt files are data only when asked for (ds_type = "text"): a README or notes
+        # beside the data must not become rows.
+        files = sorted(
+            f
+            for f in fs.find(base)
+            if _format_of(f, ds) is not None and (ds.ds_type == "text" or not f.endswith(".txt"))
+        )
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if _is_url(path) and protocol not in ("file", "local"):
         files = [f if "://" in f else f"{protocol}://{f}" for f in files]

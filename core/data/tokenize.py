@@ -92,6 +92,7 @@ def _finish(
     opts: TokenizeOptions,
     out: ChunkResult,
     source: int,
+    explicit_labels: bool = False,
 ) -> None:
     limit = opts.sequence_len
     pieces = [(ids, labels)]
@@ -114,7 +115,7 @@ def _finish(
             out.dropped["longer than sequence_len"] += 1
             return
     for piece_ids, piece_labels in pieces:
-        if opts.train_on_inputs:
+        if opts.train_on_inputs and not explicit_labels:
             piece_labels = list(piece_ids)
         if all(label == IGNORE for label in piece_labels):
             out.dropped["no trainable tokens"] += 1
@@ -144,9 +145,25 @@ def process_chunk(
                 return out
             out.dropped[exc.reason] += 1
             continue
+        except Exception as exc:  # a strategy bug or a row it did not anticipate: name the row
+            out.error = (
+                index,
+                "strategy error",
+                f"the prompt strategy failed: {type(exc).__name__}: {exc}",
+                None,
+            )
+            return out
         for sample in produced if isinstance(produced, list) else [produced]:
             if isinstance(sample, Tokenized):
-                _finish(list(sample.input_ids), list(sample.labels), False, opts, out, index)
+                _finish(
+                    list(sample.input_ids),
+                    list(sample.labels),
+                    False,
+                    opts,
+                    out,
+                    index,
+                    explicit_labels=True,
+                )
             else:
                 rendered.append((index, sample))
         if out.error:
@@ -177,5 +194,4 @@ def process_chunk(
             _finish(list(ids), labels, sample.split_long, opts, out, index)
             if out.error:
                 return out
-    return out
     return out

@@ -8,7 +8,7 @@ from typing import Any
 from sft import hookimpl
 from sft.components import Optimizer
 from sft.config.schema import Config
-from sft.errors import ModelError
+from sft.errors import ModelError, Problem
 
 
 def _betas(config: Config) -> tuple[float, float]:
@@ -45,6 +45,21 @@ def _bnb(name: str, paged: bool) -> Callable[[Any, Config], Any]:
     return factory
 
 
+def _check_paged(config: Config) -> list[Problem]:
+    from sft.hardware import cuda_present
+
+    if cuda_present():
+        return []
+    return [
+        Problem(
+            "optimizer",
+            f"{config.optimizer} pages optimizer state between GPU and CPU memory: it needs a CUDA GPU, and none is visible here",
+            hint="use adamw_8bit or adamw_torch on CPU",
+            machine=True,
+        )
+    ]
+
+
 @hookimpl
 def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
     register(
@@ -61,7 +76,7 @@ def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
         Optimizer(
             "paged_adamw_8bit",
             _bnb("PagedAdamW8bit", True),
-            None,
+            _check_paged,
             "8-bit AdamW, state paged to CPU under memory pressure (CUDA)",
         )
     )
@@ -69,7 +84,7 @@ def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
         Optimizer(
             "paged_adamw_32bit",
             _bnb("PagedAdamW32bit", True),
-            None,
+            _check_paged,
             "32-bit AdamW, state paged (CUDA)",
         )
     )

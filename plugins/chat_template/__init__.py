@@ -105,12 +105,20 @@ def resolve_template(
             raise ConfigError(
                 [Problem(f"{path}_jinja", "chat_template = 'jinja' needs chat_template_jinja")]
             )
+        if "{" in jinja:
+            return jinja  # the template itself
         candidate = Path(jinja).expanduser()
-        if "{" not in jinja and candidate.suffix in (".jinja", ".j2", ".txt"):
-            if not candidate.is_file():
-                raise ConfigError([Problem(f"{path}_jinja", f"template file not found: {jinja}")])
-            return candidate.read_text(encoding="utf-8")
-        return jinja
+        if not candidate.is_file():
+            raise ConfigError(
+                [
+                    Problem(
+                        f"{path}_jinja",
+                        f"template file not found: {jinja}",
+                        hint="give a path to a .jinja file, or the template text itself",
+                    )
+                ]
+            )
+        return candidate.read_text(encoding="utf-8")
     if name in BUILTIN_TEMPLATES:
         return builtin_template(name)
     if name in (None, "tokenizer_default", "tokenizer_default_fallback_chatml"):
@@ -456,6 +464,58 @@ def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]],
 @hookimpl
 def sft_config_keys() -> Sequence[ConfigKeys]:
     return [ConfigKeys(ChatTemplateKeys), ConfigKeys(ChatTemplateDatasetKeys, scope="dataset")]
+
+
+KNOWN_NAMES = (
+    *BUILTIN_TEMPLATES,
+    "tokenizer_default",
+    "tokenizer_default_fallback_chatml",
+    "jinja",
+)
+
+
+def _template_problems(name: str | None, jinja: str | None, path: str) -> list[Problem]:
+    problems = []
+    if name is not None and name not in KNOWN_NAMES:
+        from sft.registry import did_you_mean
+
+        guess = did_you_mean(name, KNOWN_NAMES)
+        problems.append(
+            Problem(
+                path,
+                f"unknown chat template {name!r}" + (f"; did you mean {guess!r}?" if guess else ""),
+                hint=f"one of {', '.join(KNOWN_NAMES)}",
+            )
+        )
+    if name == "jinja" and not jinja:
+        problems.append(
+            Problem(
+                path,
+                "chat_template = 'jinja' needs chat_template_jinja (the template text or a file)",
+            )
+        )
+    if jinja and "{" not in jinja and not Path(jinja).expanduser().is_file():
+        problems.append(
+            Problem(
+                f"{path}_jinja",
+                f"template file not found: {jinja}",
+                hint="give a path to a .jinja file, or the template text itself",
+            )
+        )
+    return problems
+
+
+@hookimpl
+def sft_validate_config(config: Any) -> list[Problem]:
+    root = config.section(ChatTemplateKeys)
+    problems = _template_problems(root.chat_template, root.chat_template_jinja, "chat_template")
+    for group in ("datasets", "test_datasets"):
+        for index, ds in enumerate(getattr(config, group)):
+            keys = ds.section(ChatTemplateDatasetKeys)
+            problems += _template_problems(
+                keys.chat_template, keys.chat_template_jinja, f"{group}[{index}].chat_template"
+            )
+    return problems
 
 
 @hookimpl

@@ -33,7 +33,10 @@ def _checker(name: str) -> Callable[[Config], Sequence[Problem]]:
         if not installed(module):
             problems.append(
                 Problem(
-                    key, f"{name} needs the {module} package, which is not installed", hint=install
+                    key,
+                    f"{name} needs the {module} package, which is not installed",
+                    hint=install,
+                    machine=True,
                 )
             )
         if not cuda_present():
@@ -42,6 +45,7 @@ def _checker(name: str) -> Callable[[Config], Sequence[Problem]]:
                     key,
                     f"{name} runs on CUDA GPUs only; no NVIDIA GPU is visible here",
                     hint="use attn_implementation = 'sdpa' on CPU",
+                    machine=True,
                 )
             )
         if config.bf16 is False and not config.fp16:

@@ -23,6 +23,7 @@ def _check(config: Config) -> Sequence[Problem]:
                 "flex_attention trains on CUDA GPUs only (its backward pass has no CPU kernel); "
                 "no NVIDIA GPU is visible here",
                 hint="use attn_implementation = 'sdpa' on CPU (it keeps packed samples apart too)",
+                machine=True,
             )
         ]
     return []

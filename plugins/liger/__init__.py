@@ -82,6 +82,7 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
                 enabled[0],
                 f"unavailable on this machine: {reason}",
                 hint=f"remove {', '.join(enabled)} here",
+                machine=True,
             )
         )
     if keys.liger_cross_entropy and keys.liger_fused_linear_cross_entropy:

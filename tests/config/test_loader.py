@@ -178,7 +178,10 @@ def test_invalid_syntax_is_a_config_error_not_a_traceback(plugins):
 
 def test_set_accepts_toml_inline_tables_and_reports_bad_paths(plugins):
     text = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
-    config = load_config_text(text, overrides=['special_tokens={pad_token = "<pad>"}', "lora_target_modules=[q_proj, v_proj]"])
+    config = load_config_text(
+        text,
+        overrides=['special_tokens={pad_token = "<pad>"}', "lora_target_modules=[q_proj, v_proj]"],
+    )
     assert config.special_tokens == {"pad_token": "<pad>"}
     assert config.lora_target_modules == ("q_proj", "v_proj")
     for bad in ("datasets.path=x", "base_model.x=1", "datasets[-1].path=x"):
@@ -189,12 +192,17 @@ def test_set_accepts_toml_inline_tables_and_reports_bad_paths(plugins):
 
 
 def test_non_finite_numbers_and_non_string_keys_are_problems(plugins):
-    base = 'base_model: m\ndatasets:\n  - path: a\n'
-    problems = {p.path: p.message for p in problems_of(base + "learning_rate: .nan\nval_set_size: .inf\n1: 2\n", "yaml")}
+    base = "base_model: m\ndatasets:\n  - path: a\n"
+    problems = {
+        p.path: p.message
+        for p in problems_of(base + "learning_rate: .nan\nval_set_size: .inf\n1: 2\n", "yaml")
+    }
     assert problems["learning_rate"] == "expected a finite number, found number nan"
     assert "val_set_size" in problems and problems["1"].startswith("keys must be names")
 
 
 def test_optional_table_reports_the_inner_problem(plugins):
-    (problem,) = problems_of('base_model = "m"\nspecial_tokens = {pad_token = 5}\n[[datasets]]\npath = "a"\n')
+    (problem,) = problems_of(
+        'base_model = "m"\nspecial_tokens = {pad_token = 5}\n[[datasets]]\npath = "a"\n'
+    )
     assert "'pad_token' should be a string" in problem.message

@@ -44,11 +44,14 @@ def test_registered_optimizers_build_and_step(plugins, name):
 def test_paged_optimizers_need_cuda(plugins, name):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: paged optimizers work here")
+    from sft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):  # found by `sft validate`
+        config(f"optimizer={name}")
+    portable = load_config_text(BASE, overrides=[f"optimizer={name}"], machine_checks=False)
     model = torch.nn.Linear(4, 4)
-    with pytest.raises(ModelError, match="needs a CUDA GPU"):
-        plugins.optimizers().get(name).factory(
-            parameter_groups(model, 0.0), config(f"optimizer={name}")
-        )
+    with pytest.raises(ModelError, match="needs a CUDA GPU"):  # and again before it would run
+        plugins.optimizers().get(name).factory(parameter_groups(model, 0.0), portable)
 
 
 def test_sgd_options_are_validated(plugins):

@@ -102,7 +102,14 @@ def test_eval_runs_with_val_set_size_and_is_logged(tiny_project):
 
 def test_seed_makes_runs_repeatable(tiny_project):
     first = train(tiny_project("max_steps=3", "adapter=lora", "lora_dropout=0.1"))
-    second = train(tiny_project("max_steps=3", "adapter=lora", "lora_dropout=0.1", "output_dir=" + str(tiny_project.tmp_path / "again")))
+    second = train(
+        tiny_project(
+            "max_steps=3",
+            "adapter=lora",
+            "lora_dropout=0.1",
+            "output_dir=" + str(tiny_project.tmp_path / "again"),
+        )
+    )
     assert first.train_loss == pytest.approx(second.train_loss, abs=1e-6)
 
 
@@ -129,9 +136,19 @@ def test_new_tokens_under_an_adapter_need_trainable_embeddings(tiny_project):
 def test_quantization_without_cuda_is_a_clear_error_before_loading(tiny_project, flag):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: quantized loading is tested in the gpu tests")
+    from sft.config import load_config_text
+    from sft.errors import ConfigError
+
     overrides = [f"{flag}=true", "adapter=qlora" if flag == "load_in_4bit" else "adapter=lora"]
-    with pytest.raises(ModelError) as error:
-        train(tiny_project("max_steps=1", *overrides))
+    with pytest.raises(ConfigError, match="CUDA"):  # `sft validate` says so
+        tiny_project("max_steps=1", *overrides)
+    text = tiny_project.tmp_path / "c.toml"
+    text.write_text(
+        f'base_model = "{tiny_project.tmp_path}/tiny"\n[[datasets]]\npath = "x"\ntype = "chat_template"\n'
+    )
+    portable = load_config_text(text.read_text(), overrides=overrides, machine_checks=False)
+    with pytest.raises(ModelError) as error:  # and `sft run` stops before loading anything
+        train(portable)
     assert "CUDA" in str(error.value) and f"remove {flag}" in str(error.value)
 
 
@@ -281,5 +298,7 @@ def test_special_tokens_override_the_tokenizer(tiny_project):
 
     tokenizer = load_tokenizer(tiny_project("special_tokens={pad_token='<|im_start|>'}"))
     assert tokenizer.pad_token == "<|im_start|>"
-    with pytest.raises(ModelError, match="unknown role"):
-        load_tokenizer(tiny_project("special_tokens={padding='x'}"))
+    from sft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown special token role 'padding'"):
+        tiny_project("special_tokens={padding='x'}")
