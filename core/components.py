@@ -26,9 +26,9 @@ class ConfigKeys:
 class PromptStrategy:
     """A dataset format selected by `datasets[].type`.
 
-    `factory(dataset_cfg, tokenizer, config)` returns a callable that turns one raw row into
-    `{"input_ids": [...], "labels": [...]}` (labels `-100` where not trained); it may return a
-    list of such dicts (one row → several samples) or raise `sft.data.RowError` for a bad row.
+    `factory(dataset_cfg, tokenizer, config)` returns a callable that turns one raw row into an
+    `sft.data.sample.Rendered` (text + trained character spans) or `Tokenized` (ids + labels); it
+    may return a list of them (one row → several samples) or raise `sft.data.sample.RowError`.
     `columns` lists the row fields the strategy reads (for error messages and the cache key).
     """
 

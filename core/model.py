@@ -59,7 +59,7 @@ def gguf_cache_dir(path: Path) -> Path:
     return root / "gguf" / f"{path.stem}-{key}"
 
 
-def _materialise_gguf(name: str, dtype: Any) -> str:
+def _materialise_gguf(name: str) -> str:
     """Dequantise a .gguf file once into a transformers directory; return that directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,7 +82,7 @@ def _materialise_gguf(name: str, dtype: Any) -> str:
 def model_path(base_model: str) -> str:
     """A path or Hub id from_pretrained can load (GGUF files dequantised and cached)."""
     if base_model.endswith(".gguf"):
-        return _materialise_gguf(base_model, None)
+        return _materialise_gguf(base_model)
     return base_model
 
 
@@ -94,6 +94,12 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
     check_hardware(config)
     dtype = resolve_dtype(config)
     backend = plugins.attention_backends().get(config.attention)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if dtype_name not in backend.dtypes:
+        raise ModelError(
+            f"attention backend {backend.name!r} runs in {' or '.join(backend.dtypes)}, not {dtype_name}\n"
+            "  fix: set bf16 = 'auto' on a GPU that supports it, or fp16 = true"
+        )
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": backend.hf_implementation,

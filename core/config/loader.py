@@ -137,7 +137,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> set[KeyPa
     return touched
 
 
-def _groups(plugins: Any, scope: str, ctx: _Context) -> list[tuple[str, type]]:
+def _groups(plugins: Any, scope: str) -> list[tuple[str, type]]:
     core = Config if scope == "root" else DatasetConfig
     groups: list[tuple[str, type]] = [("core", core)]
     entries: list[tuple[str, ConfigKeys]] = plugins.config_keys() if plugins is not None else []
@@ -153,7 +153,7 @@ def _structure_scope(
     prefix: KeyPath,
     ctx: _Context,
     unsupported: frozenset[str],
-) -> dict[type, dict[str, Any]] | None:
+) -> dict[type, dict[str, Any]]:
     owners: dict[str, tuple[str, type, attrs.Attribute]] = {}  # type: ignore[type-arg]
     for plugin, cls in groups:
         for field in resolved_fields(cls):
@@ -224,7 +224,7 @@ def _structure_datasets(
     if not isinstance(raw, list):
         ctx.add(path, f"expected a list of dataset tables ([[{key}]]), found {describe_value(raw)}")
         return ()
-    groups = _groups(plugins, "dataset", ctx)
+    groups = _groups(plugins, "dataset")
     strategies = plugins.prompt_strategies() if plugins is not None else None
     result = []
     for index, entry in enumerate(raw):
@@ -233,7 +233,6 @@ def _structure_datasets(
             ctx.add(entry_path, f"expected a dataset table, found {describe_value(entry)}")
             continue
         values = _structure_scope(entry, groups, entry_path, ctx, axolotl.UNSUPPORTED_DATASET_KEYS)
-        assert values is not None
         kind = values[DatasetConfig].get("type")
         if kind is not None and strategies is not None and kind not in strategies:
             ctx.add((*entry_path, "type"), strategies.unknown_message(kind))
@@ -293,9 +292,8 @@ def _load(
         plugins = get_plugins()
     ctx = _Context(lines=lines, source=source)
     ctx.overridden = apply_overrides(data, overrides)
-    groups = _groups(plugins, "root", ctx)
+    groups = _groups(plugins, "root")
     values = _structure_scope(data, groups, (), ctx, axolotl.UNSUPPORTED_ROOT_KEYS)
-    assert values is not None
     for key in _DATASET_LISTS:
         if key in values[Config]:
             values[Config][key] = _structure_datasets(values[Config][key], key, plugins, ctx)

@@ -9,7 +9,7 @@ import attrs
 from sft.config.schema import Config
 from sft.data.sample import Rendered
 from sft.data.sources import read_rows
-from sft.data.tokenize import IGNORE, labels_from_spans
+from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
@@ -73,6 +73,14 @@ def debug_examples(config: Config, tokenizer: Any, plugins: Any, count: int) -> 
     for ds in config.datasets:
         raw = read_rows(ds, "skip", base_dir)
         render = build_render(ds, tokenizer, config, plugins)
+        options = TokenizeOptions(
+            sequence_len=config.sequence_len,
+            excess_length_strategy="truncate"
+            if config.excess_length_strategy == "raise"
+            else config.excess_length_strategy,
+            invalid_rows="skip",
+            train_on_inputs=config.train_on_inputs,
+        )
         for index in range(min(count, len(raw.rows))):
             _, number = raw.where(index)
             try:
@@ -82,16 +90,23 @@ def debug_examples(config: Config, tokenizer: Any, plugins: Any, count: int) -> 
                 continue
             sample = (produced if isinstance(produced, list) else [produced])[0]
             if isinstance(sample, Rendered):
+                # The labels training uses (same code path), checked against the turns found.
+                result = process_chunk([raw.rows[index]], 0, render, tokenizer, options)
+                if not result.input_ids:
+                    reasons = ", ".join(result.dropped) or (
+                        result.error[1] if result.error else "dropped"
+                    )
+                    examples.append(
+                        Example(raw.name, number, [], [], [f"row not trained: {reasons}"])
+                    )
+                    continue
+                ids, labels = result.input_ids[0], result.labels[0]
                 encoded = tokenizer(
                     sample.text,
                     add_special_tokens=sample.add_special_tokens,
                     return_offsets_mapping=True,
                 )
-                ids = list(encoded["input_ids"])
-                offsets = [tuple(o) for o in encoded["offset_mapping"]]
-                labels = labels_from_spans(ids, offsets, sample.spans)
-                if config.train_on_inputs:
-                    labels = list(ids)
+                offsets = [tuple(o) for o in encoded["offset_mapping"]][: len(ids)]
                 problems = _check(sample, ids, labels, offsets, tokenizer.eos_token)
             else:
                 ids, labels = list(sample.input_ids), list(sample.labels)

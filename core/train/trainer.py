@@ -29,18 +29,15 @@ class Collator:
     so a tokenizer whose pad token is its EOS still trains the real EOS tokens.
     """
 
-    def __init__(self, pad_id: int, pad_to: int | None = None, multiple_of: int | None = None):
+    def __init__(self, pad_id: int, pad_to: int | None = None):
         self.pad_id = pad_id
         self.pad_to = pad_to
-        self.multiple_of = multiple_of
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
         longest = max(len(f["input_ids"]) for f in features)
         width = max(self.pad_to or 0, longest)
-        if self.multiple_of and not self.pad_to:
-            width = math.ceil(width / self.multiple_of) * self.multiple_of
         batch = len(features)
         packed = "position_ids" in features[0]
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)

@@ -11,6 +11,7 @@ from sft import hookimpl
 from sft.components import ConfigKeys, PromptStrategy
 from sft.config.schema import key
 from sft.data.sample import Rendered, RowError, require
+from sft.errors import Problem
 
 PREAMBLE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -63,6 +64,32 @@ def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]],
         return Rendered(text=text, spans=((len(prompt), len(text)),), add_special_tokens=True)
 
     return render
+
+
+@hookimpl
+def sft_validate_config(config: Any) -> list[Problem]:
+    problems = []
+    for group in ("datasets", "test_datasets"):
+        for index, ds in enumerate(getattr(config, group)):
+            if ds.type != "alpaca":
+                continue
+            keys = ds.section(AlpacaKeys)
+            for name, text, fields in (
+                ("format", keys.format, {"instruction": "", "input": ""}),
+                ("no_input_format", keys.no_input_format, {"instruction": "", "input": ""}),
+                ("system_format", keys.system_format, {"system": ""}),
+            ):
+                try:
+                    text.format(**fields)
+                except (KeyError, IndexError, ValueError) as exc:
+                    allowed = ", ".join("{" + f + "}" for f in fields)
+                    problems.append(
+                        Problem(
+                            f"{group}[{index}].{name}",
+                            f"bad placeholder ({type(exc).__name__}: {exc}); use {allowed}",
+                        )
+                    )
+    return problems
 
 
 @hookimpl

@@ -22,10 +22,10 @@ def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]],
             piece = segment.get("text")
             label = segment.get("label")
             if not isinstance(piece, str):
-                raise RowError("missing field", f"{where}.text should be a string", f"{where}.text")
+                raise RowError("wrong type", f"{where}.text should be a string", f"{where}.text")
             if not isinstance(label, bool):
                 raise RowError(
-                    "missing field", f"{where}.label should be true or false", f"{where}.label"
+                    "wrong type", f"{where}.label should be true or false", f"{where}.label"
                 )
             if label and piece:
                 spans.append((len(text), len(text) + len(piece)))

@@ -155,3 +155,27 @@ def test_summary_counts(make_config, tokenizer, tmp_path):
     assert (summary.rows_in, summary.rows_kept, summary.samples) == (4, 4, 4)
     assert 0.1 < summary.trainable_share < 0.6
     assert summary.length_percentiles["max"] >= summary.length_percentiles["p50"] > 0
+
+
+def test_cache_follows_plugin_keys_and_template_file_contents(make_config, tmp_path):
+    from sft.plugins.chat_template import builtin_template
+    from sft.testing import build_tokenizer
+
+    tokenizer = build_tokenizer(
+        special_tokens=["<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>"
+    )
+    rows = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    template = tmp_path / "t.jinja"
+    template.write_text(builtin_template("chatml"))
+    text = (
+        'dataset_prepared_path = "{tmp}/cache"\nchat_template = "jinja"\nchat_template_jinja = "{tmp}/t.jinja"\n'
+        '[[datasets]]\npath = "{tmp}/c.jsonl"\ntype = "chat_template"\n'
+    )
+    assert not prepare(make_config(text), tokenizer).from_cache
+    assert prepare(make_config(text), tokenizer).from_cache
+    assert not prepare(
+        make_config('default_system_message = "Be brief."\n' + text), tokenizer
+    ).from_cache
+    template.write_text(builtin_template("chatml").replace("<|im_start|>", "<|im_start|> "))
+    assert not prepare(make_config(text), tokenizer).from_cache

@@ -111,3 +111,30 @@ def test_pretokenized_rows_pass_through_validated(make_config, tokenizer, tmp_pa
     with pytest.raises(DataError) as error:
         prepare(make_config, tokenizer, '[[datasets]]\npath = "{tmp}/t.jsonl"\n')
     assert error.value.row == 3 and error.value.field == "labels"
+
+
+def test_alpaca_format_placeholders_are_checked_with_the_config(make_config):
+    from sft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        make_config('[[datasets]]\npath = "a"\ntype = "alpaca"\nsystem_format = "{sys}\\n"\n')
+    (problem,) = error.value.problems
+    assert problem.path == "datasets[0].system_format" and "{system}" in problem.message
+
+
+def test_a_strategy_that_crashes_names_the_row(make_config, tokenizer, tmp_path, plugins):
+    from sft import hookimpl
+    from sft.components import PromptStrategy
+
+    class Fragile:
+        @hookimpl
+        def sft_register_prompt_strategies(self, register):
+            register(
+                PromptStrategy("fragile", lambda ds, tok, cfg: lambda row: row["text"].upper() / 2)
+            )
+
+    plugins.register(Fragile(), name="fragile")
+    write_jsonl(tmp_path / "f.jsonl", [{"text": "a"}])
+    with pytest.raises(DataError) as error:
+        prepare(make_config, tokenizer, '[[datasets]]\npath = "{tmp}/f.jsonl"\ntype = "fragile"\n')
+    assert error.value.row == 1 and "strategy failed: TypeError" in str(error.value)
