@@ -81,6 +81,7 @@ def make_config(plugins, tmp_path):
         text = 'base_model = "unused"\n' + text.replace("{tmp}", str(tmp_path))
         return load_config_text(text, overrides=list(overrides), source=str(tmp_path / "c.toml"))
 
+    make.tmp_path = tmp_path  # type: ignore[attr-defined]
     return make
 
 

@@ -35,20 +35,13 @@ def runs(tokenizer, ids, labels):
 
 
 def prepare(make_config, tokenizer, dataset_keys: str, rows, root: str = ""):
-    write_jsonl(make_config.__globals__["__builtins__"] and _tmp(make_config) / "d.jsonl", rows)
+    write_jsonl(make_config.tmp_path / "d.jsonl", rows)
     text = (
         root
         + '\nshuffle_merged_datasets = false\n[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "chat_template"\n'
         + dataset_keys
     )
     return prepare_datasets(make_config(text), tokenizer, show_progress=False)
-
-
-def _tmp(make_config):
-    # make_config closes over the test's tmp_path
-    return next(
-        c.cell_contents for c in make_config.__closure__ if hasattr(c.cell_contents, "mkdir")
-    )
 
 
 SHAREGPT = {

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from test_cli import run_sft
 
 from sft import api
 
 
 def sft(*args, cwd=None):
-    env = {**os.environ, "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "sft", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
+    return run_sft(*args, cwd=cwd)
 
 
 def test_api_train_then_cli_chat_and_merge(tiny_project, tmp_path):
