@@ -1,0 +1,83 @@
+"""GPU-only checks (marker `gpu`): skipped on CPU with the reason printed; run them with
+`bash scripts/gpu_check.sh` on a CUDA machine."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def needs(module: str, install: str) -> pytest.MarkDecorator:
+    """Skip, with the reason printed, unless CUDA and `module` are available."""
+    if not torch.cuda.is_available():
+        return pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
+    if not _installed(module):
+        return pytest.mark.skip(reason=f"{module} is not installed ({install})")
+    return pytest.mark.usefixtures()
+
+
+@needs("flash_attn", "pip install 'sft-train[flash-attn]' --no-build-isolation")
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
+def test_flash_attention_2_packed_equals_unpacked_on_cuda(arch):
+    import datasets
+
+    from sft.data.packing import PackedDataset
+    from sft.testing import build_model, build_tokenizer
+    from sft.train.trainer import Collator
+
+    tokenizer = build_tokenizer(eos_token="</s>")
+    model = build_model(
+        tokenizer, arch, attn_implementation="flash_attention_2", hidden_size=128, num_heads=4
+    ).to("cuda", torch.bfloat16)
+    model.config.use_cache = False
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(5, 500, (n,), generator=generator).tolist()}
+        for n in (9, 31, 17)
+    ]
+    for row in rows:
+        row["labels"] = list(row["input_ids"])
+    with torch.no_grad():
+        alone = [
+            model(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0].float()
+            for r in rows
+        ]
+        batch = Collator(pad_id=0)(
+            [PackedDataset(datasets.Dataset.from_list(rows), [[0, 1, 2]])[0]]
+        )
+        packed = (
+            model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda())
+            .logits[0]
+            .float()
+        )
+    start = 0
+    for row, logits in zip(rows, alone, strict=True):
+        n = len(row["input_ids"])
+        torch.testing.assert_close(packed[start : start + n], logits, atol=3e-2, rtol=3e-2)
+        start += n
+
+
+@needs("liger_kernel", "pip install 'sft-train[liger]'")
+def test_liger_kernels_train_on_cuda(tiny_project):
+    from sft.train.run import train
+
+    result = train(
+        tiny_project(
+            "max_steps=3",
+            "adapter=lora",
+            "bf16=true",
+            "liger_rms_norm=true",
+            "liger_glu_activation=true",
+            "liger_rope=true",
+            "liger_fused_linear_cross_entropy=true",
+        )
+    )
+    assert result.global_step == 3 and result.train_loss is not None
