@@ -75,28 +75,36 @@ def _parse_json_lines(text: str, file: str, invalid_rows: str, out: RawRows, ind
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            if invalid_rows == "raise":
-                raise DataError(
-                    f"invalid JSON: {exc.msg} (column {exc.colno})",
-                    file=file,
-                    row=number,
-                    hint='fix the line, or set invalid_rows = "skip" to skip and count such rows',
-                ) from None
-            out.dropped["invalid JSON"] += 1
+            _bad_row(
+                out,
+                invalid_rows,
+                "invalid JSON",
+                f"invalid JSON: {exc.msg} (column {exc.colno})",
+                file,
+                number,
+            )
             continue
         _append(row, file, number, invalid_rows, out, index)
 
 
+def _bad_row(
+    out: RawRows, invalid_rows: str, reason: str, message: str, file: str, number: int
+) -> None:
+    """Apply the `invalid_rows` policy to a row that cannot be read: raise, or count by reason."""
+    if invalid_rows == "raise":
+        raise DataError(
+            message,
+            file=file,
+            row=number,
+            hint='fix the row, or set invalid_rows = "skip" to skip and count such rows',
+        )
+    out.dropped[reason] += 1
+
+
 def _append(row: Any, file: str, number: int, invalid_rows: str, out: RawRows, index: int) -> None:
     if not isinstance(row, dict):
-        if invalid_rows == "raise":
-            raise DataError(
-                f"a row must be a JSON object, found {type(row).__name__}",
-                file=file,
-                row=number,
-                hint='fix the row, or set invalid_rows = "skip"',
-            )
-        out.dropped["not an object"] += 1
+        message = f"a row must be a JSON object, found {type(row).__name__}"
+        _bad_row(out, invalid_rows, "not an object", message, file, number)
         return
     out.rows.append(row)
     out.locations.append((index, number))

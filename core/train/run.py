@@ -52,31 +52,28 @@ def steps_per_epoch(samples: int, config: Config) -> int:
     )
 
 
+def _schedule(
+    kind: str, every: int | None, per_epoch_count: int | None, per_epoch: int
+) -> dict[str, Any]:
+    """Trainer settings for evals or saves: every N steps, K times an epoch, or each epoch."""
+    if every:
+        return {f"{kind}_strategy": "steps", f"{kind}_steps": every}
+    if per_epoch_count:
+        return {f"{kind}_strategy": "steps", f"{kind}_steps": max(1, per_epoch // per_epoch_count)}
+    return {f"{kind}_strategy": "epoch"}
+
+
 def training_arguments(config: Config, train_samples: int, has_eval: bool, dtype: Any) -> Any:
     import torch
     from transformers import TrainingArguments
 
     per_epoch = steps_per_epoch(train_samples, config)
-    eval_kwargs: dict[str, Any] = {"eval_strategy": "no"}
-    if has_eval:
-        if config.eval_steps:
-            eval_kwargs = {"eval_strategy": "steps", "eval_steps": config.eval_steps}
-        elif config.evals_per_epoch:
-            eval_kwargs = {
-                "eval_strategy": "steps",
-                "eval_steps": max(1, per_epoch // config.evals_per_epoch),
-            }
-        else:
-            eval_kwargs = {"eval_strategy": "epoch"}
-    if config.save_steps:
-        save_kwargs: dict[str, Any] = {"save_strategy": "steps", "save_steps": config.save_steps}
-    elif config.saves_per_epoch:
-        save_kwargs = {
-            "save_strategy": "steps",
-            "save_steps": max(1, per_epoch // config.saves_per_epoch),
-        }
-    else:
-        save_kwargs = {"save_strategy": "epoch"}
+    eval_kwargs = (
+        _schedule("eval", config.eval_steps, config.evals_per_epoch, per_epoch)
+        if has_eval
+        else {"eval_strategy": "no"}
+    )
+    save_kwargs = _schedule("save", config.save_steps, config.saves_per_epoch, per_epoch)
     report_to: list[str] = []
     if config.use_tensorboard:
         try:
