@@ -32,7 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "c.toml"
-        config.write_text('base_model = "m"\n[[datasets]]\npath = "a.jsonl"\n')
+        data = Path(tmp) / "a.jsonl"  # validate checks that local dataset files exist
+        data.write_text('{"messages": []}\n')
+        config.write_text(f'base_model = "m"\n[[datasets]]\npath = "{data}"\n')
         py = sys.executable
         cases = {
             "python -c pass (baseline)": [py, "-c", "pass"],

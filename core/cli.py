@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import sft
-from sft.errors import SftError, UsageError
+from sft.errors import Interrupted, SftError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -38,6 +38,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key (repeatable), e.g. --set learning_rate=1e-4 "
         "--set datasets[0].path=data.jsonl",
+    )
+
+
+def _add_trust_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model's own Python code to run (a DIR's files never turn this on; "
+        "a CONFIG's trust_remote_code key does)",
     )
 
 
@@ -72,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge-lora", help="merge the trained adapter into its base model")
     _add_config_args(merge)
     merge.add_argument("--output", help="where to write (default: OUTPUT_DIR/merged)")
+    _add_trust_arg(merge)
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output: replace the model and tokenizer files there "
+        "(other files are kept)",
+    )
     merge.set_defaults(handler=cmd_merge_lora)
 
     chat = commands.add_parser("chat", help="talk to the fine-tuned model")
@@ -92,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", action="store_true", help="talk to the base model instead (before/after)"
     )
     chat.add_argument("--max-new-tokens", type=int, default=256)
+    _add_trust_arg(chat)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.set_defaults(handler=cmd_chat)
 
@@ -160,8 +177,8 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from sft.train.run import quiet_libraries
 
     quiet_libraries()
-    trained = locate(args.config, tuple(args.overrides))
-    target = merge_lora(trained, Path(args.output) if args.output else None)
+    trained = locate(args.config, tuple(args.overrides), trust_remote_code=args.trust_remote_code)
+    target = merge_lora(trained, Path(args.output) if args.output else None, args.overwrite)
     _console().print(f"merged model written to {target}")
     return 0
 
@@ -171,7 +188,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from sft.train.run import quiet_libraries
 
     quiet_libraries()
-    trained = locate(args.target, tuple(args.overrides))
+    trained = locate(args.target, tuple(args.overrides), trust_remote_code=args.trust_remote_code)
     model, tokenizer = load_trained(trained, base_only=args.base)
     console = _console()
     history: list[dict[str, str]] = (
@@ -329,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SftError as error:
         _show_error(error, show_traceback)
         return error.exit_code
+    except Interrupted as stop:  # Ctrl-C / SIGTERM handled by the run: what was kept, how to go on
+        if stop.message:
+            _console(stderr=True).print(stop.message, style="yellow", markup=False)
+        return stop.exit_code
     except KeyboardInterrupt:
         _console(stderr=True).print("[red]interrupted[/]")
         return 130

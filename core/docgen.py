@@ -38,6 +38,8 @@ def _table(cls: type) -> list[str]:
         doc = str(field.metadata.get("doc", "")).replace("|", "\\|")
         if is_planned(field):
             doc += " *(not supported yet)*"
+        if field.metadata.get("path"):
+            doc += " *(path)*"
         kind = describe_type(field.type).replace("|", "\\|")
         rows.append(f"| `{field.name}` | {kind} | {_default(field)} | {doc} |")
     return rows
@@ -52,6 +54,9 @@ def config_markdown(plugins: Any) -> str:
         "Configs are TOML (first class) or YAML and use Axolotl's key names. Unknown keys are",
         "errors; Axolotl keys sft does not support yet are reported as such (blank/false values",
         "of those are accepted). Override any key with `--set key=value`.",
+        "",
+        "Paths (keys marked *path*): `~` is your home directory, and a relative path is read from",
+        "the working directory (where you run sft), not from the config file's folder.",
         "",
         "## Core keys",
         "",

@@ -6,12 +6,18 @@ from collections.abc import Sequence
 
 import attrs
 
+from sft.paths import redact
+
 
 class SftError(Exception):
     """An error the user can fix. Anything that is not an `SftError` is a bug in sft or a plugin."""
 
     exit_code = 1
     title = "error"
+
+    def __init__(self, *args: object) -> None:
+        # Messages name dataset paths; a URL's credentials must not reach a terminal or a log.
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
     def render(self) -> str:
         return str(self)
@@ -63,7 +69,7 @@ class ConfigError(SftError):
     def render(self) -> str:
         count = len(self.problems)
         head = f"{count} problem{'s' if count != 1 else ''} in {self.source or 'the config'}:"
-        return "\n".join([head, *(f"  - {p.render()}" for p in self.problems)])
+        return redact("\n".join([head, *(f"  - {p.render()}" for p in self.problems)]))
 
 
 class PluginError(SftError):
@@ -114,3 +120,24 @@ class ModelError(SftError):
 
     exit_code = 6
     title = "model error"
+
+
+class ResumeError(SftError):
+    """Resuming would continue a checkpoint with settings that do not match it."""
+
+    exit_code = 4
+    title = "resume error"
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on Ctrl-C (SIGINT) or SIGTERM. Not an error: `message` says what was kept
+    and how to continue; the CLI prints it and exits with `exit_code` (130 SIGINT, 143 SIGTERM).
+
+    A `KeyboardInterrupt`, so library code that cleans up on Ctrl-C does so here too.
+    """
+
+    def __init__(self, message: str, exit_code: int, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.checkpoint = checkpoint

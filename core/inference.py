@@ -10,7 +10,8 @@ from typing import Any
 import attrs
 
 from sft.errors import ModelError, UsageError
-from sft.save import read_resolved_config
+from sft.fsutil import is_empty_directory, storage_failure, write_directory
+from sft.save import RESOLVED_CONFIG, read_resolved_config
 
 
 @attrs.frozen
@@ -23,21 +24,30 @@ class Trained:
     trust_remote_code: bool = False
 
 
-def locate(target: str | Path, overrides: tuple[str, ...] = ()) -> Trained:
-    """A config file (its output_dir) or a directory sft wrote."""
+def locate(
+    target: str | Path, overrides: tuple[str, ...] = (), trust_remote_code: bool = False
+) -> Trained:
+    """A config file (its output_dir) or a directory sft wrote.
+
+    A model directory is data, not code: only the caller (`--trust-remote-code`) or the user's
+    own config file can allow the model's Python code to run, never a file inside the
+    directory (a downloaded model could carry an `sft_config.yaml` saying so).
+    """
     path = Path(target)
     if path.is_file():
         from sft.config import load_config
 
-        config = load_config(path, overrides=overrides)
+        # Only output_dir and base_model are used: a training dataset or GPU this machine
+        # lacks must not stop chatting with (or merging) the result.
+        config = load_config(path, overrides=overrides, machine_checks=False)
         directory = Path(config.output_dir)
         if not directory.is_absolute() and not directory.exists():
             directory = path.parent / directory
-        base, trust = config.base_model, config.trust_remote_code
+        base, trust = config.base_model, config.trust_remote_code or trust_remote_code
     elif path.is_dir():
         directory = path
         resolved = read_resolved_config(path) or read_resolved_config(path.parent) or {}
-        base, trust = resolved.get("base_model", ""), bool(resolved.get("trust_remote_code", False))
+        base, trust = resolved.get("base_model", ""), trust_remote_code
     else:
         raise UsageError(f"{target}: no such config file or directory")
     adapter = (directory / "adapter_config.json").exists()
@@ -48,7 +58,9 @@ def locate(target: str | Path, overrides: tuple[str, ...] = ()) -> Trained:
         )
     if adapter and not base:
         raise ModelError(
-            f"{directory} holds an adapter but no {read_resolved_config.__module__} config naming its base model"
+            f"{directory} holds an adapter but no {RESOLVED_CONFIG} (here or in its parent) "
+            "naming its base model\n  fix: chat with the config file the adapter was trained "
+            "with, or copy that run's sft_config.yaml beside the adapter"
         )
     return Trained(directory, base, adapter, trust)
 
@@ -66,6 +78,18 @@ def load_base(base_model: str, dtype: Any = None, trust_remote_code: bool = Fals
 
 def load_trained(trained: Trained, base_only: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) of a fine-tuned result, or of its base model with `base_only`."""
+    try:
+        return _load_trained(trained, base_only)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error) or trained.trust_remote_code:
+            raise
+        raise ModelError(
+            f"{trained.directory}: the model needs its own Python code to load, which is off\n"
+            "  fix: pass --trust-remote-code if you trust where the model comes from"
+        ) from error
+
+
+def _load_trained(trained: Trained, base_only: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(trained.directory)
@@ -86,20 +110,65 @@ def load_trained(trained: Trained, base_only: bool = False) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def merge_lora(trained: Trained, output: Path | None = None) -> Path:
-    """Merge the adapter into its (dequantised, full-precision) base; write `merged/`."""
+def check_merge_target(target: Path, trained: Trained, overwrite: bool = False) -> None:
+    """Refuse, before any model is loaded, a target whose files sft must not touch."""
+    resolved = Path(target).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UsageError(
+            f"{target} is the working directory or one of its parents; "
+            "sft writes a merged model only into a directory of its own\n"
+            "  fix: name a new directory, e.g. --output merged"
+        )
+    inputs = {trained.directory.resolve()}
+    if Path(trained.base_model).expanduser().is_dir():
+        inputs.add(Path(trained.base_model).expanduser().resolve())
+    if resolved in inputs:
+        raise UsageError(
+            f"{target} is the adapter's or the base model's own directory\n"
+            "  fix: name a new directory, e.g. --output merged"
+        )
+    if resolved.exists() and not resolved.is_dir():
+        raise UsageError(f"{target} is a file\n  fix: name a directory for --output")
+    if resolved.is_dir() and not is_empty_directory(resolved) and not overwrite:
+        raise UsageError(
+            f"{target} already exists and is not empty\n"
+            "  fix: choose another --output, or pass --overwrite to write the merged model "
+            "there: the model and tokenizer files sft writes replace those of the same name, "
+            "other files are kept"
+        )
+
+
+def merge_lora(trained: Trained, output: Path | None = None, overwrite: bool = False) -> Path:
+    """Merge the adapter into its (dequantised, full-precision) base; write `merged/`.
+
+    An existing non-empty target is refused unless `overwrite`; even then only the files sft
+    writes are replaced (see `sft.fsutil.write_directory`), nothing else is deleted.
+    """
     if not trained.adapter:
         raise ModelError(
             f"{trained.directory} holds a full model, not an adapter: nothing to merge"
         )
+    target = Path(output) if output is not None else trained.directory / "merged"
+    check_merge_target(target, trained, overwrite)
     model, tokenizer = load_trained(trained)
     merged = model.merge_and_unload()
-    target = output or trained.directory / "merged"
-    from sft.fsutil import atomic_directory
 
-    with atomic_directory(target) as staging:
+    def write(staging: Path) -> None:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+
+    try:
+        write_directory(target, write, overwrite=overwrite)
+    except Exception as exc:
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
+        raise ModelError(
+            f"cannot write the merged model to {target}: {reason}\n"
+            "  fix: free space on that disk, or choose another --output "
+            "(nothing half-written was left behind)"
+        ) from exc
     return target
 
 

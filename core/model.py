@@ -73,7 +73,7 @@ def _materialise_gguf(name: str) -> str:
         # transformers keeps a GGUF quantizer on the dequantised model that blocks saving/training.
         model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    with atomic_directory(target, replace=False) as staging:
+    with atomic_directory(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return str(target)

@@ -12,6 +12,7 @@ import sft
 from sft import hookimpl
 from sft.config.convert import to_dict
 from sft.config.schema import Config
+from sft.paths import REDACTED, redact
 
 RESOLVED_CONFIG = "sft_config.yaml"
 
@@ -39,8 +40,9 @@ def write_resolved_config(config: Config, output_dir: Path) -> Path:
     path = output_dir / RESOLVED_CONFIG
     data = to_dict(config)
     for entry in (*data["datasets"], *data["test_datasets"]):
+        entry["path"] = redact(entry["path"])  # https://user:token@host/...
         if entry.get("storage_options"):  # may hold cloud credentials
-            entry["storage_options"] = dict.fromkeys(entry["storage_options"], "<redacted>")
+            entry["storage_options"] = dict.fromkeys(entry["storage_options"], REDACTED)
     header = f"# resolved config written by sft {sft.__version__} (every key, defaults included)\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return path
@@ -57,7 +59,9 @@ def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) 
         if config.adapter
         else "full fine-tune"
     )
-    datasets = "\n".join(f"- `{d.path}` ({d.type or 'pre-tokenized'})" for d in config.datasets)
+    datasets = "\n".join(
+        f"- `{redact(d.path)}` ({d.type or 'pre-tokenized'})" for d in config.datasets
+    )
     load = (
         "from peft import AutoPeftModelForCausalLM\n"
         f"model = AutoPeftModelForCausalLM.from_pretrained({str(output_dir)!r})"

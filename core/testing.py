@@ -121,6 +121,8 @@ TEMPLATE_END_OF_TURN: dict[str, str] = {
     "gemma": "<end_of_turn>",
     "phi3": "<|end|>",
     "qwen_tools": "<|im_end|>",
+    "qwen3": "<|im_end|>",
+    "deepseek_r1": "<｜end▁of▁sentence｜>",
 }
 """Chat template file stem (``tests/assets/chat_templates/<stem>.jinja``) → end-of-turn token."""
 
@@ -154,6 +156,25 @@ _TEMPLATE_TOKENS: dict[str, tuple[str | None, str, bool, tuple[str, ...]]] = {
             "</tool_call>",
             "<tool_response>",
             "</tool_response>",
+        ),
+    ),
+    "qwen3": (
+        None,
+        "<|im_end|>",
+        False,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+    ),
+    "deepseek_r1": (
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        False,
+        (
+            "<｜begin▁of▁sentence｜>",
+            "<｜end▁of▁sentence｜>",
+            "<｜User｜>",
+            "<｜Assistant｜>",
+            "<think>",
+            "</think>",
         ),
     ),
 }

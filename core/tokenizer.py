@@ -49,7 +49,7 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
     if extra:
         from sft.fsutil import atomic_directory
 
-        with atomic_directory(_gguf_tokenizer_dir(name), replace=False) as staging:
+        with atomic_directory(_gguf_tokenizer_dir(name)) as staging:
             tokenizer.save_pretrained(staging)
     return apply_token_config(tokenizer, config, plugins)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -15,7 +16,9 @@ from conftest import make_distribution
 JSON_KEYS = {"name", "package", "version", "hooks", "provides", "status", "error"}
 
 
-def run_sft(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+def run_sft(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+):
     full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
     full_env.pop("SFT_DEBUG", None)
     return subprocess.run(
@@ -24,7 +27,7 @@ def run_sft(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         text=True,
         env=full_env,
         cwd=cwd,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -97,9 +100,39 @@ def test_validate_reports_every_problem_with_exit_4_and_no_traceback(tmp_path):
 def test_validate_a_good_config(tmp_path):
     config = tmp_path / "ok.yaml"
     config.write_text("base_model: m\ndatasets:\n  - path: a.jsonl\n")
-    result = run_sft("validate", str(config), "--set", "optimizer=adamw_torch_fused")
+    (tmp_path / "a.jsonl").write_text("")
+    result = run_sft("validate", str(config), "--set", "optimizer=adamw_torch_fused", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "is valid" in result.stdout and "adamw_torch_fused" in result.stdout
+
+
+def test_validate_finds_a_missing_dataset_file_before_any_model_load(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'base_model = "m"\n[[datasets]]\npath = "org/hub-id"\n'
+        '[[datasets]]\npath = "data/train.jsonl"\ntype = "chat_template"\n'
+    )
+    result = run_sft("validate", str(config), cwd=tmp_path)
+    assert result.returncode == 4 and "Traceback" not in result.stderr
+    assert "datasets[1].path (line 5): file not found: data/train.jsonl" in result.stderr
+    assert f"read from the working directory ({tmp_path})" in result.stderr
+    portable = run_sft("validate", "--portable", str(config), cwd=tmp_path)
+    assert portable.returncode == 0, portable.stderr  # the file may exist where it will run
+
+
+def test_validate_refuses_a_yaml_alias_bomb_quickly(tmp_path):
+    lines = ["base_model: m", "datasets:", "  - path: a", "    storage_options:"]
+    lines.append(f"      a: &a [{', '.join(['lol'] * 10)}]")
+    for prev, name in itertools.pairwise("abcdef"):  # 10**6 leaves in 400 bytes
+        lines.append(f"      {name}: &{name} [{', '.join([f'*{prev}'] * 10)}]")
+    config = tmp_path / "laughs.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    try:
+        result = run_sft("validate", str(config), timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("sft validate did not finish within 10 s on a YAML alias bomb")
+    assert result.returncode == 4 and "Traceback" not in result.stderr
+    assert "aliases (*name) expand to more than 100,000 values" in result.stderr
 
 
 def test_usage_errors_exit_4():

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from conftest import write_jsonl
 from test_cli import run_sft
 
@@ -75,3 +76,82 @@ def test_preprocess_reports_a_bad_row_with_file_and_row(tmp_path):
     assert result.returncode == 5
     assert "chat.jsonl, row 6" in result.stderr and "unknown role 'wizard'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def sft_in_process(capsys, monkeypatch, cwd: Path, *argv: str) -> tuple[int, str, str]:
+    """`sft ARGV` run by `sft.cli.main` in this process: (exit code, stdout, stderr)."""
+    from sft.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("SFT_DEBUG", raising=False)
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+SURROGATE_ROW = json.dumps(  # "\ud800" stays escaped: valid JSON, but not Unicode text
+    {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "\ud800"}]}
+)
+BAD_LINES = {
+    "surrogate": (SURROGATE_ROW, "chat.jsonl, row 6, field 'messages[1].content'", "surrogate"),
+    "deep": ("[" * 200_000 + "]" * 200_000, "chat.jsonl, row 6: ", "nested too deeply"),
+    "huge-int": ('{"messages": ' + "9" * 5000 + "}", "chat.jsonl, row 6: ", "4300 digits"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_LINES)
+def test_preprocess_names_file_and_row_of_malformed_input(
+    tmp_path, capsys, monkeypatch, plugins, kind
+):
+    config = make_project(tmp_path)
+    line, where, what = BAD_LINES[kind]
+    with (tmp_path / "chat.jsonl").open("a") as handle:
+        handle.write(line + "\n")
+    code, _, err = sft_in_process(capsys, monkeypatch, tmp_path, "preprocess", str(config))
+    assert code == 5, err
+    assert err.startswith("data error: ") and where in err and what in err
+    assert 'invalid_rows = "skip"' in err and "Traceback" not in err
+
+
+def test_preprocess_skips_and_counts_malformed_input_by_reason(
+    tmp_path, capsys, monkeypatch, plugins
+):
+    config = make_project(tmp_path)
+    with (tmp_path / "chat.jsonl").open("a") as handle:
+        handle.write("".join(line + "\n" for line, _, _ in BAD_LINES.values()))
+    code, out, err = sft_in_process(
+        capsys, monkeypatch, tmp_path, "preprocess", str(config), "--set", "invalid_rows=skip"
+    )
+    assert code == 0, err
+    assert "invalid JSON: 2, invalid text: 1" in out
+    assert "train samples: 5" in out
+
+
+def test_preprocess_names_a_truncated_gz(tmp_path, capsys, monkeypatch, plugins):
+    import gzip
+
+    config = make_project(tmp_path)
+    packed = gzip.compress((tmp_path / "chat.jsonl").read_bytes())
+    (tmp_path / "chat.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    code, _, err = sft_in_process(
+        capsys, monkeypatch, tmp_path, "preprocess", str(config),
+        "--set", "datasets[0].path=chat.jsonl.gz", "--set", "invalid_rows=skip",
+    )  # fmt: skip
+    assert code == 5, err
+    assert "data error: chat.jsonl.gz: corrupt or truncated compressed file" in err
+    assert "Traceback" not in err
+
+
+def test_preprocess_with_no_sample_left_says_what_was_dropped(
+    tmp_path, capsys, monkeypatch, plugins
+):
+    config = make_project(tmp_path)
+    code, _, err = sft_in_process(
+        capsys, monkeypatch, tmp_path, "preprocess", str(config), "--set", "sequence_len=8"
+    )
+    assert code == 5, err
+    assert "no training sample left after preparing the data" in err
+    assert "chat.jsonl: 5 rows in, 0 kept, dropped: longer than sequence_len: 5" in err
+    assert "raise sequence_len" in err

@@ -292,6 +292,22 @@ RENDERED = {
         "<|user|>\nAnd what is the weather like there?<|end|>\n"
         "<|assistant|>\nIt is sunny and 21 degrees.\nAnything else?<|end|>\n<|endoftext|>"
     ),
+    # The last assistant turn (after the last user message) always gets a think block.
+    "qwen3": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n"
+        "<|im_start|>user\nAnd what is the weather like there?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        "It is sunny and 21 degrees.\nAnything else?<|im_end|>\n"
+    ),
+    "deepseek_r1": (
+        "<｜begin▁of▁sentence｜>You are a helpful assistant."
+        "<｜User｜>What is the capital of France?"
+        "<｜Assistant｜>The capital of France is Paris.<｜end▁of▁sentence｜>"
+        "<｜User｜>And what is the weather like there?"
+        "<｜Assistant｜>It is sunny and 21 degrees.\nAnything else?<｜end▁of▁sentence｜>"
+    ),
 }
 
 GENERATION_PROMPT = {
@@ -301,10 +317,16 @@ GENERATION_PROMPT = {
     "mistral": "[/INST]",  # the real template adds nothing: a prompt already ends with [/INST]
     "gemma": "<start_of_turn>model\n",
     "phi3": "<|assistant|>\n",
+    "qwen3": "<|im_start|>assistant\n",
+    "deepseek_r1": "<｜Assistant｜><think>\n",
 }
+# Where the history does not repeat the generation prompt: what it renders instead.
+PROMPT_IN_HISTORY = {"deepseek_r1": "<｜Assistant｜>"}
 
-# What the model generates before an assistant's content: Mistral's space after [/INST].
+# What the model generates before an assistant's content: Mistral's space after [/INST];
+# Qwen3's (empty) think block on the last turn.
 ANSWER_PREFIX = {"mistral": " "}
+LAST_ANSWER_PREFIX = {"mistral": " ", "qwen3": "<think>\n\n</think>\n\n"}
 
 
 @pytest.mark.parametrize("stem", STEMS)
@@ -327,7 +349,8 @@ def test_generation_tags_give_the_assistant_mask(stem: str) -> None:
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert len(mask) == len(ids) and set(mask) == {0, 1}
     eot = TEMPLATE_END_OF_TURN[stem]
-    expected = [ANSWER_PREFIX.get(stem, "") + answer + eot for answer in ANSWERS]
+    prefixes = [ANSWER_PREFIX.get(stem, ""), LAST_ANSWER_PREFIX.get(stem, "")]
+    expected = [prefix + answer + eot for prefix, answer in zip(prefixes, ANSWERS, strict=True)]
     assert masked_runs(tok, ids, mask) == expected
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "".join(expected)
     eot_id = tok.convert_tokens_to_ids(eot)
@@ -353,8 +376,11 @@ def test_generation_prompt(stem: str) -> None:
         assert prompt == plain + header
     # the prompt is a prefix of the conversation with its answer, and the answer follows it
     full = tok.apply_chat_template([*prompt_messages, CONVERSATION[4]], tokenize=False)
-    answer = ANSWER_PREFIX.get(stem, "") + ANSWERS[1] + TEMPLATE_END_OF_TURN[stem]
-    assert full.startswith(prompt + answer)
+    answer = LAST_ANSWER_PREFIX.get(stem, "") + ANSWERS[1] + TEMPLATE_END_OF_TURN[stem]
+    if stem in PROMPT_IN_HISTORY:
+        assert full.startswith(plain + PROMPT_IN_HISTORY[stem] + answer)
+    else:
+        assert full.startswith(prompt + answer)
     # and the mask of a prompt alone is empty
     out = tok.apply_chat_template(
         CONVERSATION[1:2],

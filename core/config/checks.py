@@ -105,6 +105,71 @@ def _hardware_and_model_problems(config: Config) -> list[Problem]:
     return problems
 
 
+def _dataset_path_problems(config: Config) -> list[Problem]:
+    """A local dataset file that does not exist, found before any model or data is loaded.
+
+    Relative paths are read from the working directory, as the data pipeline reads them. URLs
+    are not checked (no network here), nor Hub-id-shaped names (`org/name`) absent locally.
+    """
+    from pathlib import Path
+
+    from sft.data.sources import is_local_path
+
+    problems = []
+    for key in ("datasets", "test_datasets"):
+        for index, ds in enumerate(getattr(config, key)):
+            path = ds.path
+            local = Path(path).expanduser()
+            if "://" in path or local.exists() or not is_local_path(path):
+                continue
+            hint = "check the path"
+            if not local.is_absolute():
+                hint += f"; a relative path is read from the working directory ({Path.cwd()})"
+            problems.append(
+                Problem(f"{key}[{index}].path", f"file not found: {path}", hint=hint, machine=True)
+            )
+    return problems
+
+
+def _output_dir_problems(config: Config) -> list[Problem]:
+    """An output_dir that is a file, or that would write over the base model's own files."""
+    from pathlib import Path
+
+    output = Path(config.output_dir).resolve()
+    problems = []
+    if output.exists() and not output.is_dir():
+        problems.append(
+            Problem(
+                "output_dir",
+                f"{config.output_dir} is a file",
+                machine=True,
+                hint="set output_dir to a directory path",
+            )
+        )
+    base = Path(config.base_model)
+    if not base.is_dir():
+        return problems
+    base = base.resolve()
+    if output == base:
+        problems.append(
+            Problem(
+                "output_dir",
+                "is the base_model directory: saving would overwrite the base model's files",
+                hint="choose a separate output_dir",
+            )
+        )
+    elif not config.adapter and base in output.parents:
+        problems.append(
+            Problem(
+                "output_dir",
+                "is inside the base_model directory: a full fine-tune would mix its checkpoints "
+                "and weights into the base model's folder",
+                hint="choose an output_dir outside the base model's directory",
+            )
+        )
+    return problems
+
+
 def check_config(config: Config, plugins: Any) -> list[Problem]:
     """Cross-key rules of the core, and the selected components' own checks."""
     problems: list[Problem] = []
@@ -132,6 +197,8 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
     if config.bf16 is True and config.fp16:
         problems.append(Problem("fp16", "conflicts with bf16 = true: choose one precision"))
     problems += _hardware_and_model_problems(config)
+    problems += _output_dir_problems(config)
+    problems += _dataset_path_problems(config)
     if config.eval_sample_packing and not config.sample_packing:
         problems.append(
             Problem(

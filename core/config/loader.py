@@ -63,14 +63,82 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[KeyPath, in
     )
 
 
+# A YAML alias re-uses an anchored node: a few hundred bytes of anchors and aliases can stand
+# for billions of values ("billion laughs"), which everything that walks the config (line
+# numbers, checks, the saved config) would expand. Configs rarely use anchors, and a real one
+# holds a few hundred values; one that expands to more than this is refused.
+MAX_YAML_VALUES = 100_000
+
+
+class YamlRefused(Exception):
+    """YAML that sft will not load: aliases expanding too far, too deep, or an unreadable value."""
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, bounded: refuse (`YamlRefused`) what would expand past `MAX_YAML_VALUES`
+    values through aliases, recursive aliases, nesting past the recursion limit, and values
+    the safe constructor cannot build (an over-long integer, an impossible date)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise YamlRefused("nested too deeply to read") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise YamlRefused(
+                f"an integer longer than {sys.get_int_max_str_digits()} digits"
+            ) from None
+        raise YamlRefused(f"cannot read a value: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the values `root` stands for with every alias expanded, without expanding it:
+    each node's count is computed once (iteratively, so deep nesting cannot overflow)."""
+    counts: dict[int, int] = {}
+    open_nodes: set[int] = set()  # nodes whose children are being counted: their ancestors
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        if children_done:
+            open_nodes.discard(key)
+            counts[key] = 1 + sum(counts[id(child)] for child in children)
+            if counts[key] > MAX_YAML_VALUES:
+                raise YamlRefused(
+                    f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; "
+                    "write the values out instead of nesting aliases"
+                )
+            continue
+        if key in counts:
+            continue  # an alias of a node already counted
+        if key in open_nodes:
+            raise YamlRefused("an alias (*name) refers to a node that contains it (a cycle)")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children)
+
+
 def parse_config_text(
     text: str, fmt: str, source: str = "<text>"
 ) -> tuple[dict[str, Any], dict[KeyPath, int]]:
     if fmt == "yaml":
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError([Problem("", f"invalid YAML: {exc}")], source) from None
+        except YamlRefused as exc:
+            raise ConfigError([Problem("", f"YAML refused: {exc}")], source) from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -80,9 +148,17 @@ def parse_config_text(
         return data, yaml_lines(text)
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem("", f"invalid TOML: {exc}")], source) from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+        raise ConfigError([Problem("", f"invalid TOML: {_toml_problem(exc)}")], source) from None
     return data, toml_lines(text)
+
+
+def _toml_problem(exc: ValueError | RecursionError) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    if "integer string conversion" in str(exc):
+        return f"an integer longer than {sys.get_int_max_str_digits()} digits"
+    return str(exc)
 
 
 def _parse_path(text: str) -> KeyPath:
@@ -100,10 +176,10 @@ def parse_override_value(raw: str) -> Any:
         return ""
     try:
         return tomllib.loads(f"value = {raw}")["value"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not TOML, or a value TOML cannot hold: try YAML
         pass
     try:
-        return yaml.safe_load(raw)
+        return load_yaml(raw)  # raises YamlRefused, reported by apply_overrides
     except yaml.YAMLError:
         return raw
 
@@ -116,7 +192,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> set[KeyPa
         if not sep or not name.strip():
             raise UsageError(f"--set expects key=value, got {override!r}")
         path = _parse_path(name.strip())
-        value = parse_override_value(raw)
+        try:
+            value = parse_override_value(raw)
+        except YamlRefused as exc:
+            raise UsageError(f"--set {name}: value refused: {exc}") from None
         target: Any = data
         for depth, part in enumerate(path):
             here = format_path(path[: depth + 1])

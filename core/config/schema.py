@@ -13,6 +13,8 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
+from sft.paths import expand_home
+
 T = TypeVar("T")
 
 
@@ -25,12 +27,26 @@ def key(
     le: float | None = None,
     planned: bool = False,
     example: str | None = None,
+    path: bool = False,
 ) -> Any:
-    """Declare a config key: its default, one-line doc and bounds (checked when loading)."""
+    """Declare a config key: its default, one-line doc and bounds (checked when loading).
+
+    `path = True` marks a file or directory key: `~` is expanded when the config is built (see
+    `sft.paths`), so every consumer sees the same path.
+    """
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple or None as a config default, not a mutable value")
-    metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "planned": planned, "example": example}
-    return attrs.field(default=default, metadata=metadata, kw_only=True)
+    metadata = {
+        "doc": doc,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "planned": planned,
+        "example": example,
+        "path": path,
+    }
+    converter = expand_home if path else None
+    return attrs.field(default=default, metadata=metadata, kw_only=True, converter=converter)
 
 
 class _Sections:
@@ -64,7 +80,8 @@ class DatasetConfig(_Sections):
     """One `[[datasets]]` entry (core keys; format plugins add theirs)."""
 
     path: str = key(
-        doc="Local file or directory, Hub dataset id, or fsspec URL (s3://, gs://, ...)."
+        doc="Local file or directory, Hub dataset id, or fsspec URL (s3://, gs://, ...).",
+        path=True,
     )
     type: str | None = key(
         None,
@@ -96,9 +113,12 @@ class Config(_Sections):
     base_model: str = key(
         doc="Model to fine-tune: Hub id, local directory, or a .gguf file (dequantised on load).",
         example="HuggingFaceTB/SmolLM2-135M-Instruct",
+        path=True,
     )
     tokenizer_config: str | None = key(
-        None, doc="Tokenizer to use when it differs from base_model (Hub id or directory)."
+        None,
+        doc="Tokenizer to use when it differs from base_model (Hub id or directory).",
+        path=True,
     )
     revision_of_model: str | None = key(None, doc="Hub revision of base_model.")
     trust_remote_code: bool = key(
@@ -143,7 +163,9 @@ class Config(_Sections):
         None,
         doc="Modules trained in full next to the adapter (e.g. embed_tokens, lm_head for new tokens).",
     )
-    lora_model_dir: str | None = key(None, doc="Continue training from this saved adapter.")
+    lora_model_dir: str | None = key(
+        None, doc="Continue training from this saved adapter.", path=True
+    )
     peft_use_dora: bool = key(False, doc="Use DoRA (weight-decomposed LoRA).")
     peft_use_rslora: bool = key(False, doc="Use rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     unfrozen_parameters: tuple[str, ...] | None = key(
@@ -164,6 +186,7 @@ class Config(_Sections):
     dataset_prepared_path: str | None = key(
         None,
         doc="Directory caching prepared (tokenized) data, keyed by everything that changes it.",
+        path=True,
     )
     dataset_num_proc: int | None = key(
         None, ge=1, doc="Processes for tokenising (default: CPU count)."
@@ -188,7 +211,12 @@ class Config(_Sections):
 
     # -- training ------------------------------------------------------------------------------
     output_dir: str = key(
-        "./outputs", doc="Where checkpoints, the final model and logs are written."
+        "./outputs", doc="Where checkpoints, the final model and logs are written.", path=True
+    )
+    overwrite_output_dir: bool = key(
+        False,
+        doc="Let a fresh run write into a non-empty output_dir: sft's own files there are "
+        "replaced, other files kept (checkpoints of an earlier run are never deleted).",
     )
     micro_batch_size: int = key(
         1, ge=1, doc="Samples (or packed sequences) per device per forward."
@@ -237,9 +265,16 @@ class Config(_Sections):
         None, ge=1, doc="Checkpoints per epoch (instead of save_steps)."
     )
     save_total_limit: int | None = key(None, ge=1, doc="Keep at most this many checkpoints.")
-    resume_from_checkpoint: str | None = key(None, doc="Resume from this checkpoint directory.")
+    resume_from_checkpoint: str | None = key(
+        None, doc="Resume from this checkpoint directory.", path=True
+    )
     auto_resume_from_checkpoints: bool = key(
         False, doc="Resume from the newest complete checkpoint in output_dir, if any."
+    )
+    resume_allow_changes: bool = key(
+        False,
+        doc="Resume even though data, model, batch, seed or optimizer keys changed since the "
+        "checkpoint; a new learning rate or optimizer setting is applied from the next step.",
     )
     use_tensorboard: bool = key(False, doc="Write TensorBoard logs to output_dir/runs.")
 

@@ -10,6 +10,7 @@ from sft.config.schema import Config
 from sft.data.sample import Rendered
 from sft.data.sources import read_rows
 from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
+from sft.paths import redact
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
@@ -62,16 +63,11 @@ def _check(
 
 def debug_examples(config: Config, tokenizer: Any, plugins: Any, count: int) -> list[Example]:
     """Render the first `count` rows of each dataset and check their labels."""
-    from pathlib import Path
-
     from sft.data.pipeline import build_render
 
-    base_dir = (
-        Path(config.source).parent if config.source and not config.source.startswith("<") else None
-    )
     examples = []
     for ds in config.datasets:
-        raw = read_rows(ds, "skip", base_dir)
+        raw = read_rows(ds, "skip")
         render = build_render(ds, tokenizer, config, plugins)
         options = TokenizeOptions(
             sequence_len=config.sequence_len,
@@ -94,7 +90,7 @@ def debug_examples(config: Config, tokenizer: Any, plugins: Any, count: int) -> 
                 result = process_chunk([raw.rows[index]], 0, render, tokenizer, options)
                 if not result.input_ids:
                     reasons = ", ".join(result.dropped) or (
-                        result.error[1] if result.error else "dropped"
+                        result.errors[0].reason if result.errors else "dropped"
                     )
                     examples.append(
                         Example(raw.name, number, [], [], [f"row not trained: {reasons}"])
@@ -120,7 +116,7 @@ def render_example(example: Example, tokenizer: Any, console: Any, show_ids: boo
 
     plain = not console.is_terminal or console.no_color
     console.print(
-        f"── {example.dataset}, row {example.row} ({len(example.input_ids)} tokens, "
+        f"── {redact(example.dataset)}, row {example.row} ({len(example.input_ids)} tokens, "
         f"{sum(1 for x in example.labels if x != IGNORE)} trained) ──",
         style="bold",
     )

@@ -18,7 +18,8 @@ from sft.config.schema import Config, DatasetConfig
 from sft.data.sources import RawRows, read_rows
 from sft.data.summary import DatasetSummary, Summary
 from sft.data.tokenize import ChunkResult, TokenizeOptions, process_chunk
-from sft.errors import DataError
+from sft.errors import ConfigError, DataError, Problem
+from sft.paths import redact
 
 CHUNK_ROWS = 256
 
@@ -83,25 +84,74 @@ def tokenize_rows(
 
 def _collect(results: Any, total: ChunkResult, raw: RawRows, progress: Any) -> None:
     for result in results:
-        if result.error is not None:
-            index, reason, message, field = result.error
-            file, number = raw.where(index)
-            raise DataError(
-                f"{reason}: {message}",
-                file=file,
-                row=number,
-                field=field,
-                hint='fix the row, or set invalid_rows = "skip" to skip and count such rows'
-                if reason != "too long"
-                else 'raise sequence_len, or set excess_length_strategy = "drop" or "truncate"',
-            )
         order = sorted(range(len(result.sources)), key=result.sources.__getitem__)
-        total.input_ids.extend(result.input_ids[i] for i in order)
-        total.labels.extend(result.labels[i] for i in order)
-        total.sources.extend(result.sources[i] for i in order)
-        total.dropped.update(result.dropped)
+        result.input_ids = [result.input_ids[i] for i in order]
+        result.labels = [result.labels[i] for i in order]
+        result.sources = [result.sources[i] for i in order]
+        total.merge(result)
         if progress is not None:
             progress(len(result.sources) + sum(result.dropped.values()))
+
+
+def raise_row_problems(
+    result: ChunkResult, raw: RawRows, key_path: str, source: str | None
+) -> None:
+    """Report the rows of one dataset that could not be prepared, all at once.
+
+    When every row fails because of the same dataset key (a field mapping that matches nothing),
+    that is a config error on the key; otherwise a data error with the count and the first few
+    rows, each with its file, row, field and reason.
+    """
+    rows = len(raw.rows)
+    for key, count in result.blamed.items():
+        if rows > 1 and count == rows:  # one row proves nothing about the key
+            example = result.blamed_example[key]
+            file, number = raw.where(example.index)
+            raise ConfigError(
+                [
+                    Problem(
+                        f"{key_path}.{key}",
+                        f"fails on every row of {raw.name} ({rows} rows); e.g. {file}, row "
+                        f"{number}: {example.message}",
+                        hint="set it to match your data (the message shows what a row holds)",
+                    )
+                ],
+                source,
+            )
+    if not result.error_count:
+        return
+    reasons = {p.reason for p in result.errors}
+    hint = (
+        'raise sequence_len, or set excess_length_strategy = "drop" or "truncate"'
+        if reasons == {"too long"}
+        else 'fix the rows, or set invalid_rows = "skip" to skip and count such rows'
+    )
+    places = [(p, *raw.where(p.index)) for p in result.errors]
+    first, first_file, first_row = places[0]
+    if result.error_count == 1:
+        raise DataError(
+            f"{first.reason}: {first.message}",
+            file=first_file,
+            row=first_row,
+            field=first.field,
+            hint=hint,
+        )
+    one_file = len(raw.files) == 1
+    lines = []
+    for problem, file, number in places:
+        where = f"row {number}" if one_file else f"{file}, row {number}"
+        field = f", field {problem.field!r}" if problem.field else ""
+        lines.append(f"  {where}{field}: {problem.reason}: {problem.message}")
+    if result.error_count > len(places):
+        lines.append(f"  ... and {result.error_count - len(places)} more")
+    error = DataError(
+        f"{result.error_count} of {rows} rows cannot be prepared; the first {len(places)}:\n"
+        + "\n".join(lines),
+        file=raw.files[0] if one_file else raw.name,
+        hint=hint,
+    )
+    error.row, error.field = first_row, first.field  # the first failing row, for callers
+    raise error
 
 
 def _strategy_for(ds: DatasetConfig) -> str:
@@ -204,22 +254,26 @@ def _process_sources(
     raws: list[RawRows],
     summary: Summary,
     show_progress: bool,
+    group: str = "datasets",
 ) -> tuple[list[list[int]], list[list[int]]]:
     ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for ds, raw in zip(entries, raws, strict=True):
+    for index, (ds, raw) in enumerate(zip(entries, raws, strict=True)):
         render = build_render(ds, tokenizer, config, plugins)
-        with _progress(f"tokenising {raw.name}", len(raw.rows), show_progress) as advance:
+        name = redact(raw.name)  # shown and saved in summary.json: no URL credentials
+        with _progress(f"tokenising {name}", len(raw.rows), show_progress) as advance:
             result = tokenize_rows(raw, render, tokenizer, config, advance)
+        raise_row_problems(result, raw, f"{group}[{index}]", config.source)
         summary.datasets.append(
             DatasetSummary.from_samples(
-                name=raw.name,
+                name=name,
                 strategy=_strategy_for(ds),
                 rows_in=len(raw.rows) + sum(raw.dropped.values()),
                 rows_kept=len(set(result.sources)),
                 dropped=result.dropped,
                 input_ids=result.input_ids,
                 labels=result.labels,
+                notes=result.notes,
             )
         )
         ids.extend(result.input_ids)
@@ -269,11 +323,8 @@ def prepare_datasets(
         from sft.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config, plugins)
-    base_dir = (
-        Path(config.source).parent if config.source and not config.source.startswith("<") else None
-    )
-    raws = [read_rows(ds, config.invalid_rows, base_dir) for ds in config.datasets]
-    test_raws = [read_rows(ds, config.invalid_rows, base_dir) for ds in config.test_datasets]
+    raws = [read_rows(ds, config.invalid_rows) for ds in config.datasets]
+    test_raws = [read_rows(ds, config.invalid_rows) for ds in config.test_datasets]
     key = cache_key(config, tokenizer, [r.fingerprint for r in (*raws, *test_raws)], plugins)
     cache_dir = Path(config.dataset_prepared_path) / key if config.dataset_prepared_path else None
     if use_cache and cache_dir is not None and (cache_dir / "complete").exists():
@@ -285,6 +336,8 @@ def prepare_datasets(
     )
     if config.dataset_exact_deduplication:
         ids, labels, summary.duplicates = _deduplicate(ids, labels)
+    if not ids:  # before the eval split, whose own errors would hide this cause
+        raise _no_sample_error(summary)
     import numpy as np
 
     rng = np.random.default_rng(config.seed)
@@ -294,7 +347,14 @@ def prepare_datasets(
     if config.test_datasets:
         eval_summary = Summary()
         eval_ids, eval_labels = _process_sources(
-            config.test_datasets, tokenizer, config, plugins, test_raws, eval_summary, show_progress
+            config.test_datasets,
+            tokenizer,
+            config,
+            plugins,
+            test_raws,
+            eval_summary,
+            show_progress,
+            "test_datasets",
         )
         summary.eval_datasets = eval_summary.datasets
     elif config.val_set_size:
@@ -319,10 +379,7 @@ def prepare_datasets(
     train_labels = [labels[i] for i in order.tolist()]
     summary.train_samples, summary.eval_samples = len(train_ids), len(eval_ids)
     if not train_ids:
-        raise DataError(
-            "no training sample left after preparing the data",
-            hint="see the summary: rows may all be too long, malformed, or without trainable tokens",
-        )
+        raise _no_sample_error(summary)
     prepared = Prepared(
         train=_to_dataset(train_ids, train_labels),
         eval=_to_dataset(eval_ids, eval_labels) if eval_ids else None,
@@ -332,6 +389,25 @@ def prepare_datasets(
     if cache_dir is not None:
         _save_cached(prepared, cache_dir)
     return prepared
+
+
+def _no_sample_error(summary: Summary) -> DataError:
+    """Nothing left to train on: say, per dataset, how many rows were read and why they went."""
+    reasons = {r for d in summary.datasets for r in d.dropped}
+    fixes = []
+    if not any(d.rows_in for d in summary.datasets):
+        fixes.append("the datasets hold no rows: check the files")
+    if "longer than sequence_len" in reasons:
+        fixes.append('raise sequence_len, or set excess_length_strategy = "truncate"')
+    if "no trainable tokens" in reasons:
+        fixes.append("check roles_to_train / train_on_eos / the field mappings")
+    if reasons - {"longer than sequence_len", "no trainable tokens"}:
+        fixes.append('fix the malformed rows (invalid_rows = "raise" names each one)')
+    return DataError(
+        "no training sample left after preparing the data:\n"
+        + "\n".join(f"  {d.rows_line()}" for d in summary.datasets),
+        hint="; ".join(fixes) or None,
+    )
 
 
 def _deduplicate(
@@ -352,15 +428,31 @@ def _deduplicate(
 
 
 def _save_cached(prepared: Prepared, cache_dir: Path) -> None:
-    """Written atomically: a crash never leaves a cache that a later run would load."""
-    from sft.fsutil import atomic_directory
+    """Written atomically: a crash never leaves a cache that a later run would load.
 
-    with atomic_directory(cache_dir) as tmp:
-        prepared.train.save_to_disk(str(tmp / "train"))
-        if prepared.eval is not None:
-            prepared.eval.save_to_disk(str(tmp / "eval"))
-        (tmp / "summary.json").write_text(json.dumps(prepared.summary.to_json(), indent=2))
-        (tmp / "complete").write_text(sft.__version__)
+    Runs (or ranks) preparing the same key at once are safe without a lock: a cache directory is
+    never replaced once it exists, so the first complete copy wins and a later writer's copy is
+    discarded; readers only ever see complete copies.
+    """
+    from sft.fsutil import atomic_directory, storage_failure
+
+    try:
+        with atomic_directory(cache_dir) as tmp:
+            prepared.train.save_to_disk(str(tmp / "train"))
+            if prepared.eval is not None:
+                prepared.eval.save_to_disk(str(tmp / "eval"))
+            (tmp / "summary.json").write_text(json.dumps(prepared.summary.to_json(), indent=2))
+            (tmp / "complete").write_text(sft.__version__)
+    except Exception as exc:
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
+        raise DataError(
+            f"cannot write the prepared data: {reason}",
+            file=str(cache_dir),
+            hint="free space on that disk, or point dataset_prepared_path at a directory with "
+            "room (nothing half-written was left behind)",
+        ) from exc
 
 
 def _load_cached(cache_dir: Path) -> Prepared:
@@ -369,13 +461,20 @@ def _load_cached(cache_dir: Path) -> Prepared:
     datasets.disable_progress_bars()
 
     eval_dir = cache_dir / "eval"
-    return Prepared(
-        train=datasets.load_from_disk(str(cache_dir / "train")),
-        eval=datasets.load_from_disk(str(eval_dir)) if eval_dir.exists() else None,
-        summary=Summary.from_json(json.loads((cache_dir / "summary.json").read_text())),
-        cache_dir=cache_dir,
-        from_cache=True,
-    )
+    try:
+        return Prepared(
+            train=datasets.load_from_disk(str(cache_dir / "train")),
+            eval=datasets.load_from_disk(str(eval_dir)) if eval_dir.exists() else None,
+            summary=Summary.from_json(json.loads((cache_dir / "summary.json").read_text())),
+            cache_dir=cache_dir,
+            from_cache=True,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # changed behind sft's back
+        raise DataError(
+            f"the prepared-data cache is damaged: {type(exc).__name__}: {exc}",
+            file=str(cache_dir),
+            hint="delete this directory; the next run prepares the data again",
+        ) from exc
 
 
 __all__ = ["Prepared", "cache_key", "prepare_datasets", "tokenize_rows"]

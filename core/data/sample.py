@@ -28,6 +28,8 @@ class Rendered:
     span; all other tokens get label -100. `add_special_tokens` asks the tokenizer to add its
     own BOS/EOS (templates that write them into the text leave it False). `split_long` lets
     the core cut a long text into `sequence_len` chunks instead of dropping or truncating it.
+    `notes` are facts worth counting in the summary of a kept row (e.g. "reasoning not
+    rendered by the template"), one entry per occurrence.
     """
 
     text: str
@@ -35,6 +37,7 @@ class Rendered:
     add_special_tokens: bool = False
     split_long: bool = False
     turns: tuple[Turn, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -49,21 +52,35 @@ Sample = Rendered | Tokenized
 
 
 class RowError(Exception):
-    """A malformed row. `reason` is the short label counted in summaries (e.g. "missing field")."""
+    """A malformed row. `reason` is the short label counted in summaries (e.g. "missing field").
 
-    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
+    `key` names the dataset config key to blame when *every* row of a dataset fails this way
+    (e.g. "message_property_mappings" for a mapped field no row has): the core then reports one
+    config error on `datasets[i].<key>` instead of a data error per row.
+    """
+
+    def __init__(
+        self, reason: str, message: str, field: str | None = None, key: str | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.field = field
+        self.key = key
 
 
-def require(row: dict, field: str, kinds: type | tuple[type, ...] = str) -> object:
-    """Read a required field of a row, raising `RowError` when missing or of the wrong type."""
+def require(
+    row: dict, field: str, kinds: type | tuple[type, ...] = str, key: str | None = None
+) -> object:
+    """Read a required field of a row, raising `RowError` when missing or of the wrong type.
+
+    `key` is the dataset config key that names `field` (e.g. "field_instruction"), blamed when
+    no row of the dataset has the field.
+    """
     if field not in row or row[field] is None:
         present = ", ".join(sorted(map(str, row))) or "none"
         raise RowError(
-            "missing field", f"missing field {field!r} (fields present: {present})", field
+            "missing field", f"missing field {field!r} (fields present: {present})", field, key
         )
     value = row[field]
     if not isinstance(value, kinds):

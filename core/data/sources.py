@@ -11,6 +11,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
+import re
+import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,10 @@ FORMATS = {
     ".feather": "arrow",
     ".txt": "text",
 }
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+# A Hub dataset id: `name` or `namespace/name`, word characters, `-` and `.` (huggingface_hub's
+# repo id rule). A path that cannot be one is local, and a missing local file is an error.
+_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
 
 
 @attrs.define
@@ -52,11 +60,30 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def is_local_path(path: str) -> bool:
+    """Whether a dataset `path` that is not a URL must be a local file or directory.
+
+    A string that cannot be a Hub dataset id is local: more than one `/`, a data or compressed
+    file extension, a leading `.`, `/` or `~`, a backslash, `..` or `--`. A Hub-id-shaped string
+    (`org/name`, `name`) is a Hub id unless it exists locally (decided by the caller).
+    """
+    name = path.lower()
+    for suffix in COMPRESSED:
+        name = name.removesuffix(suffix)
+    return (
+        not _HUB_ID.fullmatch(path)
+        or ".." in path
+        or "--" in path
+        or path.lower().endswith(COMPRESSED)
+        or Path(name).suffix in FORMATS
+    )
+
+
 def _format_of(path: str, ds: DatasetConfig) -> str | None:
     if ds.ds_type:
         return ds.ds_type
     name = path.rsplit("/", 1)[-1].lower()
-    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+    for suffix in COMPRESSED:
         name = name.removesuffix(suffix)
     return FORMATS.get("." + name.rsplit(".", 1)[-1]) if "." in name else None
 
@@ -69,22 +96,30 @@ def _fs(path: str, ds: DatasetConfig) -> Any:
 
 
 def _parse_json_lines(text: str, file: str, invalid_rows: str, out: RawRows, index: int) -> None:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085 and other
+    # characters that JSON writers leave raw inside strings (json.dumps(ensure_ascii=False)).
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            _bad_row(
-                out,
-                invalid_rows,
-                "invalid JSON",
-                f"invalid JSON: {exc.msg} (column {exc.colno})",
-                file,
-                number,
-            )
+        except (ValueError, RecursionError) as exc:  # see _json_problem
+            _bad_row(out, invalid_rows, "invalid JSON", _json_problem(exc), file, number)
             continue
         _append(row, file, number, invalid_rows, out, index)
+
+
+def _json_problem(exc: ValueError | RecursionError, whole_file: bool = False) -> str:
+    """Why `json.loads` refused a text: a syntax error (`JSONDecodeError`), an integer too long
+    to convert (`ValueError`), or nesting deeper than Python's recursion limit."""
+    if isinstance(exc, RecursionError):
+        return "invalid JSON: nested too deeply to read"
+    if isinstance(exc, json.JSONDecodeError):
+        where = f"line {exc.lineno}, column {exc.colno}" if whole_file else f"column {exc.colno}"
+        return f"invalid JSON: {exc.msg} ({where})"
+    if "integer string conversion" in str(exc):
+        return f"invalid JSON: an integer longer than {sys.get_int_max_str_digits()} digits"
+    return f"invalid JSON: {exc}"
 
 
 def _bad_row(
@@ -110,38 +145,88 @@ def _append(row: Any, file: str, number: int, invalid_rows: str, out: RawRows, i
     out.locations.append((index, number))
 
 
+def _read_bytes(path: str, ds: DatasetConfig) -> bytes:
+    """The file's bytes, decompressed by its suffix; an unreadable file is a `DataError`."""
+    compressed = path.lower().endswith(COMPRESSED)
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
+    if path.lower().endswith(".zst"):
+        try:
+            import zstandard
+
+            errors += (zstandard.ZstdError,)
+        except ImportError:
+            pass  # fsspec says that zstandard is needed
+    try:
+        with _fs(path, ds).open(path, "rb", compression="infer") as handle:
+            data: bytes = handle.read()
+    except FileNotFoundError:
+        raise DataError("file not found", file=path) from None
+    except errors as exc:  # a truncated or corrupt archive fails inside the decompressing read
+        what = "corrupt or truncated compressed file" if compressed else "cannot read the file"
+        raise DataError(
+            f"{what}: {type(exc).__name__}: {exc}",
+            file=path,
+            hint="check the file (e.g. gzip -t), or download or copy it again"
+            if compressed
+            else None,
+        ) from None
+    return data
+
+
+def _decode(data: bytes, fmt: str, path: str, invalid_rows: str, out: RawRows) -> str:
+    """The file as UTF-8 text; bytes that are not UTF-8 are an error naming their line.
+
+    In line-based files (JSON Lines, text) such a line is a bad row, skipped and counted under
+    `invalid_rows = "skip"`; in a .json file they spoil the whole file.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        first = exc
+    by_line = fmt in ("jsonl", "text")
+    if by_line and invalid_rows == "skip":
+        lines = []
+        for raw in data.split(b"\n"):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.dropped["not UTF-8"] += 1
+                lines.append("")  # keeps the line numbers of the lines after it
+        return "\n".join(lines)
+    line = data.count(b"\n", 0, first.start) + 1
+    found = data[first.start : first.start + 1]
+    raise DataError(
+        f"not UTF-8 text ({'' if by_line else f'line {line}, '}byte {first.start}: {found!r})",
+        file=path,
+        row=line if by_line else None,
+        hint="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t UTF-8)"
+        + (', or set invalid_rows = "skip" to skip and count such lines' if by_line else ""),
+    )
+
+
 def _read_file(
     path: str, fmt: str, ds: DatasetConfig, invalid_rows: str, out: RawRows, hasher: Any
 ) -> None:
-    fs = _fs(path, ds)
-    with fs.open(path, "rb", compression="infer") as handle:
-        data = handle.read()
+    data = _read_bytes(path, ds)
     hasher.update(path.encode())
     hasher.update(hashlib.sha256(data).digest())
-    if fmt in ("json", "jsonl", "text"):
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r})",
-                file=path,
-                hint="re-encode the file as UTF-8 (e.g. iconv -t UTF-8)",
-            ) from None
+    text = _decode(data, fmt, path, invalid_rows, out) if fmt in ("json", "jsonl", "text") else ""
     index = len(out.files)
     out.files.append(path)
     if fmt == "jsonl":
-        _parse_json_lines(data.decode("utf-8"), path, invalid_rows, out, index)
+        _parse_json_lines(text, path, invalid_rows, out, index)
     elif fmt == "json":
-        text = data.decode("utf-8")
         try:
             parsed = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if "\n{" in text.strip()[:200000] and text.lstrip().startswith("{"):
+        except (ValueError, RecursionError) as exc:
+            if (
+                isinstance(exc, json.JSONDecodeError)
+                and "\n{" in text.strip()[:200000]
+                and text.lstrip().startswith("{")
+            ):
                 _parse_json_lines(text, path, invalid_rows, out, index)  # JSON Lines named .json
                 return
-            raise DataError(
-                f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", file=path
-            ) from None
+            raise DataError(_json_problem(exc, whole_file=True), file=path) from None
         if isinstance(parsed, dict):
             lists = [v for v in parsed.values() if isinstance(v, list)]
             if len(lists) != 1:
@@ -150,18 +235,54 @@ def _read_file(
                     file=path,
                 )
             parsed = lists[0]
+        if not isinstance(parsed, list):
+            raise DataError(
+                f"a .json dataset must be a list of objects, found {type(parsed).__name__}",
+                file=path,
+            )
         for number, row in enumerate(parsed, start=1):
             _append(row, path, number, invalid_rows, out, index)
     elif fmt in ("parquet", "csv", "arrow"):
         table = _arrow_table(io.BytesIO(data), fmt, path)
+        # pyarrow reads a CSV column holding bytes that are not UTF-8 as binary: decode here so
+        # the row is named, rather than failing later on "should be str, found bytes".
+        binary = [f.name for f in table.schema if fmt == "csv" and str(f.type) == "binary"]
         for number, row in enumerate(table.to_pylist(), start=1):
+            if binary and not _decode_csv_row(row, binary, path, number, invalid_rows, out):
+                continue
             _append(row, path, number, invalid_rows, out, index)
     elif fmt == "text":
-        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):  # line numbers as in _decode
+            line = line.removesuffix("\r")
             if line.strip():
                 _append({"text": line}, path, number, invalid_rows, out, index)
     else:  # pragma: no cover - guarded by the caller
         raise DataError(f"unsupported format {fmt!r}", file=path)
+
+
+def _decode_csv_row(
+    row: dict[str, Any], columns: list[str], path: str, number: int, invalid_rows: str, out: RawRows
+) -> bool:
+    """Decode a CSV row's binary cells as UTF-8 in place; False when the row was dropped."""
+    for name in columns:
+        value = row[name]
+        if not isinstance(value, bytes):
+            continue
+        try:
+            row[name] = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if invalid_rows == "raise":
+                raise DataError(
+                    f"not UTF-8 text (byte {exc.start}: {value[exc.start : exc.start + 1]!r})",
+                    file=path,
+                    row=number,
+                    field=name,
+                    hint="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t UTF-8), "
+                    'or set invalid_rows = "skip" to skip and count such rows',
+                ) from None
+            out.dropped["not UTF-8"] += 1
+            return False
+    return True
 
 
 def _arrow_table(handle: io.BytesIO, fmt: str, path: str) -> Any:
@@ -210,14 +331,10 @@ def _list_files(path: str, ds: DatasetConfig) -> list[str]:
     return files
 
 
-def read_rows(
-    ds: DatasetConfig, invalid_rows: str = "raise", base_dir: Path | None = None
-) -> RawRows:
-    """Read every row of one dataset entry."""
+def read_rows(ds: DatasetConfig, invalid_rows: str = "raise") -> RawRows:
+    """Read every row of one dataset entry (a relative path from the working directory)."""
     path = ds.path
     local = Path(path).expanduser()
-    if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
-        local = base_dir / local
     out = RawRows(name=path, rows=[], locations=[], files=[], fingerprint="")
     hasher = hashlib.sha256()
     if _is_url(path) or local.exists():
@@ -246,11 +363,11 @@ def read_rows(
             _read_file(file, fmt, ds, invalid_rows, out, hasher)
         out.fingerprint = hasher.hexdigest()
         return out
-    if path.startswith((".", "/", "~")) or Path(path).suffix in FORMATS:
+    if is_local_path(path):
         raise DataError(
             "file not found",
             file=path,
-            hint="check the path (relative to the config file or the working directory)",
+            hint=f"check the path; a relative path is read from the working directory ({Path.cwd()})",
         )
     return _from_datasets(ds, path, out, invalid_rows)
 

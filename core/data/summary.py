@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 
+from sft.paths import redact
+
 IGNORE = -100
 PERCENTILES = (50, 90, 99, 100)
 
@@ -23,6 +25,7 @@ class DatasetSummary:
     tokens: int
     trainable_tokens: int
     length_percentiles: dict[str, int]
+    notes: dict[str, int] = attrs.field(factory=dict)  # e.g. reasoning the template dropped
 
     @classmethod
     def from_samples(
@@ -34,6 +37,7 @@ class DatasetSummary:
         dropped: Counter[str],
         input_ids: Sequence[Sequence[int]],
         labels: Sequence[Sequence[int]],
+        notes: Counter[str] | None = None,
     ) -> DatasetSummary:
         import numpy as np
 
@@ -51,11 +55,19 @@ class DatasetSummary:
             length_percentiles={
                 f"p{p}" if p < 100 else "max": int(np.percentile(lengths, p)) for p in PERCENTILES
             },
+            notes=dict(sorted((notes or Counter()).items())),
         )
 
     @property
     def trainable_share(self) -> float:
         return self.trainable_tokens / self.tokens if self.tokens else 0.0
+
+    def rows_line(self) -> str:
+        """`chat.jsonl: 12 rows in, 10 kept, dropped: invalid JSON: 1, longer than …: 1`."""
+        text = f"{redact(self.name)}: {self.rows_in} rows in, {self.rows_kept} kept"
+        if self.dropped:
+            text += ", dropped: " + ", ".join(f"{r}: {n}" for r, n in self.dropped.items())
+        return text
 
 
 @attrs.define
@@ -103,7 +115,7 @@ class Summary:
                 dropped = ", ".join(f"{reason}: {n}" for reason, n in d.dropped.items()) or "none"
                 lengths = "/".join(str(v) for v in d.length_percentiles.values())
                 table.add_row(
-                    label + d.name,
+                    label + redact(d.name),
                     d.strategy,
                     str(d.rows_in),
                     str(d.rows_kept),
@@ -114,9 +126,25 @@ class Summary:
                 )
         return table
 
+    def dropped_lines(self) -> list[str]:
+        """One line per dataset that lost rows or samples, with the reasons (for `sft run`)."""
+        lines = [
+            label + d.rows_line()
+            for label, group in (("", self.datasets), ("eval ", self.eval_datasets))
+            for d in group
+            if d.dropped or d.rows_kept < d.rows_in
+        ]
+        if self.duplicates:
+            lines.append(f"exact duplicates dropped: {self.duplicates}")
+        return lines
+
     def lines(self) -> list[str]:
         text = [
             f"train samples: {self.train_samples}, eval samples: {self.eval_samples}"
             + (f", exact duplicates dropped: {self.duplicates}" if self.duplicates else "")
         ]
+        for label, group in (("", self.datasets), ("eval: ", self.eval_datasets)):
+            for d in group:
+                for note, count in d.notes.items():
+                    text.append(f"note: {label}{d.name}: {note}: {count} trained turns")
         return text

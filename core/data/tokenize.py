@@ -25,13 +25,50 @@ class TokenizeOptions:
     train_on_inputs: bool
 
 
+MAX_REPORTED_ERRORS = 5
+
+
+@attrs.frozen
+class RowProblem:
+    """A row that could not be prepared: where, why, and the config key to blame if any."""
+
+    index: int  # into the source's rows
+    reason: str
+    message: str
+    field: str | None = None
+    key: str | None = None
+
+
 @attrs.define
 class ChunkResult:
     input_ids: list[list[int]] = attrs.field(factory=list)
     labels: list[list[int]] = attrs.field(factory=list)
     sources: list[int] = attrs.field(factory=list)  # row index each sample came from
     dropped: Counter[str] = attrs.field(factory=Counter)
-    error: tuple[int, str, str, str | None] | None = None  # (row index, reason, message, field)
+    notes: Counter[str] = attrs.field(factory=Counter)  # Rendered.notes of the rows processed
+    errors: list[RowProblem] = attrs.field(factory=list)  # the first few, under "raise"
+    error_count: int = 0
+    blamed: Counter[str] = attrs.field(factory=Counter)  # failed rows per config key to blame
+    blamed_example: dict[str, RowProblem] = attrs.field(factory=dict)  # the first, per key
+
+    def add_error(self, problem: RowProblem) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(problem)
+
+    def merge(self, other: ChunkResult) -> None:
+        """Append `other` (a later chunk) to this result."""
+        self.input_ids.extend(other.input_ids)
+        self.labels.extend(other.labels)
+        self.sources.extend(other.sources)
+        self.dropped.update(other.dropped)
+        self.notes.update(other.notes)
+        self.blamed.update(other.blamed)
+        for key, problem in other.blamed_example.items():
+            self.blamed_example.setdefault(key, problem)
+        self.error_count += other.error_count
+        room = MAX_REPORTED_ERRORS - len(self.errors)
+        self.errors.extend(other.errors[: max(0, room)])
 
 
 def labels_from_spans(
@@ -104,11 +141,10 @@ def _finish(
         elif opts.excess_length_strategy == "truncate":
             pieces = [(ids[:limit], labels[:limit])]
         elif opts.excess_length_strategy == "raise":
-            out.error = (
-                source,
-                "too long",
-                f"{len(ids)} tokens, longer than sequence_len = {limit}",
-                None,
+            out.add_error(
+                RowProblem(
+                    source, "too long", f"{len(ids)} tokens, longer than sequence_len = {limit}"
+                )
             )
             return
         else:
@@ -125,6 +161,45 @@ def _finish(
         out.sources.append(source)
 
 
+def check_text(produced: Any, row: dict[str, Any]) -> None:
+    """Raise `RowError` for rendered text that is not valid Unicode, before batch encoding.
+
+    A lone surrogate (`"\\ud800"` in a JSON string) passes `json.loads` and the template, but
+    the Rust tokenizer refuses it with a `TypeError` for the whole batch; found here, it is one
+    bad row. ASCII text (the common case) is accepted without encoding it.
+    """
+    for sample in produced if isinstance(produced, list) else [produced]:
+        if not isinstance(sample, Rendered) or sample.text.isascii():
+            continue
+        try:
+            sample.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            found = ascii(sample.text[exc.start])
+            raise RowError(
+                "invalid text",
+                f"the text holds a lone surrogate {found}, which is not Unicode text",
+                _surrogate_field(row),
+            ) from None
+
+
+def _surrogate_field(row: dict[str, Any]) -> str | None:
+    """The path (`messages[1].content`) of the first string of `row` holding a lone surrogate."""
+    stack: list[tuple[str, Any]] = [("", row)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or None
+        elif isinstance(value, dict):
+            keys = [f"{where}.{k}" if where else str(k) for k in value]
+            stack.extend(reversed(list(zip(keys, value.values(), strict=True))))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
+    return None
+
+
 def process_chunk(
     rows: Sequence[dict[str, Any]],
     first_index: int,
@@ -132,27 +207,37 @@ def process_chunk(
     tokenizer: Any,
     opts: TokenizeOptions,
 ) -> ChunkResult:
-    """Render, tokenise and label a chunk of rows (indices `first_index...`)."""
+    """Render, tokenise and label a chunk of rows (indices `first_index...`).
+
+    Under `invalid_rows = "raise"` a bad row does not stop the chunk: every row is still
+    checked, so the error can say how many rows fail and show the first few.
+    """
     out = ChunkResult()
     rendered: list[tuple[int, Rendered]] = []
     for offset, row in enumerate(rows):
         index = first_index + offset
         try:
             produced = render(row)
+            check_text(produced, row)
         except RowError as exc:
+            problem = RowProblem(index, exc.reason, exc.message, exc.field, exc.key)
+            if exc.key:
+                out.blamed[exc.key] += 1
+                out.blamed_example.setdefault(exc.key, problem)
             if opts.invalid_rows == "raise":
-                out.error = (index, exc.reason, exc.message, exc.field)
-                return out
-            out.dropped[exc.reason] += 1
+                out.add_error(problem)
+            else:
+                out.dropped[exc.reason] += 1
             continue
         except Exception as exc:  # a strategy bug or a row it did not anticipate: name the row
-            out.error = (
-                index,
-                "strategy error",
-                f"the prompt strategy failed: {type(exc).__name__}: {exc}",
-                None,
+            out.add_error(
+                RowProblem(
+                    index,
+                    "strategy error",
+                    f"the prompt strategy failed: {type(exc).__name__}: {exc}",
+                )
             )
-            return out
+            continue
         for sample in produced if isinstance(produced, list) else [produced]:
             if isinstance(sample, Tokenized):
                 _finish(
@@ -165,9 +250,8 @@ def process_chunk(
                     explicit_labels=True,
                 )
             else:
+                out.notes.update(sample.notes)
                 rendered.append((index, sample))
-        if out.error:
-            return out
     backend = getattr(tokenizer, "backend_tokenizer", None)
     for add_special in (False, True):
         group = [(i, r) for i, r in rendered if r.add_special_tokens is add_special]
@@ -192,6 +276,4 @@ def process_chunk(
             ]
         for (index, sample), (ids, labels) in zip(group, pairs, strict=True):
             _finish(list(ids), labels, sample.split_long, opts, out, index)
-            if out.error:
-                return out
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
@@ -11,6 +12,16 @@ import attrs
 
 from sft.config.schema import Config
 from sft.errors import ModelError
+from sft.save import is_main_process
+from sft.train.interrupt import StopRequest, make_stop_callback
+from sft.train.output import claim_output_dir
+from sft.train.resume import (
+    check_resume,
+    data_fingerprint,
+    make_apply_callback,
+    resume_point,
+    write_checkpoint_record,
+)
 
 
 @attrs.frozen
@@ -24,8 +35,26 @@ class RunResult:
     resumed_from: str | None
 
 
-def quiet_libraries() -> None:
-    """sft shows its own progress; library progress bars and chatter would interleave with it."""
+class _CpuKernelNotice(logging.Filter):
+    """bitsandbytes, when imported (peft imports it to apply LoRA) on a CPU with AVX512-BF16
+    and without the `kernels` package, logs that it could not fetch its CPU 4-bit matmul kernel
+    from the Hub. That kernel serves only 4-bit inference on the CPU, which a run that did not
+    ask for 4-bit never does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+_CPU_KERNEL_NOTICE = _CpuKernelNotice()
+
+
+def quiet_libraries(config: Config | None = None) -> None:
+    """sft shows its own progress; library progress bars and chatter would interleave with it.
+
+    transformers' warnings that matter on resume are shown while a checkpoint loads
+    (`sft.train.resume.loading_checkpoint`); sft's own resume check replaces its config
+    comparison.
+    """
     import warnings
 
     import datasets
@@ -35,6 +64,11 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if config is not None and config.load_in_4bit:
+        bnb_cpu.removeFilter(_CPU_KERNEL_NOTICE)
+    else:
+        bnb_cpu.addFilter(_CPU_KERNEL_NOTICE)
 
 
 def seed_everything(seed: int) -> None:
@@ -137,44 +171,28 @@ def pack_if_asked(config: Config, prepared: Any, plugins: Any, console: Any) -> 
     return train_data, eval_data
 
 
-def refuse_stale_checkpoints(output_dir: Path) -> None:
-    """A fresh run must not mix with an earlier run's checkpoints (rotation would delete its own)."""
-    from sft.train.trainer import latest_checkpoint
-
-    found = latest_checkpoint(output_dir)
-    if found is not None:
-        raise ModelError(
-            f"{output_dir} holds checkpoints of an earlier run ({found.name}) and this run does not resume\n"
-            "  fix: set auto_resume_from_checkpoints = true to continue it, or use another output_dir, "
-            "or delete the old checkpoint-* directories"
-        )
-
-
-def resume_point(config: Config) -> str | None:
-    from sft.train.trainer import latest_checkpoint
-
-    if config.resume_from_checkpoint:
-        if not Path(config.resume_from_checkpoint).is_dir():
-            raise ModelError(
-                f"resume_from_checkpoint: no checkpoint directory {config.resume_from_checkpoint}"
-            )
-        return config.resume_from_checkpoint
-    if config.auto_resume_from_checkpoints:
-        found = latest_checkpoint(config.output_dir)
-        return str(found) if found else None
-    return None
-
-
 def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult:
-    """Fine-tune as the config says; return where the result was written and how it went."""
-    if plugins is None:
-        from sft.manager import get_plugins
+    """Fine-tune as the config says; return where the result was written and how it went.
 
-        plugins = get_plugins()
+    Ctrl-C or SIGTERM during training saves a checkpoint, then raises `sft.errors.Interrupted`
+    saying how to resume (`sft.train.interrupt`); the earlier signal handlers are restored.
+    """
     if console is None:
         from rich.console import Console
 
         console = Console(highlight=False)
+    stop = StopRequest(console).install()
+    try:
+        return _train(config, plugins, console, stop)
+    finally:
+        stop.restore()
+
+
+def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> RunResult:
+    if plugins is None:
+        from sft.manager import get_plugins
+
+        plugins = get_plugins()
     from sft.data.pipeline import prepare_datasets
     from sft.model import apply_adapter, check_hardware, count_parameters, load_model, resolve_dtype
     from sft.save import write_model_card, write_resolved_config
@@ -183,8 +201,15 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
     from sft.train.trainer import Collator, make_trainer_class, pad_id_of, warmup_steps
 
     check_hardware(config)  # before anything slow
-    quiet_libraries()
+    quiet_libraries(config)
     output_dir = Path(config.output_dir)
+
+    def say(text: str) -> None:
+        if is_main_process():
+            console.print(text, markup=False, highlight=False)
+
+    resumed_from = resume_point(config, say)
+    claimed = claim_output_dir(config, resuming=resumed_from is not None)
     seed_everything(config.seed)
 
     tokenizer = load_tokenizer(config, plugins)
@@ -194,6 +219,11 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
         f"data: {summary.train_samples} train / {summary.eval_samples} eval samples"
         + (" (from cache)" if prepared.from_cache else "")
     )
+    for line in summary.dropped_lines():  # never drop rows silently
+        console.print(f"  {line}", markup=False, soft_wrap=True)  # paths unbroken in logs
+    fingerprint = data_fingerprint(prepared.train, prepared.eval)
+    # Before the model loads: refuse a resume that cannot work or would silently change the run.
+    plan = check_resume(resumed_from, config, fingerprint, plugins, say) if resumed_from else None
 
     dtype = resolve_dtype(config)
     model = load_model(config, tokenizer, plugins)
@@ -222,24 +252,31 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
             pad_id_of(tokenizer), config.sequence_len if config.pad_to_sequence_len else None
         ),
         processing_class=tokenizer,
-        callbacks=[progress, *plugins.trainer_callbacks(config)],
+        callbacks=[
+            progress,
+            *plugins.trainer_callbacks(config),
+            *([make_apply_callback(plan, config, plugins, console)] if plan else []),
+            make_stop_callback(stop),  # last: a signal during another callback stops this step
+        ],
         sft_config=config,
         plugins=plugins,
     )
+    trainer.sft_checkpoint_record = lambda staged: write_checkpoint_record(
+        staged, config, fingerprint
+    )
+    trainer.sft_resume_changes = plan.summary() if plan else ""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # our own view replaces the raw log dicts
     trainer.remove_callback(ProgressCallback)
-    resumed_from = resume_point(config)
     if resumed_from:
         console.print(f"resuming from {resumed_from}")
-    else:
-        refuse_stale_checkpoints(output_dir)
-        if (output_dir / "metrics.jsonl").exists():
-            (output_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
 
     plugins.train_start(config, trainer)
     result = trainer.train(resume_from_checkpoint=resumed_from)
+    if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        # The Trainer saved a checkpoint at this step and stopped: no final save.
+        raise stop.stopped(config, output_dir, trainer.state.global_step, trainer.state.max_steps)
     metrics = dict(result.metrics)
     plugins.train_end(config, trainer, metrics)
 
@@ -261,6 +298,7 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
         if not write_plot(progress.history, output_dir / "loss.png"):
             console.print("note: install matplotlib (pip install 'sft-train[plot]') for loss.png")
         plugins.after_save(config, str(output_dir))
+        claimed.record_result()
     console.print(f"saved {saved} to {output_dir}")
     if warnings:
         console.print("[yellow]training-health warnings:[/]")

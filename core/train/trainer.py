@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +124,28 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _raise_storage_error(exc: Exception, checkpoint: Path, staging: Path) -> None:
+    """A disk that is full (or read-only) while saving a checkpoint: a clear error naming it,
+    and the partial checkpoint removed so it does not keep the disk full."""
+    from sft.fsutil import storage_failure
+
+    reason = storage_failure(exc)
+    if reason is None:
+        return
+    shutil.rmtree(staging, ignore_errors=True)
+    raise ModelError(
+        f"cannot write checkpoint {checkpoint}: {reason}\n"
+        "  fix: free space on that disk (or lower save_total_limit), or choose an output_dir "
+        "with room; the checkpoints already written are complete and resume from the last one"
+    ) from exc
+
+
 def make_trainer_class() -> type:
     """Build the Trainer subclass (transformers is imported only when training)."""
     from transformers import Trainer
     from transformers.trainer_utils import rotate_checkpoints
+
+    from sft.train.resume import loading_checkpoint
 
     class SftTrainer(Trainer):
         def __init__(self, *args: Any, sft_config: Config, plugins: Any, **kwargs: Any) -> None:
@@ -134,6 +153,10 @@ def make_trainer_class() -> type:
             self.sft_plugins = plugins
             self._staging_dir: str | None = None
             self.sft_pad_id = kwargs["data_collator"].pad_id
+            # Set by the run: writes sft's own record (config, data fingerprint) into each
+            # staged checkpoint; and what changed since the checkpoint being resumed.
+            self.sft_checkpoint_record: Callable[[Path], None] | None = None
+            self.sft_resume_changes = ""
             super().__init__(*args, **kwargs)
 
         def create_optimizer(self, model: Any = None) -> Any:
@@ -171,6 +194,14 @@ def make_trainer_class() -> type:
         def _get_output_dir(self, trial: Any) -> str:
             return self._staging_dir or super()._get_output_dir(trial)
 
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            with loading_checkpoint(resume_from_checkpoint, self.sft_resume_changes):
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            with loading_checkpoint(checkpoint, self.sft_resume_changes):
+                super()._load_optimizer_and_scheduler(checkpoint)
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # Write into a staging directory, then rename: a kill mid-save never leaves a
             # `checkpoint-N` that resume would pick up half-written.
@@ -181,9 +212,14 @@ def make_trainer_class() -> type:
             self._staging_dir = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
+            except Exception as exc:
+                _raise_storage_error(exc, root / name, staging)
+                raise
             finally:
                 self._staging_dir = None
             if self.args.should_save:
+                if self.sft_checkpoint_record is not None:
+                    self.sft_checkpoint_record(staging / name)
                 target = root / name
                 shutil.rmtree(target, ignore_errors=True)
                 (staging / name).replace(target)

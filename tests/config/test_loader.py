@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 
 import pytest
@@ -49,7 +50,10 @@ def problems_of(text: str, fmt: str = "toml", overrides=()) -> list:
     return error.value.problems
 
 
-def test_toml_and_yaml_give_identical_configs(plugins, tmp_path):
+def test_toml_and_yaml_give_identical_configs(plugins, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data/train.jsonl is read from the working directory
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
     (tmp_path / "c.toml").write_text(TOML)
     (tmp_path / "c.yaml").write_text(YAML)
     from_toml = load_config(tmp_path / "c.toml")
@@ -147,10 +151,10 @@ def test_bounds_and_cross_key_conflicts(plugins):
 def test_set_overrides_values_and_marks_their_problems(plugins):
     text = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
     config = load_config_text(
-        text, overrides=["learning_rate=1e-5", "datasets[0].path=b.jsonl", "adam_beta1=0.8"]
+        text, overrides=["learning_rate=1e-5", "datasets[0].path=org/b", "adam_beta1=0.8"]
     )
     assert config.learning_rate == 1e-5
-    assert config.datasets[0].path == "b.jsonl"
+    assert config.datasets[0].path == "org/b"
     assert config.adam_beta1 == 0.8
     (problem,) = problems_of(text, overrides=["micro_batch_size=abc"])
     assert problem.file == "--set" and "(--set)" in problem.render()
@@ -206,3 +210,101 @@ def test_optional_table_reports_the_inner_problem(plugins):
         'base_model = "m"\nspecial_tokens = {pad_token = 5}\n[[datasets]]\npath = "a"\n'
     )
     assert "'pad_token' should be a string" in problem.message
+
+
+def laughs(levels: int) -> str:
+    """A "billion laughs" YAML config: 10**levels leaves from a few hundred bytes."""
+    names = "abcdefghij"[:levels]
+    lines = ["base_model: m", "datasets:", "  - path: a", "    storage_options:"]
+    lines.append(f"      a: &a [{', '.join(['lol'] * 10)}]")
+    for prev, name in itertools.pairwise(names):
+        lines.append(f"      {name}: &{name} [{', '.join([f'*{prev}'] * 10)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (laughs(6), "aliases (*name) expand to more than 100,000 values"),
+        ("base_model: m\ndatasets:\n  - &d {path: a, x: [*d]}\n", "a cycle"),
+        ("base_model: m\nlora_r: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("base_model: m\nlora_r: " + "9" * 5000 + "\n", "an integer longer than 4300 digits"),
+    ],
+    ids=["1e6-leaves", "cycle", "deep", "huge-int"],
+)
+def test_yaml_that_would_expand_or_overflow_is_refused_quickly(plugins, text, message):
+    import time
+
+    start = time.perf_counter()
+    (problem,) = problems_of(text, "yaml")
+    assert message in problem.message
+    assert time.perf_counter() - start < 5
+
+
+def test_yaml_anchors_and_merge_keys_still_load(plugins):
+    text = (
+        "base_model: m\ndatasets:\n  - &chat {path: a, type: chat_template, split: train}\n"
+        "  - <<: *chat\n    path: b\ntest_datasets:\n  - *chat\n"
+    )
+    config = load_config_text(text, "yaml")
+    assert [(d.path, d.type, d.split) for d in (*config.datasets, *config.test_datasets)] == [
+        ("a", "chat_template", "train"),
+        ("b", "chat_template", "train"),
+        ("a", "chat_template", "train"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lora_r = " + "[" * 5000 + "]" * 5000, "invalid TOML: nested too deeply"),
+        ("lora_r = " + "9" * 5000, "invalid TOML: an integer longer than 4300 digits"),
+    ],
+)
+def test_toml_that_overflows_is_a_config_error(plugins, text, message):
+    (problem,) = problems_of('base_model = "m"\n' + text + '\n[[datasets]]\npath = "a"\n')
+    assert message in problem.message
+
+
+def test_set_values_are_bounded_like_the_config(plugins):
+    text = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
+    bomb = "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]" + "".join(
+        f", &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in itertools.pairwise("abcdefg")
+    )
+    for value, message in (
+        (bomb + "]", "expand to more than 100,000 values"),
+        ("9" * 5000, "an integer longer than 4300 digits"),
+    ):
+        with pytest.raises(UsageError, match=r"--set lora_r: value refused: .*" + message):
+            load_config_text(text, overrides=[f"lora_r={value}"])
+
+
+def test_a_missing_local_dataset_file_is_a_problem_with_its_line(plugins, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are read from the working directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "here.jsonl").write_text("")
+    (tmp_path / "t.json.gz").write_text("")
+    text = textwrap.dedent(
+        """\
+        base_model = "m"
+        [[datasets]]
+        path = "here.jsonl"
+        [[datasets]]
+        path = "data/missing.jsonl"
+        [[datasets]]
+        path = "org/hub-dataset"
+        [[datasets]]
+        path = "s3://bucket/train.jsonl"
+        [[test_datasets]]
+        path = "~/t.json.gz"
+        [[test_datasets]]
+        path = "~/gone.json.gz"
+        """
+    )
+    problems = problems_of(text)
+    first, second = (p.render().split("\n")[0] for p in problems)
+    assert first == "datasets[1].path (line 5): file not found: data/missing.jsonl [this machine]"
+    assert second.startswith("test_datasets[1].path (line 13): file not found: ")
+    assert second.endswith("gone.json.gz [this machine]")  # "~" may be shown expanded
+    assert str(tmp_path) in (problems[0].hint or "")
+    assert load_config_text(text, machine_checks=False).datasets[1].path == "data/missing.jsonl"

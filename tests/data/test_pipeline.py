@@ -179,3 +179,38 @@ def test_cache_follows_plugin_keys_and_template_file_contents(make_config, tmp_p
     ).from_cache
     template.write_text(builtin_template("chatml").replace("<|im_start|>", "<|im_start|> "))
     assert not prepare(make_config(text), tokenizer).from_cache
+
+
+def test_a_lone_surrogate_is_a_bad_row_not_a_tokenizer_crash(make_config, tokenizer, tmp_path):
+    import json
+
+    bad = {"instruction": "Say it.", "input": "", "output": "bad \ud800 text"}
+    rows = [*alpaca_rows(2), bad, *alpaca_rows(1, start=5)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # "\ud800" escaped: valid JSON
+    with pytest.raises(DataError) as error:
+        prepare(make_config(ALPACA), tokenizer)
+    assert (error.value.file, error.value.row, error.value.field) == (str(path), 3, "output")
+    assert "lone surrogate '\\ud800'" in str(error.value)
+    prepared = prepare(make_config('invalid_rows = "skip"\n' + ALPACA), tokenizer)
+    assert len(prepared.train) == 3  # the rest of the batch is tokenised
+    assert prepared.summary.datasets[0].dropped == {"invalid text": 1}
+
+
+def test_no_sample_left_says_per_dataset_what_was_read_and_dropped(
+    make_config, tokenizer, tmp_path
+):
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "la " * 200}] * 2)
+    (tmp_path / "b.jsonl").write_text("")
+    config = make_config(
+        "sequence_len = 64\nval_set_size = 0.1\n"
+        + ALPACA
+        + '[[datasets]]\npath = "{tmp}/b.jsonl"\ntype = "alpaca"\n'
+    )
+    with pytest.raises(DataError) as error:
+        prepare(config, tokenizer)
+    text = str(error.value)
+    assert "no training sample left after preparing the data" in text
+    assert f"{tmp_path}/a.jsonl: 2 rows in, 0 kept, dropped: longer than sequence_len: 2" in text
+    assert f"{tmp_path}/b.jsonl: 0 rows in, 0 kept" in text
+    assert "fix: raise sequence_len" in text

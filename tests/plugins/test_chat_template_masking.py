@@ -128,7 +128,7 @@ def our_labels(
         train_on_inputs=train_on_inputs,
     )
     result = process_chunk([row], 0, render, tokenizer, opts)
-    assert result.error is None, result.error
+    assert not result.errors, result.errors
     assert len(result.input_ids) == 1, result.dropped
     return result.input_ids[0], result.labels[0]
 

@@ -48,6 +48,6 @@ def test_cli_run_on_a_config_file_and_chat_on_nothing_trained(tiny_project, tmp_
     )
     missing = sft("chat", str(config), "--prompt", "hi")
     assert missing.returncode == 6 and "run `sft run` first" in missing.stderr
-    run = sft("run", str(config))
+    run = sft("run", str(config), cwd=tmp_path)  # relative paths: from the working directory
     assert run.returncode == 0, run.stderr[-2000:]
     assert "step 2/2 | loss" in run.stdout and "saved model to" in run.stdout

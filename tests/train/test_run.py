@@ -302,3 +302,21 @@ def test_special_tokens_override_the_tokenizer(tiny_project):
 
     with pytest.raises(ConfigError, match="unknown special token role 'padding'"):
         tiny_project("special_tokens={padding='x'}")
+
+
+def test_run_says_how_many_rows_were_dropped_and_why(tiny_project, capsys):
+    long_row = {
+        "messages": [
+            {"role": "user", "content": "word " * 400},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
+    with (tiny_project.tmp_path / "data.jsonl").open("a") as handle:
+        handle.write('{"messages": broken}\n' + json.dumps(long_row) + "\n")
+    train(tiny_project("max_steps=1", "adapter=lora", "invalid_rows=skip", "sequence_len=256"))
+    out = capsys.readouterr().out
+    assert "data: 24 train / 0 eval samples" in out
+    assert (
+        "data.jsonl: 26 rows in, 24 kept, dropped: invalid JSON: 1, longer than sequence_len: 1"
+        in out
+    )

@@ -1,0 +1,153 @@
+"""The prepared-data cache as users meet it: `~` paths, several runs at once, a full disk, a
+damaged entry."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+from conftest import tiny_rows, write_jsonl
+
+from sft.cli import main
+from sft.data.pipeline import Prepared, _load_cached, _save_cached, _to_dataset
+from sft.data.summary import Summary
+
+
+def make_project(root: Path, prepared: str) -> Path:
+    """A tokenizer, chat data and a config whose cache is `prepared`; returns the config."""
+    from sft.testing import build_tokenizer
+
+    build_tokenizer(
+        special_tokens=["<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>"
+    ).save_pretrained(root / "tok")
+    write_jsonl(root / "chat.jsonl", tiny_rows(6))
+    config = root / "config.toml"
+    config.write_text(
+        f'base_model = "{root / "tok"}"\nchat_template = "chatml"\n'
+        f'dataset_prepared_path = "{prepared}"\n'
+        f'[[datasets]]\npath = "{root / "chat.jsonl"}"\ntype = "chat_template"\n'
+    )
+    return config
+
+
+def test_a_prepared_path_under_home_is_one_cache_that_the_next_run_loads(
+    tmp_path, monkeypatch, plugins, capsys
+):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    config = make_project(tmp_path, "~/sft-prepared")
+    assert main(["preprocess", str(config)]) == 0
+    assert "written to" in capsys.readouterr().out
+    assert main(["preprocess", str(config)]) == 0
+    assert "loaded from" in capsys.readouterr().out
+    assert not (work / "~").exists()  # no directory literally named ~ (an `rm -rf ~` trap)
+    (entry,) = (home / "sft-prepared").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["complete", "summary.json", "train"]
+
+
+def test_a_full_disk_is_a_data_error_naming_the_cache_and_leaves_nothing(
+    tmp_path, plugins, monkeypatch, capsys
+):
+    import datasets
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"x" * 1000)  # partly written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full_disk)
+    config = make_project(tmp_path, str(tmp_path / "prepared"))
+    assert main(["preprocess", str(config)]) == 5
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(tmp_path / "prepared") in err
+    assert "Traceback" not in err
+    assert list((tmp_path / "prepared").iterdir()) == []  # no partial staging directory
+
+
+def test_a_damaged_cache_entry_is_a_data_error_saying_what_to_delete(tmp_path, plugins, capsys):
+    config = make_project(tmp_path, str(tmp_path / "prepared"))
+    assert main(["preprocess", str(config)]) == 0
+    (entry,) = (tmp_path / "prepared").iterdir()
+    for file in sorted((entry / "train").iterdir(), reverse=True):
+        file.unlink()
+    (entry / "train").rmdir()
+    capsys.readouterr()
+    assert main(["preprocess", str(config)]) == 5
+    err = capsys.readouterr().err
+    assert "damaged" in err and str(entry) in err and "delete" in err
+    assert "Traceback" not in err
+
+
+# -- several processes on one cache entry ---------------------------------------------------------
+
+SECONDS = 3.0
+
+
+def _prepared() -> Prepared:
+    ids = [[1, 2, 3, i] for i in range(50)]
+    return Prepared(train=_to_dataset(ids, ids), eval=None, summary=Summary(train_samples=50))
+
+
+def _writer(cache_dir: str, results: multiprocessing.Queue) -> None:
+    prepared, errors, writes = _prepared(), [], 0
+    end = time.monotonic() + SECONDS
+    while time.monotonic() < end:
+        try:
+            _save_cached(prepared, Path(cache_dir))
+            writes += 1
+        except Exception:
+            errors.append(traceback.format_exc(limit=3))
+    results.put(("writer", writes, errors[:3], len(errors)))
+
+
+def _reader(cache_dir: str, results: multiprocessing.Queue) -> None:
+    errors, loads = [], 0
+    end = time.monotonic() + SECONDS
+    while time.monotonic() < end:
+        if not (Path(cache_dir) / "complete").exists():
+            continue
+        try:
+            assert len(_load_cached(Path(cache_dir)).train) == 50
+            loads += 1
+        except Exception:
+            errors.append(traceback.format_exc(limit=3))
+    results.put(("reader", loads, errors[:3], len(errors)))
+
+
+def test_two_writers_and_a_reader_on_one_cache_entry_never_fail(tmp_path):
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    cache_dir = str(tmp_path / "prepared" / "0123abcd")
+    workers = [
+        context.Process(target=_writer, args=(cache_dir, results)),
+        context.Process(target=_writer, args=(cache_dir, results)),
+        context.Process(target=_reader, args=(cache_dir, results)),
+    ]
+    for worker in workers:
+        worker.start()
+    reports = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    for kind, count, errors, failures in reports:
+        assert failures == 0, f"{kind}: {failures} failures, e.g.\n" + "\n".join(errors)
+        assert count > 0, kind
+    assert len(_load_cached(Path(cache_dir)).train) == 50
+    assert [p.name for p in (tmp_path / "prepared").iterdir()] == ["0123abcd"]  # no leftovers
+
+
+@pytest.mark.parametrize("eval_split", [False, True])
+def test_the_cache_round_trips(tmp_path, eval_split):
+    prepared = _prepared()
+    if eval_split:
+        prepared = Prepared(train=prepared.train, eval=prepared.train, summary=prepared.summary)
+    _save_cached(prepared, tmp_path / "key")
+    loaded = _load_cached(tmp_path / "key")
+    assert loaded.from_cache and len(loaded.train) == 50
+    assert (loaded.eval is not None) == eval_split

@@ -1,0 +1,481 @@
+"""chat_template labels where the old marker-string search failed, against independent truth.
+
+Ground truth is the `{% generation %}` span of the test-asset templates, in characters
+(`render_jinja_template(..., return_assistant_tokens_mask=True)`), turned into token labels here
+by offset overlap. It covers:
+- templates on a *foreign* tokenizer, whose end-of-turn marker is several ordinary tokens (a
+  chat template chosen for a base model), including Phi-3's eos-at-the-end on a tokenizer whose
+  eos is another family's turn marker;
+- reasoning: Qwen3 (kept after the last user message) and DeepSeek-R1 (dropped everywhere), as
+  `reasoning_content` and as `<think>…</think>` inside `content`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import write_jsonl
+
+from sft.config import load_config_text
+from sft.data.pipeline import build_render, prepare_datasets
+from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
+from sft.errors import ConfigError, DataError
+from sft.testing import TEMPLATE_END_OF_TURN, build_tokenizer, template_tokenizer_kwargs
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "assets" / "chat_templates"
+POLICIES = ["turn", "all", "last", "none"]
+
+
+def tokenizer_for(template: str, family: str) -> Any:
+    """The `template` asset on the tokenizer of model family `family`."""
+    text = (TEMPLATES / f"{template}.jinja").read_text()
+    return build_tokenizer(chat_template=text, **template_tokenizer_kwargs(family))
+
+
+def labels_for(tokenizer: Any, messages: list[dict[str, Any]], **keys: Any) -> tuple[list, list]:
+    render = renderer(tokenizer, **keys)
+    opts = TokenizeOptions(
+        sequence_len=4096,
+        excess_length_strategy="raise",
+        invalid_rows="raise",
+        train_on_inputs=False,
+    )
+    result = process_chunk([{"messages": messages}], 0, render, tokenizer, opts)
+    assert len(result.input_ids) == 1, result
+    return result.input_ids[0], result.labels[0]
+
+
+def renderer(tokenizer: Any, **keys: Any) -> Any:
+    lines = ['base_model = "unused"', "[[datasets]]", 'path = "unused"', 'type = "chat_template"']
+    lines += [f"{name} = {json.dumps(value)}" for name, value in keys.items()]
+    config = load_config_text("\n".join(lines))
+    from sft.manager import get_plugins
+
+    return build_render(config.datasets[0], tokenizer, config, get_plugins())
+
+
+def generation_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list]:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    (text,), (spans,) = render_jinja_template(
+        [messages],
+        chat_template=tokenizer.chat_template,
+        return_assistant_tokens_mask=True,
+        **tokenizer.special_tokens_map,
+    )
+    return text, [tuple(s) for s in spans]
+
+
+def expected_labels(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], marker: str, policy: str
+) -> list[int]:
+    """Compose the generation spans with a `train_on_eos` policy, in characters, then label
+    every token overlapping a trained character."""
+    trained: list[tuple[int, int]] = []
+    ends = [(end - len(marker), end) for _, end in spans if text[end - len(marker) : end] == marker]
+    assert len(ends) == len(spans), "every generation span ends with the marker"
+    for (start, _), end in zip(spans, ends, strict=True):
+        trained.append((start, end[0]))
+    if policy == "turn":
+        trained += ends
+    elif policy == "last":
+        trained.append(ends[-1])
+    elif policy == "all":
+        for needle in {marker, tokenizer.eos_token}:
+            position = text.find(needle)
+            while position != -1:
+                trained.append((position, position + len(needle)))
+                position = text.find(needle, position + 1)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for token, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        hit = any(a < end and start < b for start, end in trained if end > start)
+        labels.append(token if hit else IGNORE)
+    return labels
+
+
+def runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
+    out = []
+    for trained, group in itertools.groupby(
+        zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE
+    ):
+        if trained:
+            out.append(tokenizer.decode([token for token, _ in group]))
+    return out
+
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+TURNS = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Japan?"},
+    {"role": "assistant", "content": "Tokyo, of course."},
+]
+EMPTY_FIRST = [TURNS[0], {"role": "assistant", "content": ""}, *TURNS[2:]]
+CONVERSATIONS = {
+    "system, two turns": [SYSTEM, *TURNS],
+    "two turns": list(TURNS),
+    "one turn": TURNS[:2],
+    "empty assistant content": EMPTY_FIRST,
+    "empty last assistant content": [*TURNS[:3], {"role": "assistant", "content": ""}],
+}
+# (template, tokenizer family): the template's end marker is not a token of that vocabulary.
+FOREIGN = [
+    ("phi3", "chatml"),
+    ("phi3", "llama3"),
+    ("gemma", "chatml"),
+    ("llama3", "chatml"),
+    ("chatml", "llama3"),
+]
+
+
+@pytest.mark.parametrize(("template", "family"), FOREIGN)
+@pytest.mark.parametrize("case", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_foreign_tokenizer_labels_match_the_generation_spans(
+    plugins, template, family, case, policy
+):
+    tokenizer = tokenizer_for(template, family)
+    marker = TEMPLATE_END_OF_TURN[template]
+    assert len(tokenizer(marker, add_special_tokens=False)["input_ids"]) > 1  # ordinary pieces
+    messages = CONVERSATIONS[case]
+    text, spans = generation_spans(tokenizer, messages)
+    ids, labels = labels_for(tokenizer, messages, train_on_eos=policy)
+    expected = expected_labels(tokenizer, text, spans, marker, policy)
+    assert labels == expected, (
+        f"ours:     {runs(tokenizer, ids, labels)}\nexpected: {runs(tokenizer, ids, expected)}"
+    )
+
+
+def test_phi3_eos_at_the_end_is_not_the_end_of_the_first_turn(plugins):
+    """The review's case: Phi-3's template on a tokenizer whose eos (<|im_end|>) is a ChatML
+    turn marker. Each assistant turn ends at its own <|end|>; the final eos belongs to no turn."""
+    tokenizer = tokenizer_for("phi3", "chatml")
+    ids, labels = labels_for(tokenizer, [SYSTEM, *TURNS])
+    assert runs(tokenizer, ids, labels) == ["Paris.<|end|>", "Tokyo, of course.<|end|>"]
+    ids, labels = labels_for(tokenizer, TURNS[:2])
+    assert runs(tokenizer, ids, labels) == ["Paris.<|end|>"]
+
+
+@pytest.mark.parametrize(("template", "family"), [("gemma", "chatml"), ("llama3", "chatml")])
+def test_multi_token_markers_follow_one_rule_after_empty_and_non_empty_turns(
+    plugins, template, family
+):
+    tokenizer = tokenizer_for(template, family)
+    marker = TEMPLATE_END_OF_TURN[template]
+    ids, labels = labels_for(tokenizer, EMPTY_FIRST, train_on_eos="turn")
+    trained = runs(tokenizer, ids, labels)
+    assert [r.strip() for r in trained] == [marker, f"Tokyo, of course.{marker}"]
+    ids, labels = labels_for(tokenizer, EMPTY_FIRST, train_on_eos="none")
+    assert [r.strip() for r in runs(tokenizer, ids, labels)] == ["Tokyo, of course."]
+
+
+# -- reasoning ------------------------------------------------------------------------------
+
+QUESTION_1 = {"role": "user", "content": "What is 2 + 3?"}
+QUESTION_2 = {"role": "user", "content": "And times 4?"}
+
+
+def answer(reasoning: str, text: str, form: str) -> dict[str, Any]:
+    if form == "field":
+        return {"role": "assistant", "content": text, "reasoning_content": reasoning}
+    return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{text}"}
+
+
+def reasoning_conversations(form: str) -> dict[str, list[dict[str, Any]]]:
+    first = answer("First, 2 + 3 = 5.", "It is 5.", form)
+    second = answer("Then, 5 * 4 = 20.", "It is 20.", form)
+    return {
+        "single turn": [QUESTION_1, first],
+        "two turns": [QUESTION_1, first, QUESTION_2, second],
+        "system, two turns": [SYSTEM, QUESTION_1, first, QUESTION_2, second],
+        "two answers after the last question": [QUESTION_1, first, second],
+        "no reasoning": [QUESTION_1, {"role": "assistant", "content": "It is 5."}],
+    }
+
+
+REASONING_CASES = [
+    (template, form, case)
+    for template in ("qwen3", "deepseek_r1")
+    for form in ("field", "think tags")
+    for case in reasoning_conversations(form)
+]
+
+
+@pytest.mark.parametrize(("template", "form", "case"), REASONING_CASES)
+@pytest.mark.parametrize("policy", ["turn", "none"])
+def test_reasoning_labels_match_the_generation_spans(plugins, template, form, case, policy):
+    tokenizer = tokenizer_for(template, template)
+    messages = reasoning_conversations(form)[case]
+    text, spans = generation_spans(tokenizer, messages)
+    ids, labels = labels_for(tokenizer, messages, train_on_eos=policy)
+    expected = expected_labels(tokenizer, text, spans, TEMPLATE_END_OF_TURN[template], policy)
+    assert labels == expected, (
+        f"ours:     {runs(tokenizer, ids, labels)}\nexpected: {runs(tokenizer, ids, expected)}"
+    )
+
+
+def test_qwen3_trains_reasoning_only_where_the_template_keeps_it(plugins):
+    tokenizer = tokenizer_for("qwen3", "qwen3")
+    messages = reasoning_conversations("think tags")["two turns"]
+    ids, labels = labels_for(tokenizer, messages)
+    assert runs(tokenizer, ids, labels) == [
+        "It is 5.<|im_end|>",  # an earlier turn: the template drops its reasoning
+        "<think>\nThen, 5 * 4 = 20.\n</think>\n\nIt is 20.<|im_end|>",
+    ]
+
+
+def test_train_on_reasoning_false_masks_the_think_block(plugins):
+    tokenizer = tokenizer_for("qwen3", "qwen3")
+    messages = reasoning_conversations("field")["two answers after the last question"]
+    ids, labels = labels_for(tokenizer, messages, train_on_reasoning=False)
+    assert runs(tokenizer, ids, labels) == ["It is 5.<|im_end|>", "It is 20.<|im_end|>"]
+
+
+def test_reasoning_the_template_drops_is_counted_not_refused(plugins):
+    tokenizer = tokenizer_for("deepseek_r1", "deepseek_r1")
+    render = renderer(tokenizer)
+    rendered = render({"messages": reasoning_conversations("think tags")["two turns"]})
+    assert rendered.notes == ("reasoning not rendered by the template",) * 2
+    assert "First, 2 + 3" not in rendered.text
+
+
+# -- tool calls -------------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def tool_row(arguments: Any) -> dict[str, Any]:
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": '{"temperature": 21}'},
+            {"role": "assistant", "content": "It is 21 °C in Paris."},
+        ],
+        "tools": TOOLS,
+    }
+
+
+def test_openai_string_arguments_are_parsed_not_double_encoded(plugins):
+    tokenizer = tokenizer_for("qwen_tools", "qwen_tools")
+    render = renderer(tokenizer)
+    as_string = render(tool_row('{"city": "Paris"}'))
+    as_object = render(tool_row({"city": "Paris"}))
+    assert '"arguments": {"city": "Paris"}' in as_string.text
+    assert as_string.text == as_object.text and as_string.spans == as_object.spans
+
+
+def test_invalid_argument_json_is_a_row_error_naming_the_message(plugins, make_config, tmp_path):
+    tokenizer = tokenizer_for("qwen_tools", "qwen_tools")
+    write_jsonl(tmp_path / "t.jsonl", [tool_row('{"city": Paris'), tool_row({"city": "Rome"})])
+    config = make_config('[[datasets]]\npath = "{tmp}/t.jsonl"\ntype = "chat_template"\n')
+    with pytest.raises(DataError) as error:
+        prepare_datasets(config, tokenizer, show_progress=False, use_cache=False)
+    assert error.value.row == 1
+    assert error.value.field == "messages[1].tool_calls[0].function.arguments"
+    assert "not valid JSON" in str(error.value)
+    skipped = make_config(
+        'invalid_rows = "skip"\n[[datasets]]\npath = "{tmp}/t.jsonl"\ntype = "chat_template"\n'
+    )
+    prepared = prepare_datasets(skipped, tokenizer, show_progress=False, use_cache=False)
+    assert prepared.summary.datasets[0].dropped == {"invalid tool call": 1}
+
+
+def test_argument_shapes_differ_across_rows(plugins, make_config, tmp_path):
+    """Rows read from JSON keep their own argument keys (no struct unification adding nulls)."""
+    tokenizer = tokenizer_for("qwen_tools", "qwen_tools")
+    rows = [tool_row({"city": "Paris"}), tool_row({"query": "weather", "limit": 5})]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    config = make_config(
+        'shuffle_merged_datasets = false\n[[datasets]]\npath = "{tmp}/t.jsonl"\ntype = "chat_template"\n'
+    )
+    prepared = prepare_datasets(config, tokenizer, show_progress=False, use_cache=False)
+    texts = [tokenizer.decode(r["input_ids"]) for r in prepared.train]
+    assert '"arguments": {"city": "Paris"}}' in texts[0]
+    assert '"arguments": {"query": "weather", "limit": 5}}' in texts[1]
+    assert "null" not in texts[0] + texts[1]
+
+
+# -- field mappings ---------------------------------------------------------------------------
+
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    {"conversations": [{"from": "human", "value": "Bye"}, {"from": "gpt", "value": "See you."}]},
+]
+SHAREGPT_KEYS = (
+    'field_messages = "conversations"\nroles = {user = ["human"], assistant = ["gpt"]}\n'
+)
+
+
+def test_a_mapping_that_matches_no_row_is_a_config_error(plugins, make_config, tmp_path):
+    tokenizer = tokenizer_for("chatml", "chatml")
+    write_jsonl(tmp_path / "s.jsonl", SHAREGPT)
+    for policy in ("raise", "skip"):
+        config = make_config(
+            f'invalid_rows = "{policy}"\n[[datasets]]\npath = "{{tmp}}/s.jsonl"\n'
+            f'type = "chat_template"\n{SHAREGPT_KEYS}'
+            'message_property_mappings = {role = "from", content = "text"}\n'
+        )
+        with pytest.raises(ConfigError) as error:
+            prepare_datasets(config, tokenizer, show_progress=False, use_cache=False)
+        (problem,) = error.value.problems
+        assert problem.path == "datasets[0].message_property_mappings"
+        assert "'text'" in problem.message and "from, value" in problem.message
+
+
+def test_a_row_missing_the_mapped_field_is_a_row_error(plugins, make_config, tmp_path):
+    tokenizer = tokenizer_for("chatml", "chatml")
+    rows = [
+        SHAREGPT[0],
+        {"conversations": [{"from": "human", "text": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+    ]
+    write_jsonl(tmp_path / "s.jsonl", rows)
+    keys = f'{SHAREGPT_KEYS}message_property_mappings = {{role = "from", content = "value"}}\n'
+    config = make_config(f'[[datasets]]\npath = "{{tmp}}/s.jsonl"\ntype = "chat_template"\n{keys}')
+    with pytest.raises(DataError) as error:
+        prepare_datasets(config, tokenizer, show_progress=False, use_cache=False)
+    assert error.value.row == 2 and error.value.field == "conversations[0].value"
+    skipping = make_config(
+        f'invalid_rows = "skip"\n[[datasets]]\npath = "{{tmp}}/s.jsonl"\ntype = "chat_template"\n{keys}'
+    )
+    prepared = prepare_datasets(skipping, tokenizer, show_progress=False, use_cache=False)
+    assert prepared.summary.datasets[0].dropped == {"missing field": 1}
+    assert len(prepared.train) == 1
+
+
+def test_a_tool_call_message_needs_no_content(plugins):
+    tokenizer = tokenizer_for("qwen_tools", "qwen_tools")
+    row = tool_row({"city": "Paris"})
+    del row["messages"][1]["content"]
+    assert "<tool_call>" in renderer(tokenizer)(row).text
+
+
+# -- one refused row does not hide the others ----------------------------------------------------
+
+
+def test_the_error_counts_every_failing_row_and_shows_the_first(plugins, make_config, tmp_path):
+    tokenizer = tokenizer_for("chatml", "chatml")
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    bad_role = {"messages": [{"role": "bot", "content": "Hi"}]}
+    bad_content = {"messages": [{"role": "user", "content": 5}]}
+    rows = [good, bad_role, good, bad_content] + [bad_role] * 10 + [good]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    config = make_config('[[datasets]]\npath = "{tmp}/t.jsonl"\ntype = "chat_template"\n')
+    with pytest.raises(DataError) as error:
+        prepare_datasets(config, tokenizer, show_progress=False, use_cache=False)
+    message = str(error.value)
+    assert "12 of 15 rows cannot be prepared" in message
+    assert "row 2, field 'messages[0].role': unknown role: " in message
+    assert "row 4, field 'messages[0].content': wrong type: " in message
+    assert "... and 7 more" in message
+    assert error.value.row == 2
+
+
+# -- template errors ------------------------------------------------------------------------------
+
+
+def test_a_jinja_syntax_error_is_a_config_error_at_validate(plugins, make_config, tmp_path):
+    broken = "{% for m in messages %}{{ m.content }"
+    (tmp_path / "broken.jinja").write_text("line one\n" + broken)
+    for value in (broken, f"{tmp_path}/broken.jinja"):
+        with pytest.raises(ConfigError) as error:
+            make_config(
+                f'chat_template = "jinja"\nchat_template_jinja = {json.dumps(value)}\n'
+                '[[datasets]]\npath = "x.jsonl"\ntype = "chat_template"\n'
+            )
+        (problem,) = [p for p in error.value.problems if p.path == "chat_template_jinja"]
+        assert "not valid Jinja" in problem.message and "line" in problem.message
+
+
+def test_a_template_error_on_every_row_blames_the_template(plugins, make_config, tmp_path):
+    tokenizer = tokenizer_for("mistral", "mistral")
+    rows = [{"messages": [SYSTEM, {"role": "assistant", "content": f"A{i}"}]} for i in range(3)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    config = make_config('[[datasets]]\npath = "{tmp}/t.jsonl"\ntype = "chat_template"\n')
+    with pytest.raises(ConfigError) as error:
+        prepare_datasets(config, tokenizer, show_progress=False, use_cache=False)
+    (problem,) = error.value.problems
+    assert problem.path == "datasets[0].chat_template"
+    assert "every row" in problem.message and "alternate" in problem.message
+
+
+def test_eot_tokens_choose_which_part_of_the_trailer_is_trained(plugins):
+    template = (
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|><|endoftext|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    tokenizer = build_tokenizer(chat_template=template, **template_tokenizer_kwargs("phi3"))
+    ids, labels = labels_for(tokenizer, TURNS[:2])
+    assert runs(tokenizer, ids, labels) == ["Paris.<|end|><|endoftext|>"]
+    ids, labels = labels_for(tokenizer, TURNS[:2], eot_tokens=["<|end|>"])
+    assert runs(tokenizer, ids, labels) == ["Paris.<|end|>"]
+    with pytest.raises(ConfigError, match="none of \\['<\\|eot_id\\|>'\\] ends an assistant turn"):
+        labels_for(tokenizer, TURNS[:2], eot_tokens=["<|eot_id|>"])
+
+
+# -- random conversations ---------------------------------------------------------------------
+
+WORDS = ["Paris", "is", "the", "capital", "of", "France.", "Yes!", "42", "ok", "👋", "日本"]
+ALTERNATING = {"mistral", "gemma"}
+
+
+def random_conversation(rng: Any, template: str) -> list[dict[str, Any]]:
+    def text() -> str:
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(0, 6)))
+        return rng.choice(["", " ", "\n"]) + words if rng.random() < 0.2 else words
+
+    messages: list[dict[str, Any]] = []
+    if rng.random() < 0.4 and template != "mistral":
+        messages.append({"role": "system", "content": text() or "Be brief."})
+    for _ in range(rng.randrange(1, 4)):
+        messages.append({"role": "user", "content": text() or "Hi"})
+        reply: dict[str, Any] = {"role": "assistant", "content": text()}
+        if template in ("qwen3", "deepseek_r1") and rng.random() < 0.5:
+            if rng.random() < 0.5:
+                reply["reasoning_content"] = text() or "Think."
+            else:
+                reply["content"] = f"<think>\n{text() or 'Think.'}\n</think>\n\n{reply['content']}"
+        messages.append(reply)
+        if template not in ALTERNATING and rng.random() < 0.2:
+            messages.append({"role": "assistant", "content": text()})
+    return messages
+
+
+RANDOM_PAIRS = [(stem, stem) for stem in sorted(TEMPLATE_END_OF_TURN) if stem != "qwen_tools"]
+RANDOM_PAIRS += FOREIGN
+
+
+@pytest.mark.parametrize(("template", "family"), RANDOM_PAIRS)
+def test_random_conversations_match_the_generation_spans(plugins, template, family):
+    import random
+
+    rng = random.Random(f"{template}/{family}")
+    tokenizer = tokenizer_for(template, family)
+    marker = TEMPLATE_END_OF_TURN[template]
+    for _ in range(25):
+        messages = random_conversation(rng, template)
+        text, spans = generation_spans(tokenizer, messages)
+        for policy in ("turn", "none"):
+            expected = expected_labels(tokenizer, text, spans, marker, policy)
+            if all(label == IGNORE for label in expected):
+                continue  # nothing to train: the row is dropped (tested elsewhere)
+            ids, labels = labels_for(tokenizer, messages, train_on_eos=policy)
+            assert labels == expected, (
+                f"{messages}\nours:     {runs(tokenizer, ids, labels)}\n"
+                f"expected: {runs(tokenizer, ids, expected)}"
+            )
