@@ -151,7 +151,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, overrides=args.overrides, machine_checks=not args.portable)
     console = _console()
-    names = ", ".join(f"{d.path} ({d.type or 'pre-tokenized'})" for d in config.datasets)
+    from sft.paths import redact
+
+    names = ", ".join(f"{redact(d.path)} ({d.type or 'pre-tokenized'})" for d in config.datasets)
     console.print(f"[green]✓[/] {args.config} is valid")
     console.print(f"  model      {config.base_model}")
     console.print(f"  adapter    {config.adapter or 'none (full fine-tune)'}")

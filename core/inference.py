@@ -40,9 +40,7 @@ def locate(
         # Only output_dir and base_model are used: a training dataset or GPU this machine
         # lacks must not stop chatting with (or merging) the result.
         config = load_config(path, overrides=overrides, machine_checks=False)
-        directory = Path(config.output_dir)
-        if not directory.is_absolute() and not directory.exists():
-            directory = path.parent / directory
+        directory = Path(config.output_dir)  # relative: from the working directory, as in run
         base, trust = config.base_model, config.trust_remote_code or trust_remote_code
     elif path.is_dir():
         directory = path

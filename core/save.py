@@ -12,6 +12,7 @@ import sft
 from sft import hookimpl
 from sft.config.convert import to_dict
 from sft.config.schema import Config
+from sft.errors import ModelError
 from sft.paths import REDACTED, redact
 
 RESOLVED_CONFIG = "sft_config.yaml"
@@ -49,8 +50,18 @@ def write_resolved_config(config: Config, output_dir: Path) -> Path:
 
 
 def read_resolved_config(directory: Path) -> dict[str, Any] | None:
+    """The `sft_config.yaml` of a directory sft wrote (or None). A downloaded directory is
+    untrusted input: the YAML is read with the config loader's bounds."""
+    from sft.config.loader import YamlRefused, load_yaml
+
     path = directory / RESOLVED_CONFIG
-    return yaml.safe_load(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except (YamlRefused, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} cannot be read: {exc}") from None
+    return data if isinstance(data, dict) else None
 
 
 def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) -> Path:

@@ -136,15 +136,20 @@ class Summary:
         ]
         if self.duplicates:
             lines.append(f"exact duplicates dropped: {self.duplicates}")
-        return lines
+        return lines + self.note_lines()
+
+    def note_lines(self) -> list[str]:
+        """Facts the strategies counted on kept rows (e.g. reasoning a template dropped)."""
+        return [
+            f"note: {label}{redact(d.name)}: {note}: {count} trained turns"
+            for label, group in (("", self.datasets), ("eval ", self.eval_datasets))
+            for d in group
+            for note, count in d.notes.items()
+        ]
 
     def lines(self) -> list[str]:
         text = [
             f"train samples: {self.train_samples}, eval samples: {self.eval_samples}"
             + (f", exact duplicates dropped: {self.duplicates}" if self.duplicates else "")
         ]
-        for label, group in (("", self.datasets), ("eval: ", self.eval_datasets)):
-            for d in group:
-                for note, count in d.notes.items():
-                    text.append(f"note: {label}{d.name}: {note}: {count} trained turns")
-        return text
+        return text + self.note_lines()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,31 @@ def pack_if_asked(config: Config, prepared: Any, plugins: Any, console: Any) -> 
     return train_data, eval_data
 
 
+@contextlib.contextmanager
+def _final_save(output_dir: Path) -> Iterator[None]:
+    """A full (or read-only) disk while saving the trained model: say so, and what is kept."""
+    try:
+        yield
+    except Exception as exc:
+        from sft.fsutil import storage_failure
+        from sft.train.trainer import latest_checkpoint
+
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
+        kept = latest_checkpoint(output_dir)
+        resume = (
+            f"; {kept} is complete: run the same command with "
+            "auto_resume_from_checkpoints = true to save from it"
+            if kept
+            else ""
+        )
+        raise ModelError(
+            f"cannot write the trained model to {output_dir}: {reason}\n"
+            f"  fix: free space on that disk{resume}"
+        ) from exc
+
+
 def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult:
     """Fine-tune as the config says; return where the result was written and how it went.
 
@@ -281,8 +308,9 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
     plugins.train_end(config, trainer, metrics)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    plugins.before_save(config, trainer.model, str(output_dir))
-    saved = plugins.save_model(config, trainer.model, tokenizer, str(output_dir)) or "nothing"
+    with _final_save(output_dir):
+        plugins.before_save(config, trainer.model, str(output_dir))
+        saved = plugins.save_model(config, trainer.model, tokenizer, str(output_dir)) or "nothing"
     warnings = [w.render() for w in monitor.warnings]
     if trainer.is_world_process_zero():
         write_resolved_config(config, output_dir)

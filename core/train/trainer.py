@@ -212,14 +212,14 @@ def make_trainer_class() -> type:
             self._staging_dir = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
+                if self.args.should_save and self.sft_checkpoint_record is not None:
+                    self.sft_checkpoint_record(staging / name)
             except Exception as exc:
                 _raise_storage_error(exc, root / name, staging)
                 raise
             finally:
                 self._staging_dir = None
             if self.args.should_save:
-                if self.sft_checkpoint_record is not None:
-                    self.sft_checkpoint_record(staging / name)
                 target = root / name
                 shutil.rmtree(target, ignore_errors=True)
                 (staging / name).replace(target)

@@ -479,3 +479,14 @@ def test_random_conversations_match_the_generation_spans(plugins, template, fami
                 f"{messages}\nours:     {runs(tokenizer, ids, labels)}\n"
                 f"expected: {runs(tokenizer, ids, expected)}"
             )
+
+
+def test_the_run_summary_tells_when_the_template_drops_reasoning(plugins, make_config, tmp_path):
+    tokenizer = tokenizer_for("deepseek_r1", "deepseek_r1")
+    rows = [{"messages": reasoning_conversations("field")["two turns"]}] * 2
+    write_jsonl(tmp_path / "r.jsonl", rows)
+    config = make_config('[[datasets]]\npath = "{tmp}/r.jsonl"\ntype = "chat_template"\n')
+    prepared = prepare_datasets(config, tokenizer, show_progress=False, use_cache=False)
+    note = f"note: {tmp_path / 'r.jsonl'}: reasoning not rendered by the template: 4 trained turns"
+    assert note in prepared.summary.dropped_lines()  # what `sft run` prints under `data:`
+    assert note in prepared.summary.lines()  # and `sft preprocess`

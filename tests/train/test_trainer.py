@@ -35,3 +35,26 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_removes_the_partia
     assert "Traceback" not in err
     assert latest_checkpoint(out) == out / "checkpoint-1"  # complete: a resume starts there
     assert not (out / ".staging").exists()  # the partial checkpoint does not keep the disk full
+
+
+def test_a_full_disk_during_the_final_save_is_a_clear_error(
+    tiny_project, tmp_path, monkeypatch, capsys
+):
+    import transformers
+
+    from sft.cli import main
+
+    original = transformers.PreTrainedModel.save_pretrained
+
+    def full_disk_at_the_end(self, save_directory, *args, **kwargs):
+        if "checkpoint-" not in str(save_directory):  # checkpoints fit; the final save does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, save_directory, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk_at_the_end)
+    config = tmp_path / "config.toml"
+    config.write_text("max_steps = 1\n" + TINY_CONFIG.replace("{tmp}", str(tmp_path)))
+    assert main(["run", str(config)]) == 6
+    err = capsys.readouterr().err
+    assert f"cannot write the trained model to {tmp_path / 'out'}: No space left on device" in err
+    assert "checkpoint-1 is complete" in err and "Traceback" not in err
