@@ -86,9 +86,21 @@ class Optimizer:
 
 @attrs.frozen
 class DistributedBackend:
-    """A distributed engine: `selected(config)` and the `TrainingArguments` it contributes."""
+    """A distributed engine (FSDP, DeepSpeed) driven through the HF Trainer and accelerate.
+
+    - `selected(config)`: whether the config asks for this engine (at most one may be).
+    - `training_args(config, model)`: the `TrainingArguments` keywords it contributes (e.g.
+      `fsdp`/`fsdp_config`, or `deepspeed`), given the loaded model (before the adapter), so it
+      can look up e.g. the decoder layer class to wrap.
+    - `check(config)`: problems `sft validate` reports before any process starts (conflicts,
+      unsupported combinations); `Problem.machine` for what depends on this machine.
+    - `available()`: (True, "") when the engine's runtime is importable here, else (False, "how
+      to install it"), shown by `sft plugins list`.
+    """
 
     name: str
     selected: Callable[[Config], bool]
-    training_args: Callable[[Config], dict[str, Any]]
+    training_args: Callable[[Config, Any], dict[str, Any]]
+    check: Callable[[Config], Sequence[Problem]] | None = None
+    available: Callable[[], tuple[bool, str]] | None = None
     description: str = ""

@@ -213,29 +213,36 @@ def sft_train_end(config: Config, trainer: Any, metrics: dict[str, float]) -> No
 
 
 @hookspec
-def sft_before_save(config: Config, model: Any, output_dir: str) -> None:
-    """Prepare a model for saving (e.g. gather a sharded state dict).
+def sft_before_save(config: Config, model: Any, output_dir: str, trainer: Any) -> None:
+    """Prepare a model for saving (e.g. ask the engine for a full state dict).
 
     Called once before the final save, on every rank.
 
     :param config: the run's config.
     :param model: the trained model (possibly a peft model or a wrapped engine model).
     :param output_dir: where the model will be written.
+    :param trainer: the run's trainer (its `accelerator` knows the distributed engine).
     """
 
 
 @hookspec(firstresult=True)
-def sft_save_model(config: Config, model: Any, tokenizer: Any, output_dir: str) -> str | None:
+def sft_save_model(
+    config: Config, model: Any, tokenizer: Any, output_dir: str, trainer: Any
+) -> str | None:
     """Write the trained model and tokenizer to `output_dir`.
 
-    Called once per run after `sft_before_save`, on the main process. First result wins: the core's default implementation is `trylast` and writes the adapter or
-    the full model in safetensors plus the tokenizer; a plugin that must save differently (e.g.
-    a distributed engine) returns a short description of what it wrote to stop the chain.
+    Called once per run after `sft_before_save`, on every rank: a distributed engine gathers
+    the weights with a collective, so every rank must take part; only the main process writes
+    files. First result wins: the core's default implementation is `trylast` and saves through
+    the trainer (which gathers FSDP and DeepSpeed ZeRO-3 weights) the adapter or the full model
+    in safetensors, plus the tokenizer; a plugin that must save differently returns a short
+    description of what it wrote to stop the chain.
 
     :param config: the run's config.
     :param model: the trained model.
     :param tokenizer: the tokenizer (with its chat template).
     :param output_dir: the directory to write into (it exists).
+    :param trainer: the run's trainer, or None when saving outside a training run.
     :return: a description of what was written, or `None` to let the next implementation save.
     """
 

@@ -308,12 +308,16 @@ class SftPlugins:
     def train_end(self, config: Config, trainer: Any, metrics: dict[str, float]) -> None:
         self.manager.hook.sft_train_end(config=config, trainer=trainer, metrics=metrics)
 
-    def before_save(self, config: Config, model: Any, output_dir: str) -> None:
-        self.manager.hook.sft_before_save(config=config, model=model, output_dir=output_dir)
+    def before_save(self, config: Config, model: Any, output_dir: str, trainer: Any = None) -> None:
+        self.manager.hook.sft_before_save(
+            config=config, model=model, output_dir=output_dir, trainer=trainer
+        )
 
-    def save_model(self, config: Config, model: Any, tokenizer: Any, output_dir: str) -> str | None:
+    def save_model(
+        self, config: Config, model: Any, tokenizer: Any, output_dir: str, trainer: Any = None
+    ) -> str | None:
         return self.manager.hook.sft_save_model(
-            config=config, model=model, tokenizer=tokenizer, output_dir=output_dir
+            config=config, model=model, tokenizer=tokenizer, output_dir=output_dir, trainer=trainer
         )
 
     def after_save(self, config: Config, output_dir: str) -> None:

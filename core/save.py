@@ -23,16 +23,25 @@ def is_main_process() -> bool:
 
 
 @hookimpl(trylast=True)
-def sft_save_model(config: Config, model: Any, tokenizer: Any, output_dir: str) -> str:
-    """Adapter (adapter_model.safetensors + adapter_config.json) or full model, + tokenizer."""
+def sft_save_model(
+    config: Config, model: Any, tokenizer: Any, output_dir: str, trainer: Any = None
+) -> str:
+    """Adapter (adapter_model.safetensors + adapter_config.json) or full model, + tokenizer.
+
+    Through `trainer.save_model` when there is a trainer: it unwraps DDP and gathers FSDP and
+    DeepSpeed ZeRO-3 weights (a collective: every rank calls it), and only the main process
+    writes.
+    """
     kind = "adapter" if config.adapter else "model"
-    if not is_main_process():
-        return kind  # one writer; the distributed plugins gather state before this
     inner = getattr(model, "config", None)
     if inner is not None and hasattr(inner, "use_cache"):
         inner.use_cache = True  # training turned the cache off; generation wants it on
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    if trainer is not None:
+        trainer.save_model(output_dir)
+    elif is_main_process():
+        model.save_pretrained(output_dir, safe_serialization=True)
+    if is_main_process():
+        tokenizer.save_pretrained(output_dir)
     return kind
 
 

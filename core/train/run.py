@@ -309,8 +309,11 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
 
     output_dir.mkdir(parents=True, exist_ok=True)
     with _final_save(output_dir):
-        plugins.before_save(config, trainer.model, str(output_dir))
-        saved = plugins.save_model(config, trainer.model, tokenizer, str(output_dir)) or "nothing"
+        plugins.before_save(config, trainer.model, str(output_dir), trainer)
+        saved = (
+            plugins.save_model(config, trainer.model, tokenizer, str(output_dir), trainer)
+            or "nothing"
+        )
     warnings = [w.render() for w in monitor.warnings]
     if trainer.is_world_process_zero():
         write_resolved_config(config, output_dir)
