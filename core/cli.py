@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="fine-tune: prepare data, train, save")
     _add_config_args(run)
+    from sft.launch import add_launch_arguments
+
+    add_launch_arguments(run)
     run.set_defaults(handler=cmd_run)
 
     merge = commands.add_parser("merge-lora", help="merge the trained adapter into its base model")
@@ -89,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(other files are kept)",
     )
     merge.set_defaults(handler=cmd_merge_lora)
+
+    sharded = commands.add_parser(
+        "merge-sharded",
+        help="turn a sharded checkpoint (fsdp SHARDED_STATE_DICT) into one safetensors model",
+    )
+    sharded.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint-N directory")
+    sharded.add_argument("--output", required=True, help="where to write the model or adapter")
+    _add_trust_arg(sharded)
+    sharded.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output: replace the model and tokenizer files there "
+        "(other files are kept)",
+    )
+    sharded.set_defaults(handler=cmd_merge_sharded)
 
     chat = commands.add_parser("chat", help="talk to the fine-tuned model")
     chat.add_argument(
@@ -165,9 +183,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sft.config import load_config
+    from sft.launch import launch, wants_launch
+
+    config = load_config(args.config, overrides=args.overrides)  # every problem before launching
+    if wants_launch(args):
+        return launch(args, args.argv)
     from sft.train.run import train
 
-    config = load_config(args.config, overrides=args.overrides)
     train(config, console=_console())
     return 0
 
@@ -182,6 +204,20 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     trained = locate(args.config, tuple(args.overrides), trust_remote_code=args.trust_remote_code)
     target = merge_lora(trained, Path(args.output) if args.output else None, args.overwrite)
     _console().print(f"merged model written to {target}")
+    return 0
+
+
+def cmd_merge_sharded(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sft.sharded import merge_sharded
+    from sft.train.run import quiet_libraries
+
+    quiet_libraries()
+    target, kind = merge_sharded(
+        Path(args.checkpoint), Path(args.output), args.overwrite, args.trust_remote_code
+    )
+    _console().print(f"merged {kind} written to {target}")
     return 0
 
 
@@ -268,11 +304,14 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def plugin_rows(plugins: Any) -> list[dict[str, Any]]:
     """One row per plugin with stable keys: name, package, version, hooks, provides, status, error."""
     provided, conflicts = plugins.provides()
+    unavailable = _unavailable(plugins)
     rows = []
     for name, record in sorted(plugins.records.items()):
         status, error = record.status, record.error
         if status == "ok" and name in conflicts:
             status, error = "error", conflicts[name]
+        elif status == "ok" and name in unavailable:
+            status, error = "unavailable", unavailable[name]
         rows.append(
             {
                 "name": record.name,
@@ -285,6 +324,19 @@ def plugin_rows(plugins: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _unavailable(plugins: Any) -> dict[str, str]:
+    """{plugin: how to install what it needs} for engines whose runtime is missing here."""
+    found: dict[str, str] = {}
+    registry = plugins.distributed_backends()
+    for name, backend in registry.items():
+        if backend.available is None:
+            continue
+        ok, how = backend.available()
+        if not ok:
+            found[registry.owner(name)] = f"{name}: {how}"
+    return found
 
 
 def cmd_plugins_list(args: argparse.Namespace) -> int:
@@ -307,7 +359,7 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
             f"{kind}: {', '.join(names)}" for kind, names in row["provides"].items()
         )
         status = {"ok": "[green]ok[/]", "error": f"[red]error[/]: {row['error']}"}.get(
-            row["status"], f"[yellow]{row['status']}[/]"
+            row["status"], f"[yellow]{row['status']}[/]: {row['error']}"
         )
         cells = [row["name"], row["package"] or "-", row["version"] or "-", provides or "-", status]
         if args.hooks:
@@ -344,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 target = parser._subparsers._group_actions[0].choices["plugins"]  # type: ignore[union-attr]
             target.print_help()
             return 0 if args.command is None else 4
+        args.argv = raw  # the launcher hands the same arguments to each process
         return handler(args)
     except SftError as error:
         _show_error(error, show_traceback)

@@ -90,8 +90,8 @@ class DistributedBackend:
 
     - `selected(config)`: whether the config asks for this engine (at most one may be).
     - `training_args(config, model)`: the `TrainingArguments` keywords it contributes (e.g.
-      `fsdp`/`fsdp_config`, or `deepspeed`), given the loaded model (before the adapter), so it
-      can look up e.g. the decoder layer class to wrap.
+      `fsdp`/`fsdp_config`, or `deepspeed`), given the model as it will train (with its adapter,
+      if any), so it can look up e.g. the decoder layer class to wrap.
     - `check(config)`: problems `sft validate` reports before any process starts (conflicts,
       unsupported combinations); `Problem.machine` for what depends on this machine.
     - `available()`: (True, "") when the engine's runtime is importable here, else (False, "how

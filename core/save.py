@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,11 @@ import sft
 from sft import hookimpl
 from sft.config.convert import to_dict
 from sft.config.schema import Config
+from sft.distributed import is_main_process
 from sft.errors import ModelError
 from sft.paths import REDACTED, redact
 
 RESOLVED_CONFIG = "sft_config.yaml"
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @hookimpl(trylast=True)

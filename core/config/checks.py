@@ -220,9 +220,21 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
             Problem("sample_packer", plugins.packers().unknown_message(config.sample_packer))
         )
     optimizer = plugins.optimizers().get(config.optimizer)
+    engines = plugins.distributed_backends()
+    selected = [engine for _, engine in engines.items() if engine.selected(config)]
+    if len(selected) > 1:
+        names = " and ".join(engine.name for engine in selected)
+        problems.append(
+            Problem(
+                selected[1].name,
+                f"{names} are both selected: a run uses one distributed engine",
+                hint=f"remove the {selected[1].name} keys (or the {selected[0].name} ones)",
+            )
+        )
     for registry, component in (
         (plugins.attention_backends(), backend),
         (plugins.optimizers(), optimizer),
+        *((engines, engine) for engine in selected),
     ):
         if component.check is None:
             continue

@@ -313,8 +313,14 @@ def prepare_datasets(
     plugins: Any = None,
     show_progress: bool = True,
     use_cache: bool = True,
+    wait_for_cache: Callable[[Path], None] | None = None,
 ) -> Prepared:
-    """Prepare the config's training and eval data (from the cache when nothing changed)."""
+    """Prepare the config's training and eval data (from the cache when nothing changed).
+
+    `wait_for_cache` (the other processes of a multi-process run): do not tokenise; the data
+    is read only to compute the cache key, then `wait_for_cache(cache_dir)` is called until
+    the process that prepares (local rank 0) has written that cache entry, which is loaded.
+    """
     if plugins is None:
         from sft.manager import get_plugins
 
@@ -328,6 +334,12 @@ def prepare_datasets(
     key = cache_key(config, tokenizer, [r.fingerprint for r in (*raws, *test_raws)], plugins)
     cache_dir = Path(config.dataset_prepared_path) / key if config.dataset_prepared_path else None
     if use_cache and cache_dir is not None and (cache_dir / "complete").exists():
+        return _load_cached(cache_dir)
+    if wait_for_cache is not None:
+        if cache_dir is None:
+            raise ValueError("waiting for prepared data needs dataset_prepared_path")
+        while not (cache_dir / "complete").exists():
+            wait_for_cache(cache_dir)
         return _load_cached(cache_dir)
 
     summary = Summary()

@@ -22,8 +22,8 @@ from typing import Any
 import attrs
 
 from sft.config.schema import Config
+from sft.distributed import is_main_process
 from sft.errors import Interrupted
-from sft.save import is_main_process
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report
 

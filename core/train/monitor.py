@@ -181,9 +181,11 @@ def make_callback(config: Any, output_dir: Path, console: Any, monitor: HealthMo
             self.history: list[dict[str, Any]] = []
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            output_dir.mkdir(parents=True, exist_ok=True)
             self.start = self.last_time = time.time()
             self.last_tokens = state.num_input_tokens_seen or 0
+            if not state.is_world_process_zero:
+                return  # one process writes the metrics and shows the progress
+            output_dir.mkdir(parents=True, exist_ok=True)
             if console.is_terminal:
                 from rich.live import Live
 
@@ -198,8 +200,8 @@ def make_callback(config: Any, output_dir: Path, console: Any, monitor: HealthMo
             logs: dict[str, float] | None = None,
             **kwargs: Any,
         ) -> None:
-            if not logs:
-                return
+            if not logs or not state.is_world_process_zero:
+                return  # the logged values are already gathered over all processes
             now = time.time()
             tokens = state.num_input_tokens_seen or 0
             record: dict[str, Any] = {

@@ -21,9 +21,10 @@ from pathlib import Path
 import attrs
 
 from sft.config.schema import Config
+from sft.distributed import is_main_process
 from sft.errors import ConfigError, ModelError, Problem
 from sft.fsutil import MARKER, mark_directory, replace_sft_files, sft_files
-from sft.save import RESOLVED_CONFIG, is_main_process
+from sft.save import RESOLVED_CONFIG
 
 METRICS = "metrics.jsonl"
 
@@ -79,6 +80,8 @@ def claim_output_dir(config: Config, resuming: bool) -> OutputDir:
     from sft.train.trainer import latest_checkpoint
 
     path = Path(config.output_dir)
+    if not is_main_process():  # rank 0 decides (and creates); the others follow or are stopped
+        return OutputDir(path, [], {})
     if path.exists() and not path.is_dir():
         raise _problem(config, f"{path} is a file", "set output_dir to a directory path")
     recorded = sft_files(path)  # None: not created by sft
@@ -105,11 +108,52 @@ def claim_output_dir(config: Config, resuming: bool) -> OutputDir:
             )
         if is_main_process() and (path / METRICS).is_file():
             (path / METRICS).unlink()  # a fresh run starts a fresh log
-    if is_main_process():
-        path.mkdir(parents=True, exist_ok=True)
-        if recorded is None:
-            mark_directory(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if recorded is None:
+        mark_directory(path)
+    lock_output_dir(path)
     return OutputDir(path, recorded or [], _files(path))
 
 
-__all__ = ["METRICS", "OutputDir", "claim_output_dir", "refuse_stale_checkpoints"]
+_held: dict[Path, int] = {}  # output_dir → its open marker file, locked until this process ends
+
+
+def lock_output_dir(path: Path) -> None:
+    """One run at a time writes into an output_dir: its checkpoints, staging and metrics would
+    mix. The lock is an OS lock on the directory's marker file, released when the process
+    ends, however it ends."""
+    import fcntl
+    import os
+
+    key = path.resolve()
+    if key in _held:
+        return
+    handle = os.open(path / MARKER, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        raise ModelError(
+            f"another sft run is writing to {path}\n"
+            "  fix: wait for it to finish, or use another output_dir"
+        ) from None
+    _held[key] = handle
+
+
+def release_output_dir(path: Path) -> None:
+    """Let another run use `path` (the Python API's runs end without the process ending)."""
+    import os
+
+    handle = _held.pop(path.resolve(), None)
+    if handle is not None:
+        os.close(handle)  # closing the file releases its lock
+
+
+__all__ = [
+    "METRICS",
+    "OutputDir",
+    "claim_output_dir",
+    "lock_output_dir",
+    "refuse_stale_checkpoints",
+    "release_output_dir",
+]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,15 @@ from typing import Any
 import attrs
 
 from sft.config.schema import Config
-from sft.errors import ModelError
-from sft.save import is_main_process
+from sft.distributed import (
+    is_local_main_process,
+    is_main_process,
+    selected_backends,
+    world_size,
+)
+from sft.errors import DataError, ModelError
 from sft.train.interrupt import StopRequest, make_stop_callback
-from sft.train.output import claim_output_dir
+from sft.train.output import claim_output_dir, release_output_dir
 from sft.train.resume import (
     check_resume,
     data_fingerprint,
@@ -50,6 +57,18 @@ class _CpuKernelNotice(logging.Filter):
 _CPU_KERNEL_NOTICE = _CpuKernelNotice()
 
 
+class _DeepSpeedCpuNotice(logging.Filter):
+    """DeepSpeed, imported by accelerate whenever it is installed, warns on every process of
+    every run on a machine without a GPU that it "set the accelerator to CPU" — a fact, not a
+    problem, and nothing a user who did not ask for DeepSpeed can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
+_DEEPSPEED_CPU_NOTICE = _DeepSpeedCpuNotice()
+
+
 def quiet_libraries(config: Config | None = None) -> None:
     """sft shows its own progress; library progress bars and chatter would interleave with it.
 
@@ -66,6 +85,7 @@ def quiet_libraries(config: Config | None = None) -> None:
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)
     bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if config is not None and config.load_in_4bit:
         bnb_cpu.removeFilter(_CPU_KERNEL_NOTICE)
@@ -83,9 +103,21 @@ def seed_everything(seed: int) -> None:
 
 
 def steps_per_epoch(samples: int, config: Config) -> int:
-    return max(
-        1, math.ceil(samples / config.micro_batch_size) // config.gradient_accumulation_steps
-    )
+    """Optimizer steps per epoch as the Trainer counts them: each process gets every
+    `world_size`-th micro-batch; a last, partial accumulation still makes a step."""
+    batches = math.ceil(math.ceil(samples / config.micro_batch_size) / world_size())
+    return max(1, math.ceil(batches / config.gradient_accumulation_steps))
+
+
+def check_data_fills_a_step(samples: int, config: Config) -> None:
+    """Every process needs data of its own: fewer training samples (or packed rows) than
+    processes would have the data loader repeat samples to feed them. Say so before training."""
+    if samples < world_size():
+        raise DataError(
+            f"{samples} training sample{'s' if samples != 1 else ''} for {world_size()} "
+            "processes: each process needs at least one",
+            hint="add data, or run fewer processes",
+        )
 
 
 def _schedule(
@@ -99,7 +131,14 @@ def _schedule(
     return {f"{kind}_strategy": "epoch"}
 
 
-def training_arguments(config: Config, train_samples: int, has_eval: bool, dtype: Any) -> Any:
+def training_arguments(
+    config: Config,
+    train_samples: int,
+    has_eval: bool,
+    dtype: Any,
+    engine: dict[str, Any] | None = None,
+) -> Any:
+    """The Trainer's arguments; `engine` holds those of the selected distributed backend."""
     import torch
     from transformers import TrainingArguments
 
@@ -144,8 +183,13 @@ def training_arguments(config: Config, train_samples: int, has_eval: bool, dtype
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
         save_only_model=False,
+        # Every parameter that trains gets a gradient each step (adapters and full models
+        # alike): DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None,
         **eval_kwargs,
         **save_kwargs,
+        **(engine or {}),
     )
 
 
@@ -198,21 +242,51 @@ def _final_save(output_dir: Path) -> Iterator[None]:
         ) from exc
 
 
+def prepare_once(config: Config, tokenizer: Any, plugins: Any, console: Any) -> Any:
+    """Prepare the data in one process per node; the others wait for its cache and load it.
+
+    The others wait on the cache entry itself (its `complete` file), never inside a collective:
+    tokenising a large dataset takes longer than a process group's timeout. Without
+    `dataset_prepared_path`, a multi-process run caches in `output_dir/.sft-prepared`.
+    """
+    from sft.data.pipeline import prepare_datasets
+
+    if world_size() == 1:
+        return prepare_datasets(config, tokenizer, plugins)
+    if not config.dataset_prepared_path:
+        cache = str(Path(config.output_dir) / ".sft-prepared")
+        config = attrs.evolve(config, dataset_prepared_path=cache)
+    if is_local_main_process():
+        return prepare_datasets(config, tokenizer, plugins)
+    told: list[bool] = []
+
+    def wait(cache_dir: Path) -> None:
+        if not told:
+            told.append(True)
+            console.print(f"waiting for local rank 0 to prepare the data into {cache_dir}")
+        time.sleep(0.5)
+
+    return prepare_datasets(config, tokenizer, plugins, show_progress=False, wait_for_cache=wait)
+
+
 def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult:
     """Fine-tune as the config says; return where the result was written and how it went.
 
     Ctrl-C or SIGTERM during training saves a checkpoint, then raises `sft.errors.Interrupted`
     saying how to resume (`sft.train.interrupt`); the earlier signal handlers are restored.
     """
-    if console is None:
-        from rich.console import Console
+    from rich.console import Console
 
+    if console is None:
         console = Console(highlight=False)
+    if not is_main_process():  # one process prints (errors are still raised on every rank)
+        console = Console(file=io.StringIO())
     stop = StopRequest(console).install()
     try:
         return _train(config, plugins, console, stop)
     finally:
         stop.restore()
+        release_output_dir(Path(config.output_dir))
 
 
 def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> RunResult:
@@ -220,7 +294,6 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
         from sft.manager import get_plugins
 
         plugins = get_plugins()
-    from sft.data.pipeline import prepare_datasets
     from sft.model import apply_adapter, check_hardware, count_parameters, load_model, resolve_dtype
     from sft.save import write_model_card, write_resolved_config
     from sft.tokenizer import load_tokenizer
@@ -240,7 +313,7 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
     seed_everything(config.seed)
 
     tokenizer = load_tokenizer(config, plugins)
-    prepared = prepare_datasets(config, tokenizer, plugins)
+    prepared = prepare_once(config, tokenizer, plugins, console)
     summary = prepared.summary
     console.print(
         f"data: {summary.train_samples} train / {summary.eval_samples} eval samples"
@@ -261,10 +334,16 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
     )
 
     train_data, eval_data = pack_if_asked(config, prepared, plugins, console)
-    args = training_arguments(config, len(train_data), eval_data is not None, dtype)
+    check_data_fills_a_step(len(train_data), config)
+    engine = {}
+    for backend in selected_backends(config, plugins):  # validation allows at most one
+        engine = backend.training_args(config, model)
+        console.print(f"engine: {backend.name}, {world_size()} processes")
+    args = training_arguments(config, len(train_data), eval_data is not None, dtype, engine)
     per_epoch = steps_per_epoch(len(train_data), config)
     total_steps = config.max_steps or math.ceil(per_epoch * config.num_epochs)
-    console.print(f"steps: {total_steps} ({per_epoch} per epoch)")
+    processes = f", {world_size()} processes" if world_size() > 1 else ""
+    console.print(f"steps: {total_steps} ({per_epoch} per epoch{processes})")
     monitor = HealthMonitor(
         lr_schedule=config.lr_scheduler, warmup=warmup_steps(config, total_steps)
     )
@@ -313,6 +392,12 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
         saved = (
             plugins.save_model(config, trainer.model, tokenizer, str(output_dir), trainer)
             or "nothing"
+        )
+    if is_main_process() and not any(output_dir.glob("*.safetensors")):
+        raise ModelError(
+            f"the final save wrote no weights to {output_dir} (a save plugin or the engine's "
+            "state-dict settings kept them back)\n  fix: report it with `sft plugins list` output; "
+            "the last checkpoint-N holds the trained state"
         )
     warnings = [w.render() for w in monitor.warnings]
     if trainer.is_world_process_zero():

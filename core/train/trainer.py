@@ -187,8 +187,9 @@ def make_trainer_class() -> type:
             ids = inputs["input_ids"]
             pad = self.sft_pad_id
             is_pad = (ids == pad).flip(-1).to(torch.int64)
-            tail = is_pad.cumprod(-1).sum()
-            self.state.num_input_tokens_seen += int(ids.numel() - tail)
+            real = torch.as_tensor(ids.numel(), device=ids.device) - is_pad.cumprod(-1).sum()
+            # Summed over all processes, like the Trainer's own count.
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum().item())
             return None
 
         def _get_output_dir(self, trial: Any) -> str:
@@ -205,10 +206,15 @@ def make_trainer_class() -> type:
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # Write into a staging directory, then rename: a kill mid-save never leaves a
             # `checkpoint-N` that resume would pick up half-written.
+            # Every process writes its part (sharded engines) into the same staging directory:
+            # it is emptied before anyone writes, and renamed once everyone is done. One run
+            # at a time uses an output_dir (`sft.train.output` holds a lock).
             root = Path(super()._get_output_dir(trial))
             name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
             staging = root / ".staging"
-            shutil.rmtree(staging, ignore_errors=True)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             self._staging_dir = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
@@ -219,6 +225,7 @@ def make_trainer_class() -> type:
                 raise
             finally:
                 self._staging_dir = None
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 target = root / name
                 shutil.rmtree(target, ignore_errors=True)
@@ -230,5 +237,6 @@ def make_trainer_class() -> type:
                     best_model_checkpoint=self.state.best_model_checkpoint,
                     use_mtime=False,
                 )
+            self.accelerator.wait_for_everyone()  # checkpoint-N exists for every process now
 
     return SftTrainer

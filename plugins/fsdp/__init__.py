@@ -1,0 +1,249 @@
+"""FSDP (prefer FSDP2) through the HF Trainer and accelerate, selected by Axolotl's keys.
+
+`fsdp_version` + `fsdp_config` (or Axolotl's older `fsdp = ["full_shard", "auto_wrap"]`) turn it
+on; `sft.plugins.fsdp.settings` reads every spelling into one `FsdpSettings`. The run passes
+`fsdp=True` + `fsdp_config` (transformers' own key names) to `TrainingArguments`; the decoder
+layer class to wrap comes from the model (`_no_split_modules`) when the config names none.
+
+Saving: checkpoints use `state_dict_type` (SHARDED_STATE_DICT writes one file per process,
+`sft merge-sharded` turns one into a model); the final save always gathers a full state dict,
+so the output is an ordinary safetensors model or adapter that transformers / peft load.
+
+accelerate drives FSDP on GPUs (CUDA and other accelerators) only: on a CPU-only machine the
+Trainer would silently fall back to plain data parallelism, so such a config is refused there
+(a machine problem; `sft validate --portable` skips it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import attrs
+
+from sft import hookimpl
+from sft.components import ConfigKeys, DistributedBackend
+from sft.config.schema import Config, key
+from sft.errors import ModelError, Problem
+from sft.plugins.fsdp.settings import FsdpSettings, is_on, resolve
+
+
+@attrs.frozen
+class FsdpKeys:
+    # `Any`: true/false, a list of options or a space-separated string (checked in `resolve`).
+    fsdp: Any = key(
+        None,
+        doc="Axolotl's older FSDP switch: true, or options like ['full_shard', 'auto_wrap'] "
+        "('offload' = offload_params; 'shard_grad_op' keeps parameters gathered between forward "
+        "and backward); false turns FSDP off whatever else is set.",
+    )
+    fsdp_version: Literal[1, 2] | None = key(
+        None,
+        doc="FSDP version: 2 (the default once FSDP is on; per-parameter sharding) or 1 "
+        "(legacy, deprecated in transformers). Setting it turns FSDP on.",
+    )
+    fsdp_config: dict[str, Any] | None = key(
+        None,
+        doc="FSDP settings (Axolotl's names, `fsdp_` prefix optional): reshard_after_forward, "
+        "state_dict_type (FULL_STATE_DICT / SHARDED_STATE_DICT, for checkpoints), "
+        "auto_wrap_policy (TRANSFORMER_BASED_WRAP / SIZE_BASED_WRAP / NO_WRAP), "
+        "transformer_layer_cls_to_wrap (default: the model's decoder layer), min_num_params, "
+        "offload_params, cpu_ram_efficient_loading, activation_checkpointing. Setting it turns "
+        "FSDP on.",
+    )
+
+
+# The bnb_optim plugin's optimizers: bitsandbytes kernels that take plain tensors only.
+BNB_OPTIMIZERS = (
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "lion_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+)
+
+
+def _keys(config: Config) -> FsdpKeys:
+    return config.section(FsdpKeys)
+
+
+def selected(config: Config) -> bool:
+    keys = _keys(config)
+    return is_on(keys.fsdp, keys.fsdp_version, keys.fsdp_config)
+
+
+def settings_of(config: Config) -> FsdpSettings:
+    """The run's FSDP settings (the config was validated: no problem is left)."""
+    keys = _keys(config)
+    return resolve(keys.fsdp, keys.fsdp_version, keys.fsdp_config)[0]
+
+
+def engine_runs_here() -> tuple[bool, str]:
+    """Whether accelerate can shard with FSDP on this machine (it does so on GPUs only)."""
+    from sft.hardware import cuda_present
+
+    if cuda_present():
+        return True, ""
+    return False, (
+        "accelerate runs FSDP on GPUs only; on a CPU-only machine the Trainer would silently "
+        "use plain data parallelism (every process holding the whole model) instead"
+    )
+
+
+def _where(config: Config) -> str:
+    keys = _keys(config)
+    if keys.fsdp_config is not None:
+        return "fsdp_config"
+    return "fsdp_version" if keys.fsdp_version is not None else "fsdp"
+
+
+def check(config: Config) -> list[Problem]:
+    """What FSDP cannot do with the rest of this config, or on this machine (the keys
+    themselves are checked by `sft_validate_config`)."""
+    problems = []
+    settings = settings_of(config)
+    ok, reason = engine_runs_here()
+    if not ok:
+        problems.append(
+            Problem(
+                _where(config),
+                f"FSDP is unavailable on this machine: {reason}",
+                hint="run on CUDA GPUs, or remove the fsdp keys here (several processes on a "
+                "CPU then train with plain data parallelism)",
+                machine=True,
+            )
+        )
+    if config.load_in_8bit:
+        problems.append(
+            Problem(
+                "load_in_8bit",
+                "FSDP cannot shard bitsandbytes 8-bit weights",
+                hint="use load_in_4bit with adapter = 'qlora', or no quantization",
+            )
+        )
+    if settings.version == 2 and config.optimizer in BNB_OPTIMIZERS:
+        problems.append(
+            Problem(
+                "optimizer",
+                f"{config.optimizer} (bitsandbytes) cannot update FSDP2's sharded parameters "
+                "(its kernel gets a mix of DTensor and plain tensors)",
+                hint="use adamw_torch or adamw_torch_fused with FSDP2",
+            )
+        )
+    if settings.activation_checkpointing and config.adapter:
+        # peft finds the adapter's weights by module name, and FSDP's checkpoint wrapper renames
+        # the layers (`_checkpoint_wrapped_module`): the final save would write an empty
+        # adapter_model.safetensors (seen with peft 0.21, accelerate 1.15).
+        problems.append(
+            Problem(
+                "fsdp_config.activation_checkpointing",
+                "with an adapter, FSDP's activation checkpointing hides the adapter's weights "
+                "from peft's save: the saved adapter would be empty",
+                hint="use gradient_checkpointing = true instead (it works with FSDP and adapters)",
+            )
+        )
+    elif settings.activation_checkpointing and config.gradient_checkpointing:
+        problems.append(
+            Problem(
+                "gradient_checkpointing",
+                "recomputes activations a second time on top of "
+                "fsdp_config.activation_checkpointing",
+                hint="keep fsdp_config.activation_checkpointing (FSDP's own, no extra all-gather) "
+                "and remove gradient_checkpointing",
+            )
+        )
+    return problems
+
+
+def _no_split_modules(model: Any) -> tuple[str, ...]:
+    """The model's decoder layer class names (transformers' `_no_split_modules`)."""
+    for candidate in (model, getattr(model, "get_base_model", lambda: None)()):
+        names = getattr(candidate, "_no_split_modules", None) if candidate is not None else None
+        if names:
+            return tuple(dict.fromkeys(names))
+    return ()
+
+
+def _class_names(model: Any) -> set[str]:
+    return {type(module).__name__ for module in model.modules()}
+
+
+def training_args(config: Config, model: Any) -> dict[str, Any]:
+    """`fsdp` / `fsdp_config` for `TrainingArguments`, the wrap class found on the model."""
+    if "LOCAL_RANK" not in os.environ:
+        raise ModelError(
+            "FSDP shards the model across processes, and this run was started as one plain "
+            "process\n  fix: sft run --nproc-per-node N CONFIG, or torchrun --nproc-per-node N "
+            "-m sft run CONFIG (N = number of GPUs)"
+        )
+    settings = settings_of(config)
+    layers: tuple[str, ...] | None = None
+    if settings.auto_wrap_policy == "TRANSFORMER_BASED_WRAP":
+        present = _class_names(model)
+        if settings.transformer_layer_cls_to_wrap:
+            missing = [n for n in settings.transformer_layer_cls_to_wrap if n not in present]
+            if missing:
+                layers_here = [n for n in sorted(present) if "Layer" in n or "Block" in n]
+                raise ModelError(
+                    f"fsdp_config.transformer_layer_cls_to_wrap: {', '.join(missing)} is not a "
+                    f"module class of {config.base_model}\n  fix: use one of "
+                    f"{', '.join(layers_here) or ', '.join(sorted(present))}, or leave the key "
+                    "out (the model's decoder layer is found by itself)"
+                )
+        else:
+            layers = tuple(n for n in _no_split_modules(model) if n in present)
+            if not layers:
+                raise ModelError(
+                    f"cannot tell the decoder layer class of {config.base_model} to wrap for "
+                    "FSDP (the model lists no _no_split_modules)\n  fix: set "
+                    "fsdp_config.transformer_layer_cls_to_wrap, e.g. 'LlamaDecoderLayer'"
+                )
+    return {"fsdp": True, "fsdp_config": settings.fsdp_config(layers)}
+
+
+def available() -> tuple[bool, str]:
+    # torch.distributed ships with every torch build sft supports.
+    return True, ""
+
+
+@hookimpl
+def sft_config_keys() -> Sequence[ConfigKeys]:
+    return [ConfigKeys(FsdpKeys)]
+
+
+@hookimpl
+def sft_validate_config(config: Config) -> Sequence[Problem]:
+    keys = _keys(config)
+    return resolve(keys.fsdp, keys.fsdp_version, keys.fsdp_config)[1]
+
+
+@hookimpl
+def sft_register_distributed_backends(register: Callable[[DistributedBackend], None]) -> None:
+    register(
+        DistributedBackend(
+            name="fsdp",
+            selected=selected,
+            training_args=training_args,
+            check=check,
+            available=available,
+            description="PyTorch FSDP2 (or FSDP1) via accelerate: parameters, gradients and "
+            "optimizer state sharded across processes",
+        )
+    )
+
+
+@hookimpl
+def sft_before_save(config: Config, model: Any, output_dir: str, trainer: Any) -> None:
+    """The final save gathers a full state dict, whatever the checkpoints used: with
+    SHARDED_STATE_DICT the Trainer's `save_model` would otherwise write no weights at all."""
+    if trainer is None or not selected(config):
+        return
+    plugin = getattr(getattr(trainer, "accelerator", None), "state", None)
+    plugin = getattr(plugin, "fsdp_plugin", None)
+    if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        return
+    # `set_state_dict_type` keeps existing (sharded) state-dict configs: clear them first.
+    plugin.state_dict_config = None
+    plugin.optim_state_dict_config = None
+    plugin.set_state_dict_type("FULL_STATE_DICT")
