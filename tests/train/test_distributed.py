@@ -240,3 +240,28 @@ def test_sigterm_stops_both_processes_at_one_step_with_a_checkpoint(tiny_project
     assert 2 <= step < 40
     assert f"SIGTERM: stopped at step {step}/40; checkpoint written to" in stderr
     assert stderr.count("stopped at step") == 1  # said once, by rank 0
+
+
+def test_plugins_list_shows_each_engine_and_whether_it_can_run_here(plugins, monkeypatch):
+    import sft.plugins.deepspeed as deepspeed
+    from sft.cli import plugin_rows
+
+    rows = {row["name"]: row for row in plugin_rows(plugins)}
+    assert rows["fsdp"]["provides"]["distributed_backends"] == ["fsdp"]
+    assert rows["deepspeed"]["provides"]["distributed_backends"] == ["deepspeed"]
+    assert rows["fsdp"]["status"] == "ok"
+    monkeypatch.setattr(deepspeed, "installed", lambda module: False)  # as without the package
+    row = {row["name"]: row for row in plugin_rows(plugins)}["deepspeed"]
+    assert row["status"] == "unavailable"
+    assert row["error"] == "deepspeed: pip install 'sft-train[deepspeed]'"
+
+
+def test_fsdp_and_deepspeed_together_are_refused_before_any_process_starts(make_config):
+    from sft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        make_config(
+            'deepspeed = "zero2"\nfsdp_version = 2\n[[datasets]]\npath = "org/data"\n',
+        )
+    messages = [p.message for p in error.value.problems]
+    assert any("are both selected: a run uses one distributed engine" in m for m in messages)
