@@ -178,6 +178,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     console.print(f"  datasets   {names}")
     console.print(f"  optimizer  {config.optimizer}, lr {config.learning_rate:g}")
     console.print(f"  attention  {config.attention}")
+    for warning in config.warnings:  # keys that change nothing: shown, never failing
+        console.print("warning: ", style="yellow", end="")
+        console.print(warning.render(), markup=False)
     return 0
 
 

@@ -20,6 +20,9 @@ class ConfigKeys:
 
     cls: type
     scope: ConfigScope = "root"
+    # Axolotl integrations (`plugins:` entries, e.g. "axolotl.integrations.liger.LigerPlugin")
+    # whose keys these are: a config listing one loads when this plugin is installed.
+    axolotl_integrations: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -76,12 +79,25 @@ class Kernel:
 
 @attrs.frozen
 class Optimizer:
-    """An optimizer selected by `optimizer`: `factory(param_groups, config)` builds it."""
+    """An optimizer selected by `optimizer`: `factory(param_groups, config)` builds it.
+
+    `uses_model = True`: the factory is called as `factory(param_groups, config, model)`, for
+    optimizers that need the model itself (GaLore's target modules, LOMO's fused backward,
+    Muon's embeddings and head). Such a factory may hook into the model, so it is called once
+    per run (a resume does not build a second one to compare settings).
+
+    `keys` names every plugin config key the factory reads (`("adam_beta1", ...)`, another
+    plugin's included). With it, a key only other optimizers read, set while this one is
+    selected, is reported as having no effect (`sft.config.ineffective`). None: the keys of its
+    plugin, maybe more (then nothing is reported as unread while it is selected).
+    """
 
     name: str
-    factory: Callable[[Any, Config], Any]
+    factory: Callable[..., Any]
     check: Callable[[Config], Sequence[Problem]] | None = None
     description: str = ""
+    uses_model: bool = False
+    keys: tuple[str, ...] | None = None
 
 
 @attrs.frozen

@@ -40,6 +40,9 @@ class Problem:
     file: str | None = None
     hint: str | None = None
     machine: bool = False  # about this machine (no GPU, package missing), not the config itself
+    # A key that changes nothing but harms nothing (e.g. eval_steps without an eval set): shown
+    # in yellow by `sft validate` and `sft run`, never fails them. See `Config.warnings`.
+    warning: bool = False
 
     def render(self) -> str:
         where = self.path or "<config>"

@@ -150,7 +150,9 @@ def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
     """Register optimizers, selected by `optimizer`.
 
     Called once, when the optimizer registry is first needed. An `sft.components.Optimizer` has
-    a name and a factory `factory(param_groups, config) -> torch.optim.Optimizer`.
+    a name and a factory `factory(param_groups, config) -> torch.optim.Optimizer` (with
+    `uses_model = True`: `factory(param_groups, config, model)`). Each param group may carry its
+    own `lr` (LoRA+); a factory passes the groups on as they are.
 
     :param register: adds one optimizer.
     """

@@ -118,8 +118,11 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
             bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
         )
     source = model_path(config.base_model)
+    if config.rope_scaling:
+        kwargs["config"] = rope_scaled_config(source, config)
+    model_class = transformers_class(config.model_type, "model_type") or AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = model_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load base_model {config.base_model!r}: {exc}\n"
@@ -130,8 +133,74 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
     _fit_vocabulary(model, tokenizer, config)
     if config.gradient_checkpointing:
         options = {"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        # activation_offloading: transformers wraps each checkpointed layer in torch's
+        # save_on_cpu, so the activations kept for the recompute wait in pinned CPU memory.
+        extra = {"offload": True} if config.activation_offloading else {}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
     return model
+
+
+def transformers_class(name: str | None, key: str) -> Any:
+    """The transformers class a config key names (`model_type`, `tokenizer_type`); None for
+    the Auto classes' default."""
+    if name is None or name in ("AutoModelForCausalLM", "AutoTokenizer"):
+        return None
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelError(
+            f"{key} = {name!r}: the installed transformers {transformers.__version__} has no "
+            f"such class\n  fix: remove {key} (the Auto class picks the model's own), or check "
+            "the spelling"
+        )
+    return cls
+
+
+def rope_scaling_parameters(current: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
+    """The model's RoPE parameters with `rope_scaling` on top (`type` read as `rope_type`);
+    its other parameters (rope_theta, ...) are kept. A model with a RoPE per attention type
+    (Gemma 3: full_attention, sliding_attention) takes a table per type."""
+    if current and all(isinstance(v, dict) for v in current.values()):
+        unknown = set(scaling) - set(current)
+        if unknown or not all(isinstance(v, dict) for v in scaling.values()):
+            raise ModelError(
+                f"this model has a RoPE per attention type ({', '.join(sorted(current))}): "
+                f"rope_scaling must name them\n  fix: e.g. rope_scaling = {{{next(iter(current))} "
+                "= {rope_type = 'linear', factor = 2.0}}"
+            )
+        return {k: rope_scaling_parameters(v, scaling.get(k, {})) for k, v in current.items()}
+    merged = dict(current or {})
+    scaling = dict(scaling)
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    merged.update(scaling)
+    return merged
+
+
+def rope_scaled_config(source: str, config: Config) -> Any:
+    """The base model's config with `rope_scaling` applied (transformers 5 replaces the whole
+    RoPE table when given `rope_scaling` alone, losing rope_theta: so it is merged here)."""
+    from transformers import AutoConfig
+
+    options: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if config.revision_of_model:
+        options["revision"] = config.revision_of_model
+    try:
+        model_config = AutoConfig.from_pretrained(source, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load the config of base_model {config.base_model!r}: {exc}"
+        ) from exc
+    current = getattr(model_config, "rope_parameters", None)
+    if current is None:
+        raise ModelError(
+            f"rope_scaling is set, but {type(model_config).__name__} has no rotary position "
+            "embedding to scale\n  fix: remove rope_scaling"
+        )
+    assert config.rope_scaling is not None
+    model_config.rope_parameters = rope_scaling_parameters(dict(current), config.rope_scaling)
+    return model_config
 
 
 def _fit_vocabulary(model: Any, tokenizer: Any, config: Config) -> None:
@@ -190,6 +259,8 @@ def apply_adapter(model: Any, config: Config) -> Any:
         return PeftModel.from_pretrained(model, config.lora_model_dir, is_trainable=True)
     if config.lora_target_linear:
         targets: Any = "all-linear"
+    elif isinstance(config.lora_target_modules, str):
+        targets = config.lora_target_modules  # peft: a regex matched against full module names
     elif config.lora_target_modules:
         targets = list(config.lora_target_modules)
     else:

@@ -16,6 +16,9 @@ from sft.errors import ModelError
 from sft.paths import REDACTED, redact
 
 RESOLVED_CONFIG = "sft_config.yaml"
+# Credentials a key may hold: written as null (the library then reads its own login or
+# environment variable), so sft_config.yaml can be shared and pushed to the Hub.
+SECRET_KEYS = ("comet_api_key",)
 
 
 @hookimpl(trylast=True)
@@ -45,6 +48,9 @@ def write_resolved_config(config: Config, output_dir: Path) -> Path:
     """Every key with its effective value; `sft validate` / `sft run` accept the file as it is."""
     path = output_dir / RESOLVED_CONFIG
     data = to_dict(config)
+    for name in SECRET_KEYS:
+        if data.get(name) is not None:
+            data[name] = None
     for entry in (*data["datasets"], *data["test_datasets"]):
         entry["path"] = redact(entry["path"])  # https://user:token@host/...
         if entry.get("storage_options"):  # may hold cloud credentials
@@ -78,14 +84,19 @@ def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) 
     datasets = "\n".join(
         f"- `{redact(d.path)}` ({d.type or 'pre-tokenized'})" for d in config.datasets
     )
+    from sft.train.hub import pushing
+
+    # Pushed to the Hub, the card is read there: load from the repo, with the Hub's metadata.
+    where = config.hub_model_id if pushing(config) else str(output_dir)
     load = (
         "from peft import AutoPeftModelForCausalLM\n"
-        f"model = AutoPeftModelForCausalLM.from_pretrained({str(output_dir)!r})"
+        f"model = AutoPeftModelForCausalLM.from_pretrained({where!r})"
         if config.adapter
         else "from transformers import AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(output_dir)!r})"
+        f"model = AutoModelForCausalLM.from_pretrained({where!r})"
     )
     lines = [
+        *(_hub_metadata(config) if pushing(config) else []),
         f"# {output_dir.name}",
         "",
         f"Fine-tuned from `{config.base_model}` with sft {sft.__version__}: {kind}.",
@@ -112,3 +123,18 @@ def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) 
     path = output_dir / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _hub_metadata(config: Config) -> list[str]:
+    """The model card's YAML header the Hub reads: library, tags, and the base model when it
+    is a Hub id (a local path says nothing there)."""
+    from pathlib import Path
+
+    from sft.data.sources import is_local_path
+
+    meta: dict[str, Any] = {"library_name": "peft" if config.adapter else "transformers"}
+    base = config.base_model
+    if not Path(base).expanduser().exists() and not is_local_path(base):
+        meta["base_model"] = base
+    meta["tags"] = ["sft", *(["lora"] if config.adapter else [])]
+    return ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]

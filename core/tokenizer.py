@@ -33,8 +33,13 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
     source, extra = model_source(name)
     if extra and (_gguf_tokenizer_dir(name) / "tokenizer_config.json").exists():
         source, extra = str(_gguf_tokenizer_dir(name)), {}  # converted once, loads in ~0.1 s
+    from sft.model import transformers_class
+
+    tokenizer_class = transformers_class(config.tokenizer_type, "tokenizer_type") or AutoTokenizer
+    if config.tokenizer_legacy is not None:
+        extra = {**extra, "legacy": config.tokenizer_legacy}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = tokenizer_class.from_pretrained(
             source,
             trust_remote_code=config.trust_remote_code,
             revision=None if config.tokenizer_config else config.revision_of_model,

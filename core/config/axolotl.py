@@ -1,223 +1,440 @@
-"""Axolotl config keys sft does not support yet.
+"""Axolotl config keys sft does not support, and what each one does in Axolotl.
 
-Setting one of these to a value that would change a run is a config problem that says exactly
-that; a key left empty, null or false changes nothing and is accepted, so Axolotl's example
-configs (which list many keys blank) load unchanged.
+Setting one of these to a value that would change a run is a config problem that names the key,
+says what it does in Axolotl and, where sft has one, the alternative. A key left blank, null,
+false or empty changes nothing and is accepted, so Axolotl's example configs (which list many
+keys blank) load unchanged. `docs/axolotl.md` is generated from these tables
+(`python -m sft.config.axolotl_doc --write`).
+
+Meanings follow Axolotl's config schema (`src/axolotl/utils/schemas/`, its integrations'
+`args.py`) and its example configs; "older" keys are ones its current schema no longer has.
 """
 
 from __future__ import annotations
 
-UNSUPPORTED_ROOT_KEYS: frozenset[str] = frozenset(
-    [
-        "base_model_config",
-        "base_model_ignore_patterns",
-        "model_type",
-        "tokenizer_type",
-        "tokenizer_use_fast",
-        "tokenizer_legacy",
-        "tokenizer_use_mistral_common",
-        "resize_token_embeddings_to_32x",
-        "mean_resizing_embeddings",
-        "shrink_embeddings",
-        "embeddings_skip_upcast",
-        "random_init_weights",
-        "is_falcon_derived_model",
-        "is_llama_derived_model",
-        "is_mistral_derived_model",
-        "is_qwen_derived_model",
-        "model_config_type",
-        "overrides_of_model_config",
-        "overrides_of_model_kwargs",
-        "type_of_model",
-        "processor_type",
-        "processor_config",
-        "model_kwargs",
-        "rl",
-        "reward_model",
-        "process_reward_model",
-        "num_labels",
-        "trl",
-        "grpo",
-        "orpo_alpha",
-        "simpo_gamma",
-        "cpo_alpha",
-        "rpo_alpha",
-        "dpo_beta",
-        "dpo_label_smoothing",
-        "dpo_use_weighting",
-        "dpo_padding_free",
-        "kto_desirable_weight",
-        "kto_undesirable_weight",
-        "chat_template_kwargs",
-        "fix_untrained_tokens",
-        "shuffle_before_merging_datasets",
-        "dataset_shard_num",
-        "dataset_shard_idx",
-        "skip_prepare_dataset",
-        "pretraining_dataset",
-        "dataset_processes",
-        "dataset_keep_in_memory",
-        "push_dataset_to_hub",
-        "hf_use_auth_token",
-        "curriculum_sampling",
-        "is_preprocess",
-        "preprocess_iterable",
-        "sequence_parallel_degree",
-        "context_parallel_size",
-        "tensor_parallel_size",
-        "lora_fan_in_fan_out",
-        "lora_on_cpu",
-        "lora_qkv_kernel",
-        "lora_o_kernel",
-        "lora_mlp_kernel",
-        "peft_layers_to_transform",
-        "peft_layers_pattern",
-        "peft",
-        "peft_init_lora_weights",
-        "lora_layer_replication",
-        "loraplus_lr_ratio",
-        "loraplus_lr_embedding",
-        "relora_steps",
-        "relora_warmup_steps",
-        "relora_anneal_steps",
-        "relora_prune_ratio",
-        "relora_cpu_offload",
-        "bnb_config_kwargs",
-        "gptq",
-        "gptq_groupsize",
-        "gptq_model_v1",
-        "group_by_length",
-        "lr_quadratic_warmup",
-        "lr_div_factor",
-        "lr_groups",
-        "embedding_lr",
-        "embedding_lr_scale",
-        "cosine_constant_lr_ratio",
-        "lr_scheduler_kwargs",
-        "optim_args",
-        "optim_target_modules",
-        "torchdistx_path",
-        "adam_beta3",
-        "adam_epsilon2",
-        "neftune_noise_alpha",
-        "noisy_embedding_alpha",
-        "early_stopping_patience",
-        "eval_table_size",
-        "eval_max_new_tokens",
-        "do_causal_lm_eval",
-        "eval_causal_lm_metrics",
-        "do_bench_eval",
-        "bench_dataset",
-        "bench_split",
-        "metric_for_best_model",
-        "greater_is_better",
-        "load_best_model_at_end",
-        "save_strategy",
-        "eval_strategy",
-        "evaluation_strategy",
-        "save_safetensors",
-        "save_only_model",
-        "save_first_step",
-        "hub_model_id",
-        "hub_strategy",
-        "hub_private_repo",
-        "wandb_mode",
-        "wandb_project",
-        "wandb_entity",
-        "wandb_watch",
-        "wandb_name",
-        "wandb_run_id",
-        "wandb_log_model",
-        "use_wandb",
-        "mlflow_tracking_uri",
-        "mlflow_experiment_name",
-        "mlflow_run_name",
-        "hf_mlflow_log_artifacts",
-        "use_mlflow",
-        "comet_api_key",
-        "comet_workspace",
-        "comet_project_name",
-        "comet_experiment_key",
-        "comet_mode",
-        "comet_online",
-        "comet_experiment_config",
-        "use_comet",
-        "debug",
-        "local_rank",
-        "ddp",
-        "ddp_timeout",
-        "ddp_bucket_cap_mb",
-        "ddp_broadcast_buffers",
-        "ddp_find_unused_parameters",
-        "xformers_attention",
-        "s2_attention",
-        "flash_attn_cross_entropy",
-        "flash_attn_rms_norm",
-        "flash_attn_fuse_qkv",
-        "flash_attn_fuse_mlp",
-        "flash_optimum",
-        "unsloth_cross_entropy_loss",
-        "unsloth_lora_mlp",
-        "unsloth_lora_qkv",
-        "unsloth_lora_o",
-        "unsloth_rms_norm",
-        "unsloth_rope",
-        "cut_cross_entropy",
-        "plugins",
-        "torch_compile",
-        "torch_compile_backend",
-        "torch_compile_mode",
-        "max_memory",
-        "gpu_memory_limit",
-        "low_cpu_mem_usage",
-        "rope_scaling",
-        "auto_find_batch_size",
-        "include_tokens_per_second",
-        "profiler_steps",
-        "dataloader_pin_memory",
-        "dataloader_num_workers",
-        "dataloader_prefetch_factor",
-        "dataloader_drop_last",
-        "remove_unused_columns",
-        "accelerator_config",
-        "lisa_n_layers",
-        "lisa_step_interval",
-        "lisa_layers_attribute",
-        "multipack_real_batches",
-        "sample_packing_group_size",
-        "sample_packing_eff_est",
-        "total_num_tokens",
-        "pretrain_multipack_attn",
-        "pretrain_multipack_buffer_size",
-        "added_tokens_overrides",
-        "batch_size",
-        "gc_steps",
-        "loss_watchdog_threshold",
-        "loss_watchdog_patience",
-        "bnb_4bit_quant_type",
-        "bnb_4bit_use_double_quant",
-        "bnb_4bit_compute_dtype",
-    ]
-)
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class Unsupported:
+    """An Axolotl key sft refuses: what it does in Axolotl, and sft's alternative if any."""
+
+    what: str  # a short phrase: what the key does in Axolotl
+    instead: str | None = None  # a concrete alternative in sft ("use `x`", "use sft run ...")
+    # Axolotl's own default when it is not blank/false: setting the key to it changes nothing.
+    default: Any = None
+
+
+U = Unsupported
+
+# -- model & tokenizer -----------------------------------------------------------------------
+_MODEL: dict[str, Unsupported] = {
+    "base_model_config": U("loads the model config from another repo or path than base_model"),
+    "base_model_ignore_patterns": U("file patterns skipped when downloading base_model"),
+    "cls_model_config": U("names the transformers config class to load (e.g. Gemma3TextConfig)"),
+    "model_config_type": U("internal: set by Axolotl from the model config's model_type"),
+    "model_config": U(
+        "overrides values of the model's config at load",
+        "use `rope_scaling` for RoPE scaling",
+    ),
+    "overrides_of_model_config": U(
+        "overrides values of the model's config at load (the long name of model_config)",
+        "use `rope_scaling` for RoPE scaling",
+    ),
+    "model_kwargs": U("extra keyword arguments for the model's from_pretrained"),
+    "overrides_of_model_kwargs": U("extra keyword arguments for the model's from_pretrained"),
+    "type_of_model": U("the internal name of model_type", "use `model_type`"),
+    "tokenizer_use_mistral_common": U("loads Mistral's mistral-common tokenizer"),
+    "resize_token_embeddings_to_32x": U("pads the embeddings to a multiple of 32 rows"),
+    "mean_resizing_embeddings": U("initialises new token embeddings from the mean of the others"),
+    "shrink_embeddings": U("shrinks the embeddings to the tokenizer's vocabulary size"),
+    "embeddings_skip_upcast": U("keeps the embeddings out of the float32 upcast under PEFT"),
+    "reinit_weights": U("re-initialises the model's weights randomly instead of loading them"),
+    "random_init_weights": U("an older key (not in Axolotl's current schema): random init"),
+    "is_falcon_derived_model": U("internal: tells Axolotl the model is Falcon-based"),
+    "is_llama_derived_model": U("internal: tells Axolotl the model is Llama-based"),
+    "is_mistral_derived_model": U("internal: tells Axolotl the model is Mistral-based"),
+    "is_qwen_derived_model": U("internal: tells Axolotl the model is Qwen-based"),
+    "added_tokens_overrides": U("renames reserved added tokens by token id"),
+    "fix_untrained_tokens": U("sets the embeddings of untrained token ids to the others' mean"),
+    "experimental_skip_move_to_device": U(
+        "skips moving the model to the GPU before sharding it", default=True
+    ),
+}
+
+# -- quantization & adapters -----------------------------------------------------------------
+_QUANT: dict[str, Unsupported] = {
+    "gptq": U("trains an adapter on a GPTQ-quantized model", "use `load_in_4bit` (QLoRA)"),
+    "gptq_groupsize": U("an older GPTQ key (not in Axolotl's current schema): group size"),
+    "gptq_model_v1": U("an older GPTQ key (not in Axolotl's current schema)"),
+    "gptq_disable_exllama": U("turns off the ExLlama kernels of a GPTQ model"),
+    "bnb_config_kwargs": U("overrides the bitsandbytes 4-bit quantization config"),
+    "bnb_4bit_quant_type": U("bitsandbytes 4-bit data type; sft's load_in_4bit is always NF4"),
+    "bnb_4bit_use_double_quant": U("bitsandbytes double quantization of the 4-bit scales"),
+    "bnb_4bit_compute_dtype": U("dtype of bitsandbytes 4-bit matmuls"),
+    "model_quantization_config": U(
+        "loads the base model with a transformers quantization config (Mxfp4Config, ...)",
+        "use `load_in_4bit` or `load_in_8bit`",
+    ),
+    "model_quantization_config_kwargs": U("arguments of model_quantization_config"),
+    "quantize_moe_experts": U("quantizes MoE expert weights at load (with load_in_4bit/8bit)"),
+    "nvfp4_merge_aware": U("trains the adapter so it merges losslessly into an NVFP4 model"),
+    "use_onebitllms": U("1.58-bit training of BitNet models with onebitllms"),
+    "qat": U("quantization-aware training (torchao fake quantization)"),
+    "ternary": U("ternary (1.58-bit) quantization-aware training (Axolotl's ternary plugin)"),
+    "llmcompressor": U("fine-tunes a sparsified model keeping its sparsity (LLM Compressor)"),
+    "lora_target_parameters": U(
+        "adds LoRA to parameters by name, such as fused MoE expert weights",
+        "use `lora_target_modules` for the attention/MLP projections",
+    ),
+    "lora_fan_in_fan_out": U("tells PEFT the adapted layers store weights transposed"),
+    "lora_on_cpu": U("loads the LoRA/PEFT model on the CPU (for models that fill the GPU)"),
+    "peft_layers_to_transform": U("adds LoRA only to these layer indices"),
+    "peft_layers_pattern": U("the layer-name pattern used with peft_layers_to_transform"),
+    "peft": U("extra PEFT options such as LoftQ initialisation"),
+    "peft_init_lora_weights": U("how the LoRA weights are initialised (PiSSA, OLoRA, ...)"),
+    "peft_layer_replication": U("replicates layer ranges to grow the model before adding LoRA"),
+    "lora_layer_replication": U("an older name of peft_layer_replication"),
+    "qalora_group_size": U("QA-LoRA group size (adapter: qalora)", "use `adapter: qlora`"),
+    "peft_model_dir": U("IA³ adapter (adapter: ia3): an adapter to continue from"),
+    "peft_target_modules": U("IA³ adapter (adapter: ia3): the modules to scale"),
+    "peft_feedforward_modules": U("IA³ adapter (adapter: ia3): which of those are feed-forward"),
+    "peft_fan_in_fan_out": U("IA³ adapter (adapter: ia3): weights stored transposed"),
+    "relora_steps": U("ReLoRA: merges the adapter into the model and restarts every N steps"),
+    "relora_warmup_steps": U("ReLoRA: warmup steps after each restart"),
+    "relora_anneal_steps": U("ReLoRA: anneal steps before each restart"),
+    "relora_prune_ratio": U("ReLoRA: optimizer-state pruning threshold at each restart"),
+    "relora_cpu_offload": U("ReLoRA: merges the adapter on the CPU at each restart"),
+}
+
+# -- datasets & formats ----------------------------------------------------------------------
+_DATA: dict[str, Unsupported] = {
+    "chat_template_kwargs": U("extra variables for the chat template (e.g. enable_thinking)"),
+    "shuffle_before_merging_datasets": U("shuffles each dataset before mixing them"),
+    "dataset_shard_num": U(
+        "uses one shard of the whole mixed dataset", "use `shards` on a dataset entry"
+    ),
+    "dataset_shard_idx": U(
+        "which shard of the whole mixed dataset to use", "use `shards_idx` on a dataset entry"
+    ),
+    "skip_prepare_dataset": U("tokenises on the fly instead of preparing the data first"),
+    "pretraining_dataset": U(
+        "streams a pretraining dataset instead of preparing it",
+        "use a dataset entry with `type: completion`",
+    ),
+    "dataset_processes": U("processes for preparing data (older name)", "use `dataset_num_proc`"),
+    "dataset_keep_in_memory": U("keeps the dataset in memory while preparing it"),
+    "push_dataset_to_hub": U("pushes the prepared dataset to the Hub"),
+    "hf_use_auth_token": U(
+        "uses your Hub token to load private datasets",
+        "log in with `hf auth login` or set HF_TOKEN, which sft uses",
+    ),
+    "curriculum_sampling": U("samples in dataset order for curriculum learning"),
+    "is_preprocess": U("internal: set by `axolotl preprocess`", "use `sft preprocess`"),
+    "preprocess_iterable": U("internal: preprocesses an iterable dataset"),
+    "min_sample_len": U("drops samples shorter than this many tokens"),
+    "group_by_length": U("batches samples of similar length together", "use `sample_packing`"),
+    "sample_packing_group_size": U("samples packed at a time", default=100_000),
+    "sample_packing_eff_est": U("packing efficiency estimate taken from an earlier run"),
+    "sample_packing_seq_len_multiplier": U("an older multipack key (not in current Axolotl)"),
+    "max_packed_sequence_len": U(
+        "the old packing length, removed from Axolotl", "use `sample_packing`"
+    ),
+    "multipack_real_batches": U("a multipack batching option"),
+    "total_num_tokens": U("internal: the dataset's token count"),
+    "pretrain_multipack_attn": U(
+        "keeps packed pretraining samples from attending to each other", default=True
+    ),
+    "pretrain_multipack_buffer_size": U("buffer for packing a streamed pretraining dataset"),
+    "streaming_multipack_buffer_size": U("buffer for packing a streamed dataset", default=10_000),
+    "dataloader_pin_memory": U("pins dataloader memory"),
+    "dataloader_num_workers": U("dataloader worker processes"),
+    "dataloader_prefetch_factor": U("batches each dataloader worker loads ahead"),
+    "dataloader_drop_last": U("drops the last incomplete batch"),
+    "remove_unused_columns": U("lets the trainer drop dataset columns the model does not take"),
+}
+
+# -- training & optimizers -------------------------------------------------------------------
+_TRAINING: dict[str, Unsupported] = {
+    "batch_size": U(
+        "total batch size, from which Axolotl derives gradient accumulation",
+        "set `micro_batch_size` and `gradient_accumulation_steps`",
+    ),
+    "auto_find_batch_size": U(
+        "lowers the batch size until it fits in memory", "set `micro_batch_size`"
+    ),
+    "torchdistx_path": U("path to torchdistx for the adamw_anyprecision optimizer"),
+    "adam_beta3": U("the CAME optimizer's third beta"),
+    "adam_epsilon2": U("the CAME optimizer's second epsilon"),
+    "embedding_lr": U("a separate learning rate for the embeddings"),
+    "embedding_lr_scale": U("scales the learning rate of the embeddings"),
+    "lr_groups": U("learning rates for groups of modules"),
+    "lisa_n_layers": U("LISA: trains only this many randomly chosen layers at a time"),
+    "lisa_step_interval": U("LISA: steps between switching the trained layers"),
+    "lisa_layers_attribute": U("LISA: where the layers are in the model", default="model.layers"),
+    "use_dft": U("Dynamic Fine-Tuning: weights each token's loss by its probability"),
+    "use_dynamic_finetuning": U("Dynamic Fine-Tuning with chunked cross-entropy"),
+    "use_eaft": U("Entropy-Aware Focal Training loss (EAFT)"),
+    "eaft_alpha": U("EAFT: exponent of the entropy weighting", default=1.0),
+    "eaft_k": U("EAFT: top logits used to estimate the entropy", default=20),
+    "router_aux_loss_coef": U("weight of the MoE router's load-balancing loss"),
+}
+
+# -- schedules -------------------------------------------------------------------------------
+_SCHEDULES: dict[str, Unsupported] = {
+    "lr_quadratic_warmup": U("warms the learning rate up quadratically instead of linearly"),
+    "cosine_constant_lr_ratio": U(
+        "holds cosine's learning rate constant from this fraction of training",
+        "use `cosine_min_lr_ratio` for a floor",
+    ),
+}
+
+# -- precision & memory ----------------------------------------------------------------------
+_PRECISION: dict[str, Unsupported] = {
+    "bfloat16": U("trains fully in bfloat16 (no mixed precision)", "use `bf16` (mixed precision)"),
+    "float16": U("trains fully in float16 (no mixed precision)", "use `fp16` (mixed precision)"),
+    "fp8": U("FP8 mixed-precision training (torchao)"),
+    "fp8_enable_fsdp_float8_all_gather": U("FP8 all-gather of FSDP-sharded weights"),
+    "max_memory": U("memory limit per device for placing the model at load"),
+    "gpu_memory_limit": U("memory limit for all GPUs when placing the model at load"),
+    "low_cpu_mem_usage": U("transformers' low_cpu_mem_usage model loading"),
+    "device_map": U("places the model across devices at load (transformers device_map)"),
+    "gc_steps": U("runs Python garbage collection every N steps"),
+    "tiled_mlp": U("ALST tiled MLP: computes the MLP in tiles to save memory on long sequences"),
+}
+
+# -- attention & kernels ---------------------------------------------------------------------
+_KERNELS: dict[str, Unsupported] = {
+    "xformers_attention": U(
+        "the xformers attention patch", "use `attn_implementation` (sdpa, flash_attention_2, ...)"
+    ),
+    "s2_attention": U("shifted-sparse attention (LongLoRA), removed from Axolotl"),
+    "flash_attn_cross_entropy": U(
+        "flash-attn's fused cross-entropy kernel", "use `liger_cross_entropy`"
+    ),
+    "flash_attn_rms_norm": U("flash-attn's RMSNorm kernel", "use `liger_rms_norm`"),
+    "flash_attn_fuse_qkv": U("fuses the q/k/v projections (flash-attn patch)"),
+    "flash_attn_fuse_mlp": U("fuses part of the MLP into one operation (flash-attn patch)"),
+    "flash_optimum": U("BetterTransformer attention from optimum"),
+    "flex_attn_compile_kwargs": U("torch.compile options for flex attention"),
+    "gemma4_hybrid_attn_impl": U("Gemma 4: flash attention on sliding-window layers, sdpa else"),
+    "fused_attn_kernel": U("Axolotl's fused attention kernel patch for supported models"),
+    "scaling_softmax": U("Scaled Softmax (SSMax) attention"),
+    "nsa_block_size": U("sparse attention (attn_implementation: fsa): block size"),
+    "nsa_topk": U("sparse attention (attn_implementation: fsa): blocks each query selects"),
+    "nsa_kernel_size": U("sparse attention (attn_implementation: fsa): compression kernel"),
+    "nsa_kernel_stride": U("sparse attention (attn_implementation: fsa): compression stride"),
+    "nsa_init_blocks": U("sparse attention (attn_implementation: fsa): initial blocks kept"),
+    "nsa_local_blocks": U("sparse attention (attn_implementation: fsa): local blocks kept"),
+    "nsa_window_size": U("sparse attention (attn_implementation: fsa): sliding window"),
+    "unsloth_cross_entropy_loss": U("Unsloth's cross-entropy kernel", "use `liger_cross_entropy`"),
+    "unsloth_lora_mlp": U("Unsloth's fused LoRA MLP kernel"),
+    "unsloth_lora_qkv": U("Unsloth's fused LoRA q/k/v kernel"),
+    "unsloth_lora_o": U("Unsloth's fused LoRA output-projection kernel"),
+    "unsloth_rms_norm": U("Unsloth's RMSNorm kernel", "use `liger_rms_norm`"),
+    "unsloth_rope": U("Unsloth's RoPE kernel", "use `liger_rope`"),
+    "lora_qkv_kernel": U("Axolotl's fused Triton LoRA kernel for the q/k/v projections"),
+    "lora_o_kernel": U("Axolotl's fused Triton LoRA kernel for the output projection"),
+    "lora_mlp_kernel": U("Axolotl's fused Triton LoRA kernel for the MLP"),
+    "liger_rms_norm_gated": U("Liger's gated RMSNorm kernel", "use `liger_rms_norm`"),
+    "use_kernels": U("loads custom kernels from the Hugging Face kernels hub (e.g. MegaBlocks)"),
+    "experts_implementation": U("MoE experts implementation (eager, grouped_mm, scattermoe, ...)"),
+    "use_scattermoe": U("ScatterMoE Triton kernels for MoE experts (kernels plugin)"),
+    "use_sonicmoe": U("SonicMoE kernels for MoE experts (kernels plugin)"),
+    "use_dsv4_kernels": U("fused Triton training kernels for DeepSeek-V4 (kernels plugin)"),
+    "dsv4_fp4_grouped_mode": U("grouped FP4 path for NVFP4 MoE experts (kernels plugin)"),
+    "moe_kernels": U("grouped-GEMM Triton kernels for MoE layers (moe_kernels plugin)"),
+    "moe_group_size": U("GEMM group size of the moe_kernels plugin"),
+    "moe_persistent_kernel": U("persistent-kernel variant of the moe_kernels plugin"),
+    "llama4_linearized_experts": U("Llama 4: loads the MoE experts as linear layers"),
+}
+
+# -- evaluation ------------------------------------------------------------------------------
+_EVAL: dict[str, Unsupported] = {
+    "eval_strategy": U(
+        "when to evaluate (no, steps, epoch)", "use `eval_steps` or `evals_per_epoch`"
+    ),
+    "evaluation_strategy": U(
+        "older name of eval_strategy", "use `eval_steps` or `evals_per_epoch`"
+    ),
+    "early_stopping_patience": U("stops after N evaluations in a row without improvement"),
+    "metric_for_best_model": U("the metric that picks the best checkpoint"),
+    "greater_is_better": U("whether a larger metric_for_best_model is better"),
+    "load_best_model_at_end": U("loads the best checkpoint when training ends"),
+    "eval_table_size": U("logs a table of sample predictions to W&B at evaluation"),
+    "eval_max_new_tokens": U("tokens generated for the eval_table_size predictions"),
+    "eval_table_max_new_tokens": U("older name of eval_max_new_tokens"),
+    "do_causal_lm_eval": U("computes generation metrics (sacrebleu, chrf, ...) at evaluation"),
+    "eval_causal_lm_metrics": U("the metrics do_causal_lm_eval computes"),
+    "do_bench_eval": U("runs a benchmark dataset at evaluation"),
+    "bench_dataset": U("the benchmark dataset of do_bench_eval"),
+    "bench_split": U("the split of bench_dataset"),
+    "benchmark_api": U("sends checkpoints to an external benchmark service (plugin)"),
+}
+
+# -- saving & hub ----------------------------------------------------------------------------
+_SAVING: dict[str, Unsupported] = {
+    "save_strategy": U(
+        "when to save (no, steps, epoch, best)", "use `save_steps` or `saves_per_epoch`"
+    ),
+    "save_safetensors": U("saves weights as safetensors, as sft always does", default=True),
+    "save_only_model": U("saves weights only, no optimizer state (no resuming)"),
+    "save_first_step": U("saves a checkpoint after the first step"),
+}
+
+# -- tracking --------------------------------------------------------------------------------
+_TRACKING: dict[str, Unsupported] = {
+    "comet_experiment_config": U("extra Comet experiment settings"),
+    "include_tokens_per_second": U(
+        "reports tokens per second at the end of training",
+        "read tok/s on sft's log lines, logged every logging_steps",
+    ),
+    "profiler_steps": U("records a PyTorch memory profile of the first N steps"),
+    "debug": U("an older Axolotl debug switch (not in its current schema)"),
+    "use_otel_metrics": U("exports OpenTelemetry/Prometheus training metrics"),
+    "otel_metrics_host": U("host of the OpenTelemetry metrics server", default="localhost"),
+    "otel_metrics_port": U("port of the OpenTelemetry metrics server", default=8000),
+    "trackio_project_name": U("Trackio experiment tracking: project"),
+    "trackio_run_name": U("Trackio experiment tracking: run name"),
+    "trackio_space_id": U("Trackio experiment tracking: Hugging Face Space"),
+    "use_swanlab": U("SwanLab experiment tracking (swanlab plugin)"),
+    "swanlab_project": U("SwanLab: project"),
+    "swanlab_experiment_name": U("SwanLab: experiment name"),
+    "swanlab_description": U("SwanLab: experiment description"),
+    "swanlab_mode": U("SwanLab: cloud, local, offline or disabled"),
+    "swanlab_log_completions": U("SwanLab: logs RL completions", default=True),
+}
+
+# -- distributed -----------------------------------------------------------------------------
+_DISTRIBUTED: dict[str, Unsupported] = {
+    "local_rank": U("set by the launcher, not in configs", "use `sft run --nproc-per-node`"),
+    "ddp": U("forces DistributedDataParallel", "use `sft run --nproc-per-node`"),
+    "ddp_timeout": U("timeout of the distributed process group"),
+    "ddp_bucket_cap_mb": U("DDP gradient bucket size"),
+    "ddp_broadcast_buffers": U("DDP broadcasts module buffers each step"),
+    "ddp_find_unused_parameters": U("DDP looks for parameters that got no gradient"),
+    "accelerator_config": U("options for Hugging Face Accelerate"),
+    "sequence_parallel_degree": U("older name of context_parallel_size"),
+    "context_parallel_size": U("splits each sequence across GPUs (context parallelism)"),
+    "context_parallel": U("context-parallel settings (size, backend, ring implementation)"),
+    "tensor_parallel_size": U("tensor parallelism (DeepSpeed AutoTP)"),
+    "dp_shard_size": U("devices to shard the model across (N-D parallelism)"),
+    "dp_replicate_size": U("devices to replicate the model across (N-D parallelism)"),
+    "expert_parallel_size": U("shards MoE experts across GPUs (expert_parallel plugin)"),
+    "use_ray": U("runs training on Ray Train", "use `sft run --nnodes` for many nodes"),
+    "ray_num_workers": U("Ray Train workers", default=1),
+}
+
+# -- RL & multimodal -------------------------------------------------------------------------
+_RL: dict[str, Unsupported] = {
+    "rl": U("preference/RL training (DPO, ORPO, KTO, GRPO); sft does supervised fine-tuning"),
+    "trl": U("TRL options of preference/RL training"),
+    "grpo": U("GRPO (RL) options"),
+    "reward_model": U("trains a reward model"),
+    "process_reward_model": U("trains a process reward model"),
+    "num_labels": U("output labels of a reward model"),
+    "orpo_alpha": U("ORPO loss weight (RL)"),
+    "simpo_gamma": U("SimPO reward margin (RL)"),
+    "cpo_alpha": U("CPO behaviour-cloning weight (RL)"),
+    "rpo_alpha": U("RPO NLL weight (RL)"),
+    "dpo_beta": U("DPO beta (older name of rl_beta)"),
+    "dpo_label_smoothing": U("DPO label smoothing (RL)"),
+    "dpo_use_weighting": U("DPO weighting (RL)"),
+    "dpo_padding_free": U("padding-free DPO (RL)"),
+    "kto_desirable_weight": U("KTO desirable-loss weight (RL)"),
+    "kto_undesirable_weight": U("KTO undesirable-loss weight (RL)"),
+    "processor_type": U("transformers processor class of a multimodal model"),
+    "processor_config": U("an older multimodal processor key (not in current Axolotl)"),
+}
+
+del U
+
+# Each topic's refused keys, in the order docs/axolotl.md shows them.
+UNSUPPORTED_ROOT_BY_TOPIC: dict[str, dict[str, Unsupported]] = {
+    "Model & tokenizer": _MODEL,
+    "Quantization & adapters": _QUANT,
+    "Datasets & formats": _DATA,
+    "Training & optimizers": _TRAINING,
+    "Schedules": _SCHEDULES,
+    "Precision & memory": _PRECISION,
+    "Attention & kernels": _KERNELS,
+    "Evaluation": _EVAL,
+    "Saving & hub": _SAVING,
+    "Tracking": _TRACKING,
+    "Distributed": _DISTRIBUTED,
+    "RL & multimodal": _RL,
+}
+
+UNSUPPORTED_ROOT_KEYS: dict[str, Unsupported] = {
+    name: entry for group in UNSUPPORTED_ROOT_BY_TOPIC.values() for name, entry in group.items()
+}
+
+# Keys of a `datasets:` entry.
+UNSUPPORTED_DATASET_KEYS: dict[str, Unsupported] = {
+    "preprocess_shards": Unsupported("prepares the dataset in N sequential chunks to save memory"),
+    "conversation": Unsupported(
+        "FastChat conversation template of the old sharegpt format", "use `type: chat_template`"
+    ),
+    "field_human": Unsupported(
+        "old sharegpt format: field of the human turns", "use `type: chat_template`"
+    ),
+    "field_model": Unsupported(
+        "old sharegpt format: field of the model turns", "use `type: chat_template`"
+    ),
+    "message_field_role": Unsupported(
+        "older name: the message field holding the role",
+        "use `message_property_mappings: {role: <field>}`",
+    ),
+    "message_field_content": Unsupported(
+        "older name: the message field holding the content",
+        "use `message_property_mappings: {content: <field>}`",
+    ),
+    "field_thinking": Unsupported("the message field holding the reasoning trace"),
+    "template_thinking_key": Unsupported("the chat template's variable for the reasoning trace"),
+    "input_transform": Unsupported("a transform applied to rows before formatting"),
+    "trust_remote_code": Unsupported("runs the Hub dataset's own loading code"),
+    "train_on_split": Unsupported("an older dataset key (not in Axolotl's current schema)"),
+}
+
+# Axolotl keys sft reads under another name or handles its own way: key -> what sft does.
+MAPPED_KEYS: dict[str, str] = {
+    "flash_attention": "same as `attn_implementation: flash_attention_2`",
+    "sdp_attention": "same as `attn_implementation: sdpa`",
+    "flex_attention": "same as `attn_implementation: flex_attention`",
+    "eager_attention": "same as `attn_implementation: eager`",
+    "noisy_embedding_alpha": "read as `neftune_noise_alpha` (Axolotl's older name)",
+    "strict": "accepted and ignored: it only lets Axolotl's CLI override config keys, which "
+    "sft's `--set` always can",
+}
 
 # `strict` only tells Axolotl whether to override keys from the CLI; it never changes a run.
 IGNORED_ROOT_KEYS: frozenset[str] = frozenset({"strict"})
 
-UNSUPPORTED_DATASET_KEYS: frozenset[str] = frozenset(
-    [
-        "shards",
-        "shards_idx",
-        "preprocess_shards",
-        "conversation",
-        "field_human",
-        "field_model",
-        "input_transform",
-        "trust_remote_code",
-        "train_on_split",
-    ]
-)
+
+def _table(dataset: bool) -> dict[str, Unsupported]:
+    return UNSUPPORTED_DATASET_KEYS if dataset else UNSUPPORTED_ROOT_KEYS
 
 
-def is_inert(value: object) -> bool:
-    """True when a value leaves an Axolotl key switched off (blank, null, false, empty)."""
-    return value is None or value is False or value == "" or value == [] or value == {}
+def is_inert(value: object, name: str | None = None, dataset: bool = False) -> bool:
+    """True when a value leaves an Axolotl key switched off (blank, null, false, empty).
+
+    With the key's `name`, a value equal to Axolotl's own default (`Unsupported.default`, e.g.
+    `save_safetensors: true`) is inert too: it is what leaving the key out does in Axolotl.
+    """
+    if value is None or value is False or value == "" or value == [] or value == {}:
+        return True
+    entry = _table(dataset).get(name) if name is not None else None
+    return entry is not None and entry.default is not None and value == entry.default
+
+
+def unsupported_message(name: str, dataset: bool = False) -> tuple[str, str]:
+    """The problem and hint for an Axolotl key sft does not support, set to a live value."""
+    entry = _table(dataset).get(name)
+    kind = "dataset key " if dataset else ""
+    what = f" — {entry.what} —" if entry is not None else ""
+    message = f"Axolotl's {kind}`{name}`{what} is not supported by sft"
+    if entry is not None and entry.instead:
+        return message, f"remove it; instead, {entry.instead}"
+    return message, "remove it (or leave it blank)"

@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sft.config.schema import ATTENTION_ALIASES, Config
+from sft.config.schema import ATTENTION_ALIASES, ATTENTION_VALUE_ALIASES, Config
 from sft.errors import PluginError, Problem
 
 AddProblem = Callable[..., None]
+
+UNSUPPORTED_ATTENTION = {
+    "fsa": "is Axolotl's flash sparse attention (DeepSeek-V3's native sparse attention "
+    "kernels), which sft does not support; use sdpa, or flash_attention_2 on a GPU",
+}
 
 
 def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> None:
@@ -24,6 +29,10 @@ def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> N
     attention = values.get("attn_implementation")
     if attention and aliases:
         add((aliases[0],), f"conflicts with attn_implementation = {attention!r}; keep one")
+    if attention in UNSUPPORTED_ATTENTION:
+        add(("attn_implementation",), UNSUPPORTED_ATTENTION[attention])
+        return
+    attention = ATTENTION_VALUE_ALIASES.get(attention, attention)
     name = attention or (ATTENTION_ALIASES[aliases[0]] if aliases else "sdpa")
     backends = plugins.attention_backends()
     if name not in backends:
@@ -170,6 +179,99 @@ def _output_dir_problems(config: Config) -> list[Problem]:
     return problems
 
 
+def _shard_problems(config: Config) -> list[Problem]:
+    problems = []
+    for group in ("datasets", "test_datasets"):
+        for index, ds in enumerate(getattr(config, group)):
+            where = f"{group}[{index}]"
+            if (ds.shards is None) != (ds.shards_idx is None):
+                missing = "shards_idx" if ds.shards_idx is None else "shards"
+                problems.append(
+                    Problem(
+                        f"{where}.{missing}",
+                        "shards and shards_idx go together: how many pieces, and which one",
+                        hint=f"set {missing} too, or remove the other",
+                    )
+                )
+            elif ds.shards is not None and ds.shards_idx is not None and ds.shards_idx >= ds.shards:
+                problems.append(
+                    Problem(
+                        f"{where}.shards_idx",
+                        f"is {ds.shards_idx}, but there are only {ds.shards} shards (0 to "
+                        f"{ds.shards - 1})",
+                    )
+                )
+    return problems
+
+
+def _axolotl_value_problems(config: Config, plugins: Any) -> list[Problem]:
+    """Axolotl values sft maps onto its own: notes that say so; entries of `plugins` that no
+    installed sft plugin stands in for: errors."""
+    problems = []
+    if config.attn_implementation in ATTENTION_VALUE_ALIASES:
+        problems.append(
+            Problem(
+                "attn_implementation",
+                f"{config.attn_implementation!r} (an Axolotl backend) runs as sft's "
+                f"{config.attention!r}: the same exact attention",
+                hint=f"set attn_implementation = {config.attention!r} to silence this",
+                warning=True,
+            )
+        )
+    if config.model_type and not config.model_type.endswith("ForCausalLM"):
+        problems.append(
+            Problem(
+                "model_type",
+                f"{config.model_type!r} is not a causal-LM class: sft fine-tunes causal "
+                "language models (multimodal, sequence-classification and other heads are "
+                "not supported)",
+                hint="use AutoModelForCausalLM or the model's own …ForCausalLM class",
+            )
+        )
+    if config.tokenizer_type and not config.tokenizer_type.endswith(("Tokenizer", "TokenizerFast")):
+        problems.append(
+            Problem(
+                "tokenizer_type",
+                f"{config.tokenizer_type!r} is not a tokenizer class (processors and feature "
+                "extractors belong to multimodal models, which sft does not train)",
+                hint="use AutoTokenizer or a …Tokenizer class",
+            )
+        )
+    if not config.tokenizer_use_fast:
+        problems.append(
+            Problem(
+                "tokenizer_use_fast",
+                "sft needs the fast (Rust) tokenizer: its character offsets make the label masks "
+                "exact",
+                hint="remove tokenizer_use_fast (every current model ships a fast tokenizer)",
+            )
+        )
+    stand_ins = {
+        path: owner
+        for owner, keys in plugins.config_keys()
+        for path in getattr(keys, "axolotl_integrations", ())
+    }
+    for index, path in enumerate(config.plugins or ()):
+        if path in stand_ins:
+            continue
+        if path.startswith("axolotl."):
+            message = (
+                f"{path!r} is an Axolotl integration that no installed sft plugin stands in for"
+            )
+            hint = (
+                "remove it (its keys are then unknown too); the integrations sft covers are "
+                "listed in docs/axolotl.md"
+            )
+        else:
+            message = f"{path!r}: sft does not import plugins by path"
+            hint = (
+                "pip install the sft plugin package; installed plugins are found by entry point "
+                "(`sft plugins list`), with no `plugins` entry"
+            )
+        problems.append(Problem(f"plugins[{index}]", message, hint=hint))
+    return problems
+
+
 def check_config(config: Config, plugins: Any) -> list[Problem]:
     """Cross-key rules of the core, and the selected components' own checks."""
     problems: list[Problem] = []
@@ -199,6 +301,8 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
     problems += _hardware_and_model_problems(config)
     problems += _output_dir_problems(config)
     problems += _dataset_path_problems(config)
+    problems += _shard_problems(config)
+    problems += _axolotl_value_problems(config, plugins)
     if config.eval_sample_packing and not config.sample_packing:
         problems.append(
             Problem(
@@ -246,4 +350,12 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
                 f"plugin {owner!r}: the check of {component.name!r} raised {type(exc).__name__}: {exc}",
                 plugin=owner,
             ) from exc
+    from sft.config.ineffective import ineffective_key_problems
+    from sft.train.tracking import tracking_problems
+
+    problems += ineffective_key_problems(config, plugins)
+    problems += tracking_problems(config)
+    from sft.train.options import option_problems
+
+    problems += option_problems(config)  # schedules, NEFTune, compile, offloading, RoPE, ...
     return problems

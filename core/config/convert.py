@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+import types
+from typing import Any, Union, get_args, get_origin
 
 import attrs
 import cattrs
 
 converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _plain_union(tp: Any) -> bool:
+    """A union of plain types (`str | dict[str, Any] | None`), which cattrs cannot structure."""
+    if get_origin(tp) not in (Union, types.UnionType):
+        return False
+    return not any(attrs.has(get_origin(arg) or arg) for arg in get_args(tp))
+
+
+# The loader has already checked and normalised each value against its type (`conform`).
+converter.register_structure_hook_func(_plain_union, lambda value, _: value)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

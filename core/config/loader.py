@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,7 @@ def _structure_scope(
     groups: list[tuple[str, type]],
     prefix: KeyPath,
     ctx: _Context,
-    unsupported: frozenset[str],
+    unsupported: Mapping[str, Any],
 ) -> dict[type, dict[str, Any]]:
     owners: dict[str, tuple[str, type, attrs.Attribute]] = {}  # type: ignore[type-arg]
     for plugin, cls in groups:
@@ -256,12 +256,9 @@ def _structure_scope(
         if name in axolotl.IGNORED_ROOT_KEYS and not prefix:
             continue
         if name in unsupported:
-            if not axolotl.is_inert(value):
-                ctx.add(
-                    path,
-                    "is an Axolotl key that sft does not support yet",
-                    hint="remove it (or leave it empty/false) to run without that feature",
-                )
+            if not axolotl.is_inert(value, name, dataset=bool(prefix)):
+                message, hint = axolotl.unsupported_message(name, dataset=bool(prefix))
+                ctx.add(path, message, hint=hint)
             continue
         guess = did_you_mean(name, list(owners))
         ctx.add(path, "unknown key" + (f"; did you mean {guess!r}?" if guess else ""))
@@ -269,11 +266,11 @@ def _structure_scope(
     values: dict[type, dict[str, Any]] = {cls: {} for _, cls in groups}
     for name, (_, cls, field) in owners.items():
         path = (*prefix, name)
-        if name not in data:
+        value = data.get(name)
+        if value is None or value == "":  # absent or blank (`fp16:` in YAML): the default
             if field.default is attrs.NOTHING:
-                ctx.add(path, "required key is missing")
+                ctx.add(path, "required key is missing" if name not in data else "is blank")
             continue
-        value = data[name]
         if name in _DATASET_LISTS and cls is Config:
             values[cls][name] = value  # structured by the caller, entry by entry
             continue
@@ -390,6 +387,14 @@ def _load(
     problems = [*check_config(config, plugins), *plugins.validate_config(config)]
     if not machine_checks:
         problems = [p for p in problems if not p.machine]
-    if problems:
-        raise ConfigError([ctx.locate(p) for p in problems], source)
+    errors = [ctx.locate(p) for p in problems if not p.warning]
+    if errors:
+        raise ConfigError(errors, source)
+    # Warnings (keys that change nothing) ride on the config: `sft validate` and `sft run`
+    # show them, in file order.
+    warnings = sorted(
+        (ctx.locate(p) for p in problems if p.warning),
+        key=lambda p: (p.line is None, p.line or 0),
+    )
+    object.__setattr__(config, "_warnings", tuple(warnings))
     return config

@@ -72,6 +72,23 @@ class _Sections:
 
 
 ExcessLength = Literal["drop", "truncate", "raise"]
+# transformers' SchedulerType names, and Axolotl's rex and one_cycle.
+LrScheduler = Literal[
+    "cosine",
+    "linear",
+    "constant",
+    "constant_with_warmup",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+    "rex",
+    "one_cycle",
+]
 InvalidRows = Literal["raise", "skip"]
 
 
@@ -100,6 +117,16 @@ class DatasetConfig(_Sections):
     storage_options: dict[str, Any] | None = key(
         None, doc="fsspec storage options for remote paths (credentials, endpoint_url, ...)."
     )
+    weight: float = key(
+        1.0,
+        gt=0.0,
+        doc="How often each sample of this dataset is used in the mix: 2 uses each twice, 0.5 a "
+        "seeded half (the rest of the data is unchanged).",
+    )
+    shards: int | None = key(
+        None, ge=1, doc="Split the dataset into this many contiguous pieces (with shards_idx)."
+    )
+    shards_idx: int | None = key(None, ge=0, doc="Which piece of `shards` to use (0-based).")
     _sections: Mapping[type, Any] = attrs.field(
         factory=dict, repr=False, eq=False, alias="_sections"
     )
@@ -121,6 +148,25 @@ class Config(_Sections):
         path=True,
     )
     revision_of_model: str | None = key(None, doc="Hub revision of base_model.")
+    model_type: str | None = key(
+        None,
+        doc="transformers class that loads base_model: AutoModelForCausalLM (the default) or the "
+        "model's own causal-LM class, e.g. LlamaForCausalLM.",
+    )
+    tokenizer_type: str | None = key(
+        None,
+        doc="transformers class that loads the tokenizer: AutoTokenizer (the default) or a "
+        "tokenizer class, e.g. LlamaTokenizer.",
+    )
+    tokenizer_use_fast: bool = key(
+        True,
+        doc="Load the fast (Rust) tokenizer; sft needs it for exact label masking (false is refused).",
+    )
+    tokenizer_legacy: bool | None = key(
+        None,
+        doc="The `legacy` option of sentencepiece-based tokenizers (Llama, T5): how text after "
+        "special tokens is split.",
+    )
     trust_remote_code: bool = key(
         False, doc="Allow model/tokenizer code from the Hub to run. Off unless you trust it."
     )
@@ -129,6 +175,17 @@ class Config(_Sections):
     )
     tokens: tuple[str, ...] | None = key(
         None, doc="New tokens to add to the vocabulary (the embeddings are resized)."
+    )
+    plugins: tuple[str, ...] | None = key(
+        None,
+        doc="Axolotl integrations (dotted paths, e.g. axolotl.integrations.liger.LigerPlugin): "
+        "each must have an installed sft plugin that stands in for it (see docs/axolotl.md). "
+        "sft's own plugins need no listing: installed ones are found by entry point.",
+    )
+    rope_scaling: dict[str, Any] | None = key(
+        None,
+        doc="RoPE scaling set on the model config at load, e.g. {rope_type = 'linear', factor = "
+        "2.0} (linear, dynamic, yarn, longrope, llama3); `type` is accepted for `rope_type`.",
     )
 
     # -- precision and quantization ------------------------------------------------------------
@@ -152,8 +209,10 @@ class Config(_Sections):
         16, ge=1, doc="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA)."
     )
     lora_dropout: float = key(0.0, ge=0.0, le=1.0, doc="Dropout on the LoRA input.")
-    lora_target_modules: tuple[str, ...] | None = key(
-        None, doc="Module names (or regex) to adapt, e.g. ['q_proj', 'v_proj']."
+    lora_target_modules: str | tuple[str, ...] | None = key(
+        None,
+        doc="Modules to adapt: a list of name suffixes (['q_proj', 'v_proj']), or one string, a "
+        "regex that must match a module's full name ('.*layers\\.[0-3]\\..*_proj').",
     )
     lora_target_linear: bool = key(
         False,
@@ -168,6 +227,16 @@ class Config(_Sections):
     )
     peft_use_dora: bool = key(False, doc="Use DoRA (weight-decomposed LoRA).")
     peft_use_rslora: bool = key(False, doc="Use rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    loraplus_lr_ratio: float | None = key(
+        None,
+        gt=0.0,
+        doc="LoRA+: the LoRA B matrices learn at learning_rate × this ratio (the paper suggests 16).",
+    )
+    loraplus_lr_embedding: float | None = key(
+        None,
+        gt=0.0,
+        doc="LoRA+: learning rate of LoRA on embedding layers (default 1e-6; needs loraplus_lr_ratio).",
+    )
     unfrozen_parameters: tuple[str, ...] | None = key(
         None,
         doc="Full fine-tune only these parameters (regexes on parameter names); freeze the rest.",
@@ -235,11 +304,24 @@ class Config(_Sections):
     optimizer: str = key(
         "adamw_torch", doc="Optimizer, by registered name (see `sft plugins list`)."
     )
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = key(
-        "cosine", doc="Learning-rate schedule after warmup."
+    lr_scheduler: LrScheduler = key(
+        "cosine",
+        doc="Learning-rate schedule after warmup: any transformers schedule (cosine, linear, "
+        "constant, cosine_with_min_lr, warmup_stable_decay, ...), rex or one_cycle.",
+    )
+    lr_scheduler_kwargs: dict[str, Any] | None = key(
+        None,
+        doc="Options of the schedule, e.g. {num_decay_steps = 20} for warmup_stable_decay, "
+        "{num_cycles = 2} for cosine_with_restarts (see docs/training.md).",
     )
     cosine_min_lr_ratio: float | None = key(
-        None, ge=0.0, le=1.0, doc="Cosine schedule floor as a fraction of learning_rate."
+        None,
+        ge=0.0,
+        le=1.0,
+        doc="Floor of cosine (and cosine_with_min_lr, rex) as a fraction of learning_rate.",
+    )
+    lr_div_factor: float | None = key(
+        None, gt=0.0, doc="one_cycle: the schedule starts at learning_rate / this (default 25)."
     )
     warmup_steps: int | None = key(None, ge=0, doc="Linear warmup steps.")
     warmup_ratio: float | None = key(
@@ -254,6 +336,40 @@ class Config(_Sections):
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = key(
         None, doc="Passed to gradient_checkpointing_enable, e.g. {use_reentrant = false}."
+    )
+    activation_offloading: bool = key(
+        False,
+        doc="Keep the activations gradient checkpointing saves in CPU memory instead of on the "
+        "GPU (needs gradient_checkpointing and a CUDA GPU).",
+    )
+    neftune_noise_alpha: float | None = key(
+        None,
+        gt=0.0,
+        doc="NEFTune: add uniform noise of this scale to the input embeddings while training "
+        "(e.g. 5).",
+    )
+    noisy_embedding_alpha: float | None = key(
+        None, gt=0.0, doc="Axolotl's older name for neftune_noise_alpha."
+    )
+    torch_compile: bool | Literal["auto"] = key(
+        False,
+        doc="Compile the model with torch.compile (auto: when torch >= 2.5.1); slow first steps.",
+    )
+    torch_compile_backend: str | None = key(
+        None, doc="torch.compile backend (default inductor); setting it turns torch_compile on."
+    )
+    torch_compile_mode: (
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
+    ) = key(None, doc="torch.compile mode; setting it turns torch_compile on.")
+    loss_watchdog_threshold: float | None = key(
+        None,
+        doc="Stop training when the logged loss stays above this for loss_watchdog_patience "
+        "logs in a row (the diverged model is not saved).",
+    )
+    loss_watchdog_patience: int | None = key(
+        None,
+        ge=1,
+        doc="Logged losses in a row above loss_watchdog_threshold that stop the run (default 3).",
     )
     logging_steps: int = key(1, ge=1, doc="Log every this many optimizer steps.")
     eval_steps: int | None = key(None, ge=1, doc="Evaluate every this many steps.")
@@ -277,6 +393,77 @@ class Config(_Sections):
         "checkpoint; a new learning rate or optimizer setting is applied from the next step.",
     )
     use_tensorboard: bool = key(False, doc="Write TensorBoard logs to output_dir/runs.")
+
+    # -- tracking and sharing (sft.train.tracking, sft.train.hub) -----------------------------
+    use_wandb: bool = key(False, doc="Log to Weights & Biases (also on when wandb_project is set).")
+    wandb_project: str | None = key(None, doc="W&B project; setting it turns W&B logging on.")
+    wandb_entity: str | None = key(None, doc="W&B team or user that owns the run.")
+    wandb_name: str | None = key(
+        None, doc="Run name in W&B (and in MLflow and Comet, which take the same name)."
+    )
+    wandb_run_id: str | None = key(
+        None, doc="W&B run id: a run with this id is continued instead of starting a new one."
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] | None = key(
+        None,
+        doc="W&B mode: online (default), offline (run files under output_dir/wandb, upload later "
+        "with `wandb sync`), or disabled (no W&B logging).",
+    )
+    wandb_watch: Literal["gradients", "parameters", "all", False] | None = key(
+        None, doc="Also log histograms of gradients, parameters, or all (wandb.watch)."
+    )
+    wandb_log_model: Literal["checkpoint", "end", False] | None = key(
+        None, doc="Upload the model to W&B Artifacts at each checkpoint, or once at the end."
+    )
+    use_mlflow: bool = key(
+        False,
+        doc="Log to MLflow (also on when mlflow_tracking_uri or mlflow_experiment_name is set).",
+    )
+    mlflow_tracking_uri: str | None = key(
+        None, doc="MLflow tracking server or store, e.g. http://host:5000 or file:./mlruns."
+    )
+    mlflow_experiment_name: str | None = key(None, doc="MLflow experiment the run is logged to.")
+    mlflow_run_name: str | None = key(None, doc="Run name in MLflow (and in Comet).")
+    hf_mlflow_log_artifacts: bool = key(
+        False, doc="Also upload each checkpoint to MLflow as an artifact."
+    )
+    use_comet: bool = key(False, doc="Log to Comet (also on when comet_project_name is set).")
+    comet_api_key: str | None = key(
+        None,
+        doc="Comet API key (prefer `comet login` or COMET_API_KEY); never written to "
+        "sft_config.yaml.",
+    )
+    comet_workspace: str | None = key(None, doc="Comet workspace (default: your own).")
+    comet_project_name: str | None = key(
+        None, doc="Comet project; setting it turns Comet logging on."
+    )
+    comet_experiment_key: str | None = key(
+        None, doc="Comet experiment key: log to that experiment (with comet_mode get)."
+    )
+    comet_mode: Literal["get", "create", "get_or_create"] | None = key(
+        None, doc="Comet: continue an experiment (get), start a new one (create), or either."
+    )
+    comet_online: bool | None = key(
+        None, doc="Comet: false logs offline (an archive to upload later); default online."
+    )
+    hub_model_id: str | None = key(
+        None,
+        doc="Hugging Face Hub repo (name or org/name) to push the trained adapter or model to.",
+    )
+    push_to_hub: bool | None = key(
+        None, doc="Push to hub_model_id (default: whenever hub_model_id is set); false: don't."
+    )
+    hub_strategy: Literal["end", "every_save", "checkpoint", "all_checkpoints"] = key(
+        "every_save",
+        doc="What is pushed: the result at the end only; also the model at every save; also "
+        "the latest checkpoint (last-checkpoint/); or every checkpoint (checkpoint-N/).",
+    )
+    hub_private_repo: bool = key(
+        True, doc="Create the Hub repo private (as Axolotl does); an existing repo is unchanged."
+    )
+    hub_revision: str | None = key(
+        None, doc="Hub branch to push to (created from main when missing; default main)."
+    )
 
     # -- packing and attention -----------------------------------------------------------------
     sample_packing: bool = key(
@@ -308,6 +495,7 @@ class Config(_Sections):
         factory=dict, repr=False, eq=False, alias="_sections"
     )
     _source: str | None = attrs.field(default=None, repr=False, eq=False, alias="_source")
+    _warnings: tuple[Any, ...] = attrs.field(default=(), repr=False, eq=False, alias="_warnings")
 
     @property
     def source(self) -> str | None:
@@ -315,10 +503,15 @@ class Config(_Sections):
         return self._source
 
     @property
+    def warnings(self) -> tuple[Any, ...]:
+        """Problems that do not stop a run (`Problem.warning`): keys that change nothing."""
+        return self._warnings
+
+    @property
     def attention(self) -> str:
         """The selected attention backend name, Axolotl boolean aliases resolved."""
         if self.attn_implementation:
-            return self.attn_implementation
+            return ATTENTION_VALUE_ALIASES.get(self.attn_implementation, self.attn_implementation)
         for alias, name in ATTENTION_ALIASES.items():
             if getattr(self, alias):
                 return name
@@ -330,6 +523,17 @@ ATTENTION_ALIASES = {
     "sdp_attention": "sdpa",
     "flex_attention": "flex_attention",
     "eager_attention": "eager",
+}
+# Axolotl's other attn_implementation values → the backend that computes the same attention.
+# xformers' memory-efficient attention is exact attention, as PyTorch's sdpa kernels are (and
+# sdpa keeps packed samples apart); a Hub flash-attention kernel is the same algorithm as the
+# flash-attn package our flash_attn backend uses.
+ATTENTION_VALUE_ALIASES = {
+    "xformers": "sdpa",
+    "kernels-community/flash-attn": "flash_attention_2",
+    "kernels-community/flash-attn2": "flash_attention_2",
+    "kernels-community/flash-attn3": "flash_attention_3",
+    "kernels-community/vllm-flash-attn3": "flash_attention_3",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -15,7 +16,7 @@ import attrs
 import sft
 from sft.config.convert import to_dict
 from sft.config.schema import Config, DatasetConfig
-from sft.data.sources import RawRows, read_rows
+from sft.data.sources import RawRows, quick_fingerprint, read_rows
 from sft.data.summary import DatasetSummary, Summary
 from sft.data.tokenize import ChunkResult, TokenizeOptions, process_chunk
 from sft.errors import ConfigError, DataError, Problem
@@ -154,6 +155,30 @@ def raise_row_problems(
     raise error
 
 
+def _read(ds: DatasetConfig, invalid_rows: str) -> RawRows:
+    raw = read_rows(ds, invalid_rows)
+    if ds.shards is not None and ds.shards_idx is not None:
+        raw = raw.shard(ds.shards, ds.shards_idx)
+    return raw
+
+
+def _weighted(
+    ids: list[list[int]], labels: list[list[int]], weight: float, seed: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each sample `int(weight)` times, plus a seeded choice of the fraction left over."""
+    if weight == 1.0 or not ids:
+        return ids, labels
+    import numpy as np
+
+    whole, fraction = divmod(weight, 1.0)
+    order = list(range(len(ids))) * int(whole)
+    extra = round(fraction * len(ids))
+    if extra:
+        chosen = np.random.default_rng(seed).choice(len(ids), size=extra, replace=False)
+        order += sorted(chosen.tolist())
+    return [ids[i] for i in order], [labels[i] for i in order]
+
+
 def _strategy_for(ds: DatasetConfig) -> str:
     return ds.type or "pretokenized"
 
@@ -186,6 +211,8 @@ _RELEVANT_ROOT_KEYS = (
     "dataset_exact_deduplication",
     "special_tokens",
     "tokens",
+    "tokenizer_type",
+    "tokenizer_legacy",
 )
 
 
@@ -276,8 +303,13 @@ def _process_sources(
                 notes=result.notes,
             )
         )
-        ids.extend(result.input_ids)
-        labels.extend(result.labels)
+        weighted_ids, weighted_labels = _weighted(
+            result.input_ids, result.labels, ds.weight, config.seed + index
+        )
+        if ds.weight != 1.0:
+            summary.datasets[-1].notes[f"weight {ds.weight:g}: samples used"] = len(weighted_ids)
+        ids.extend(weighted_ids)
+        labels.extend(weighted_labels)
     return ids, labels
 
 
@@ -329,10 +361,27 @@ def prepare_datasets(
         from sft.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config, plugins)
-    raws = [read_rows(ds, config.invalid_rows) for ds in config.datasets]
-    test_raws = [read_rows(ds, config.invalid_rows) for ds in config.test_datasets]
-    key = cache_key(config, tokenizer, [r.fingerprint for r in (*raws, *test_raws)], plugins)
-    cache_dir = Path(config.dataset_prepared_path) / key if config.dataset_prepared_path else None
+    entries = (*config.datasets, *config.test_datasets)
+    root = Path(config.dataset_prepared_path) if config.dataset_prepared_path else None
+    # The cache key from file metadata first: a cache hit reads no data at all.
+    quick = [quick_fingerprint(ds) for ds in entries] if root is not None else []
+    if root is not None and all(f is not None for f in quick):
+        cache_dir = root / cache_key(config, tokenizer, quick, plugins)  # type: ignore[arg-type]
+        if use_cache and (cache_dir / "complete").exists():
+            return _load_cached(cache_dir)
+        if wait_for_cache is not None:  # the key is known: nothing to read
+            while not (cache_dir / "complete").exists():
+                wait_for_cache(cache_dir)
+            return _load_cached(cache_dir)
+    raws = [_read(ds, config.invalid_rows) for ds in config.datasets]
+    test_raws = [_read(ds, config.invalid_rows) for ds in config.test_datasets]
+    fingerprints = [
+        fast or raw.fingerprint
+        for fast, raw in itertools.zip_longest(quick, (*raws, *test_raws))
+        if raw is not None
+    ]
+    key = cache_key(config, tokenizer, fingerprints, plugins)
+    cache_dir = root / key if root is not None else None
     if use_cache and cache_dir is not None and (cache_dir / "complete").exists():
         return _load_cached(cache_dir)
     if wait_for_cache is not None:

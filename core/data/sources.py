@@ -51,6 +51,18 @@ class RawRows:
     fingerprint: str
     dropped: Counter[str] = attrs.field(factory=Counter)
 
+    def shard(self, count: int, index: int) -> RawRows:
+        """The `index`-th of `count` contiguous pieces (as `datasets.Dataset.shard` cuts)."""
+        size, extra = divmod(len(self.rows), count)
+        start = size * index + min(index, extra)
+        stop = start + size + (1 if index < extra else 0)
+        return attrs.evolve(
+            self,
+            rows=self.rows[start:stop],
+            locations=self.locations[start:stop],
+            fingerprint=f"{self.fingerprint}|shard {index}/{count}",
+        )
+
     def where(self, index: int) -> tuple[str, int]:
         file_index, number = self.locations[index]
         return self.files[file_index], number
@@ -370,6 +382,80 @@ def read_rows(ds: DatasetConfig, invalid_rows: str = "raise") -> RawRows:
             hint=f"check the path; a relative path is read from the working directory ({Path.cwd()})",
         )
     return _from_datasets(ds, path, out, invalid_rows)
+
+
+def quick_fingerprint(ds: DatasetConfig) -> str | None:
+    """A fingerprint of the source from metadata only (no row is read), or None when there is
+    no trustworthy one (then the content is hashed while reading).
+
+    Local and fsspec files: path, size and modification time (or ETag) of every file the entry
+    reads. A saved dataset: its `state.json` (which holds the datasets fingerprint). A Hub
+    dataset: the commit the revision resolves to (asked of the Hub, or read from the local
+    Hub cache when offline). Used for the prepared-data cache key, so that a cache hit reads
+    no data at all.
+    """
+    path = ds.path
+    local = Path(path).expanduser()
+    parts = [f"{ds.name}|{ds.split}|{ds.revision}|{ds.data_files}|{ds.ds_type}"]
+    try:
+        if _is_url(path) or local.exists():
+            target = path if _is_url(path) else str(local)
+            fs = _fs(target, ds)
+            if fs.isdir(target):
+                if not _is_url(path) and _looks_like_saved_dataset(local):
+                    parts.append((local / "state.json").read_text())
+                    return _digest(parts)
+                files = _list_files(target, ds)
+                if not files:
+                    return None
+            else:
+                files = [target]
+            for file in files:
+                info = fs.info(file)
+                stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag")
+                stamp = stamp or info.get("etag") or info.get("md5Hash")
+                if stamp is None or info.get("size") is None:
+                    return None
+                parts.append(f"{file}|{info['size']}|{stamp}")
+            if not _is_url(path):  # nanosecond mtimes: a rewrite within a second still shows
+                parts += [f"{file}|{Path(file).stat().st_mtime_ns}" for file in files]
+            return _digest(parts)
+        if is_local_path(path):
+            return None  # reading says "file not found"
+        commit = _hub_commit(path, ds.revision)
+        return _digest([*parts, f"hub|{path}|{commit}"]) if commit else None
+    except (OSError, ValueError, DataError):
+        return None
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _hub_commit(repo: str, revision: str | None) -> str | None:
+    """The commit a Hub dataset revision points to: a full commit id as given, the local Hub
+    cache's record of it, or the Hub's answer (online only)."""
+    import os
+    import re
+
+    wanted = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", wanted):
+        return wanted
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+    except ImportError:
+        return None
+    ref = Path(HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / wanted
+    if ref.is_file():
+        return ref.read_text().strip() or None
+    if HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(repo, revision=wanted, timeout=10).sha
+    except Exception:  # no network, no access: fall back to reading the data
+        return None
 
 
 def _looks_like_saved_dataset(path: Path) -> bool:

@@ -141,7 +141,7 @@ class Summary:
     def note_lines(self) -> list[str]:
         """Facts the strategies counted on kept rows (e.g. reasoning a template dropped)."""
         return [
-            f"note: {label}{redact(d.name)}: {note}: {count} trained turns"
+            f"note: {label}{redact(d.name)}: {note}: {count}"
             for label, group in (("", self.datasets), ("eval ", self.eval_datasets))
             for d in group
             for note, count in d.notes.items()

@@ -11,6 +11,8 @@ from typing import Any
 
 import attrs
 
+from sft.errors import ModelError
+
 GRAD_NORM_SPIKE = 100.0
 LOSS_NEAR_ZERO = 0.01
 FLAT_WINDOW = 10  # logged steps compared for "flat or rising from step 1"
@@ -155,6 +157,86 @@ class HealthMonitor:
                         )
                     )
         return [w for w in found if w is not None]
+
+
+class LossDiverged(ModelError):
+    """The loss watchdog stopped the run."""
+
+    title = "training stopped"
+
+
+@attrs.define
+class LossWatchdog:
+    """Axolotl's loss watchdog: stop training once the logged loss has been above `threshold`
+    for `patience` logs in a row (a NaN or infinite loss counts as above).
+
+    It sees every process's logs (they hold the loss averaged over all processes), so every
+    rank stops at the same step. The stop saves no checkpoint: the state has diverged.
+    """
+
+    threshold: float
+    patience: int = 3
+    above: list[tuple[int, float]] = attrs.field(factory=list)
+    tripped_at: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> LossWatchdog | None:
+        if config.loss_watchdog_threshold is None:
+            return None
+        return cls(config.loss_watchdog_threshold, config.loss_watchdog_patience or 3)
+
+    def observe(self, step: int, loss: float) -> bool:
+        """Record one logged loss; True once the run must stop."""
+        if math.isfinite(loss) and loss <= self.threshold:
+            self.above.clear()
+        else:
+            self.above.append((step, loss))
+        if self.tripped_at is None and len(self.above) >= self.patience:
+            self.tripped_at = step
+        return self.tripped_at is not None
+
+    def stopped(self, output_dir: Path, max_steps: int) -> LossDiverged:
+        """The error that ends the run, saying what happened and what is kept."""
+        from sft.train.trainer import latest_checkpoint
+
+        losses = ", ".join(
+            f"step {step}: {loss:.4g}" for step, loss in self.above[-self.patience :]
+        )
+        kept = latest_checkpoint(output_dir)
+        keeps = (
+            f"; the newest checkpoint is {kept} (from before the stop)"
+            if kept
+            else "; no checkpoint was written before it"
+        )
+        return LossDiverged(
+            f"the loss stayed above loss_watchdog_threshold = {self.threshold:g} for "
+            f"{self.patience} logged steps in a row ({losses}): stopped at step "
+            f"{self.tripped_at}/{max_steps} without saving the diverged model{keeps}\n"
+            "  fix: lower learning_rate, add warmup (warmup_steps), keep max_grad_norm = 1.0 "
+            "and check the data (`sft preprocess --debug`); or raise loss_watchdog_threshold"
+        )
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        watchdog = self
+
+        class LossWatchdogCallback(TrainerCallback):
+            def on_log(
+                self,
+                args: Any,
+                state: Any,
+                control: Any,
+                logs: dict[str, float] | None = None,
+                **kwargs: Any,
+            ) -> Any:
+                loss = (logs or {}).get("loss")
+                if loss is not None and watchdog.observe(state.global_step, float(loss)):
+                    control.should_training_stop = True
+                    control.should_save = False  # a diverged state is no checkpoint to keep
+                return control
+
+        return LossWatchdogCallback()
 
 
 def format_seconds(seconds: float) -> str:

@@ -66,7 +66,14 @@ DATA_KEYS = frozenset(
     )
 )
 MODEL_KEYS = frozenset(
-    ("base_model", "revision_of_model", "load_in_4bit", "load_in_8bit", "lora_model_dir")
+    (
+        "base_model",
+        "revision_of_model",
+        "load_in_4bit",
+        "load_in_8bit",
+        "lora_model_dir",
+        "rope_scaling",
+    )
 )
 LAYOUT_KEYS = frozenset(
     (
@@ -84,7 +91,11 @@ SCHEDULE_KEYS = frozenset(
     (
         "learning_rate",
         "lr_scheduler",
+        "lr_scheduler_kwargs",
+        "lr_div_factor",
         "cosine_min_lr_ratio",
+        "loraplus_lr_ratio",
+        "loraplus_lr_embedding",
         "warmup_steps",
         "warmup_ratio",
         "weight_decay",
@@ -220,17 +231,13 @@ def _resolved(config: Config) -> dict[str, Any]:
 
 
 def _optimizer_keys(config: Config, plugins: Any) -> set[str]:
-    """The config keys declared by the plugin that provides the selected optimizer."""
+    """The config keys the selected optimizer reads (`Optimizer.keys`, or its plugin's keys)."""
+    from sft.config.ineffective import optimizer_keys
+
     try:
-        owner = plugins.optimizers().owner(config.optimizer)
+        return optimizer_keys(plugins, config.optimizer)
     except Exception:  # an unknown name was refused when the config loaded
         return set()
-    return {
-        name
-        for plugin, keys in plugins.config_keys(strict=False)
-        if plugin == owner
-        for name in attrs.fields_dict(keys.cls)
-    }
 
 
 def _group(key: str, adapter: bool, optimizer_keys: set[str]) -> str:
@@ -402,10 +409,15 @@ def apply_hyperparameters(
     optimizer built from this config (no state is allocated before its first step) says what
     the values should be.
     """
-    from sft.train.trainer import parameter_groups
+    from sft.train.trainer import build_optimizer
 
     spec = plugins.optimizers().get(config.optimizer)
-    fresh = spec.factory(parameter_groups(model, config.weight_decay), config)
+    if spec.uses_model:  # its factory may hook into the model: never build a second one
+        return [
+            f"not applied: {spec.name} is built from the model, so a second one cannot be "
+            "built to compare its settings; the checkpoint's optimizer settings are kept"
+        ]
+    fresh = build_optimizer(spec, model, config)
     groups, wanted = optimizer.param_groups, fresh.param_groups
     if len(groups) != len(wanted):
         return [

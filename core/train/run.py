@@ -149,15 +149,9 @@ def training_arguments(
         else {"eval_strategy": "no"}
     )
     save_kwargs = _schedule("save", config.save_steps, config.saves_per_epoch, per_epoch)
-    report_to: list[str] = []
-    if config.use_tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ModelError(
-                "use_tensorboard = true needs tensorboard\n  fix: pip install 'sft-train[tensorboard]'"
-            ) from None
-        report_to = ["tensorboard"]
+    from sft.train.options import trainer_arguments
+    from sft.train.tracking import report_to, run_name
+
     return TrainingArguments(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.micro_batch_size,
@@ -176,7 +170,8 @@ def training_arguments(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         tf32=config.tf32 or None,
-        report_to=report_to,
+        report_to=report_to(config),
+        run_name=run_name(config),
         remove_unused_columns=False,
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
@@ -187,6 +182,7 @@ def training_arguments(
         # alike): DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
         ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None,
+        **trainer_arguments(config),  # NEFTune, torch.compile, ... (sft.train.options)
         **eval_kwargs,
         **save_kwargs,
         **(engine or {}),
@@ -281,9 +277,12 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
         console = Console(highlight=False)
     if not is_main_process():  # one process prints (errors are still raised on every rank)
         console = Console(file=io.StringIO())
+    from sft.train.tracking import tracking
+
     stop = StopRequest(console).install()
     try:
-        return _train(config, plugins, console, stop)
+        with tracking(config):  # the trackers' environment, for this run only
+            return _train(config, plugins, console, stop)
     finally:
         stop.restore()
         release_output_dir(Path(config.output_dir))
@@ -297,7 +296,7 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
     from sft.model import apply_adapter, check_hardware, count_parameters, load_model, resolve_dtype
     from sft.save import write_model_card, write_resolved_config
     from sft.tokenizer import load_tokenizer
-    from sft.train.monitor import HealthMonitor, make_callback, write_plot
+    from sft.train.monitor import HealthMonitor, LossWatchdog, make_callback, write_plot
     from sft.train.trainer import Collator, make_trainer_class, pad_id_of, warmup_steps
 
     check_hardware(config)  # before anything slow
@@ -308,8 +307,16 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
         if is_main_process():
             console.print(text, markup=False, highlight=False)
 
+    for warning in config.warnings:  # keys that change nothing (`sft validate` shows them too)
+        console.print("warning: ", style="yellow", end="")
+        console.print(warning.render(), markup=False, highlight=False)
     resumed_from = resume_point(config, say)
     claimed = claim_output_dir(config, resuming=resumed_from is not None)
+    from sft.train.hub import HubPush, pushing
+
+    hub = HubPush(config, say) if pushing(config) and is_main_process() else None
+    if hub is not None:
+        hub.create_repo()  # before anything slow: a wrong repo or token stops the run here
     seed_everything(config.seed)
 
     tokenizer = load_tokenizer(config, plugins)
@@ -348,6 +355,7 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
         lr_schedule=config.lr_scheduler, warmup=warmup_steps(config, total_steps)
     )
     progress = make_callback(config, output_dir, console, monitor)
+    watchdog = LossWatchdog.from_config(config)
     trainer_class = make_trainer_class()
     trainer = trainer_class(
         model=model,
@@ -362,6 +370,8 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
             progress,
             *plugins.trainer_callbacks(config),
             *([make_apply_callback(plan, config, plugins, console)] if plan else []),
+            *([watchdog.callback()] if watchdog else []),
+            *([hub.callback()] if hub is not None and config.hub_strategy != "end" else []),
             make_stop_callback(stop),  # last: a signal during another callback stops this step
         ],
         sft_config=config,
@@ -383,6 +393,8 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
     if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
         # The Trainer saved a checkpoint at this step and stopped: no final save.
         raise stop.stopped(config, output_dir, trainer.state.global_step, trainer.state.max_steps)
+    if watchdog and watchdog.tripped_at is not None:  # the diverged model is not saved
+        raise watchdog.stopped(output_dir, trainer.state.max_steps)
     metrics = dict(result.metrics)
     plugins.train_end(config, trainer, metrics)
 
@@ -415,6 +427,10 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
             console.print("note: install matplotlib (pip install 'sft-train[plot]') for loss.png")
         plugins.after_save(config, str(output_dir))
         claimed.record_result()
+        if hub is not None:
+            from sft.fsutil import sft_files
+
+            hub.push_result(output_dir, sft_files(output_dir) or [], saved)
     console.print(f"saved {saved} to {output_dir}")
     if warnings:
         console.print("[yellow]training-health warnings:[/]")

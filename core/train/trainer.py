@@ -71,17 +71,58 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def parameter_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; never biases, norms or other 1-D parameters."""
-    decay, no_decay = [], []
-    for _, parameter in model.named_parameters():
+LORAPLUS_EMBEDDING_LR = 1e-6  # Axolotl's and peft's default for loraplus_lr_embedding
+
+
+def parameter_groups(
+    model: Any, weight_decay: float, config: Config | None = None
+) -> list[dict[str, Any]]:
+    """Decay matrices; never biases, norms or other 1-D parameters.
+
+    With LoRA+ (`config.loraplus_lr_ratio`) each group also carries its own `lr`, as peft's
+    `create_loraplus_optimizer` sets them: LoRA B matrices learn at learning_rate × ratio, LoRA on
+    embedding layers at `loraplus_lr_embedding`, everything else at learning_rate. Schedules
+    scale every group's lr by the same factor, so the ratio holds for the whole run.
+    """
+    ratio = config.loraplus_lr_ratio if config is not None else None
+    if not ratio:
+        decay, no_decay = [], []
+        for _, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+    assert config is not None
+    lr = config.learning_rate
+    embedding_lr = config.loraplus_lr_embedding or LORAPLUS_EMBEDDING_LR
+    buckets: dict[tuple[float, float], list[Any]] = {}
+    for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decay = weight_decay if parameter.ndim >= 2 else 0.0
+        if "lora_embedding_A" in name or "lora_embedding_B" in name:
+            group_lr = embedding_lr
+        elif "lora_B" in name:
+            group_lr = lr * ratio
+        else:
+            group_lr = lr
+        buckets.setdefault((group_lr, decay), []).append(parameter)
+    # Base-lr matrices first: the Trainer logs the first group's learning rate.
+    order = sorted(buckets, key=lambda k: (k[0] != lr, k[1] != weight_decay))
+    return [{"params": buckets[k], "weight_decay": k[1], "lr": k[0]} for k in order]
+
+
+def build_optimizer(spec: Any, model: Any, config: Config) -> Any:
+    """The registered optimizer `spec` for the trainable parameters of `model`."""
+    groups = parameter_groups(model, config.weight_decay, config)
+    if not any(group["params"] for group in groups):
+        raise ModelError("no trainable parameter: check adapter / unfrozen_parameters")
+    if spec.uses_model:
+        return spec.factory(groups, config, model)
+    return spec.factory(groups, config)
 
 
 def warmup_steps(config: Config, total_steps: int) -> int:
@@ -93,20 +134,10 @@ def warmup_steps(config: Config, total_steps: int) -> int:
 
 
 def build_scheduler(config: Config, optimizer: Any, total_steps: int) -> Any:
-    from transformers import optimization as schedules
+    """The learning-rate schedule `lr_scheduler` asks for (see `sft.train.schedule`)."""
+    from sft.train.schedule import build_schedule
 
-    warmup = warmup_steps(config, total_steps)
-    if config.lr_scheduler == "cosine":
-        if config.cosine_min_lr_ratio is not None:
-            return schedules.get_cosine_with_min_lr_schedule_with_warmup(
-                optimizer, warmup, total_steps, min_lr_rate=config.cosine_min_lr_ratio
-            )
-        return schedules.get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    if config.lr_scheduler == "linear":
-        return schedules.get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    if config.lr_scheduler == "constant_with_warmup":
-        return schedules.get_constant_schedule_with_warmup(optimizer, warmup)
-    return schedules.get_constant_schedule(optimizer)
+    return build_schedule(config, optimizer, total_steps, warmup_steps(config, total_steps))
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -140,6 +171,14 @@ def _raise_storage_error(exc: Exception, checkpoint: Path, staging: Path) -> Non
     ) from exc
 
 
+def optimizer_mode(optimizer: Any, mode: str) -> None:
+    """Put a schedule-free optimizer in "train" or "eval" mode (a no-op for the others). In eval
+    mode the model holds the averaged weights that are the result of training."""
+    switch = getattr(optimizer, mode, None)
+    if callable(switch):
+        switch()
+
+
 def make_trainer_class() -> type:
     """Build the Trainer subclass (transformers is imported only when training)."""
     from transformers import Trainer
@@ -163,11 +202,13 @@ def make_trainer_class() -> type:
             if self.optimizer is None:
                 target = self.model if model is None else model
                 spec = self.sft_plugins.optimizers().get(self.sft_config.optimizer)
-                groups = parameter_groups(target, self.sft_config.weight_decay)
-                if not any(group["params"] for group in groups):
-                    raise ModelError("no trainable parameter: check adapter / unfrozen_parameters")
-                self.optimizer = spec.factory(groups, self.sft_config)
+                self.optimizer = build_optimizer(spec, target, self.sft_config)
             return self.optimizer
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            result = super().train(*args, **kwargs)
+            optimizer_mode(self.optimizer, "eval")  # schedule-free: save the averaged weights
+            return result
 
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
             if self.lr_scheduler is None:
@@ -176,6 +217,17 @@ def make_trainer_class() -> type:
                 )
                 self._created_lr_scheduler = True
             return self.lr_scheduler
+
+        def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+            # LOMO and layer-wise GaLore/APOLLO step each weight inside backward and free its
+            # gradient there: no gradient is left to measure, and a logged 0 would read as
+            # "nothing is learning".
+            from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if self.accelerator.has_lomo_optimizer or isinstance(inner, LayerWiseDummyOptimizer):
+                return None
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
 
         def _track_num_input_tokens(self, inputs: Any) -> None:
             # Packed rows carry no attention_mask (it would disable the packed-sequence mask):
@@ -216,6 +268,7 @@ def make_trainer_class() -> type:
                 shutil.rmtree(staging, ignore_errors=True)
             self.accelerator.wait_for_everyone()
             self._staging_dir = str(staging)
+            optimizer_mode(self.optimizer, "eval")  # schedule-free: checkpoint the averaged weights
             try:
                 super()._save_checkpoint(model, trial)
                 if self.args.should_save and self.sft_checkpoint_record is not None:
@@ -225,6 +278,7 @@ def make_trainer_class() -> type:
                 raise
             finally:
                 self._staging_dir = None
+                optimizer_mode(self.optimizer, "train")
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 target = root / name

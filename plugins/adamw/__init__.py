@@ -21,6 +21,7 @@ class AdamKeys:
 
 
 ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
+ADAM_KEYS = tuple(attrs.fields_dict(AdamKeys))  # what the factory reads (`Optimizer.keys`)
 
 
 def _adamw(fused: bool) -> Callable[[Any, Config], Any]:
@@ -56,12 +57,15 @@ def sft_config_keys() -> Sequence[ConfigKeys]:
 
 @hookimpl
 def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
-    register(Optimizer("adamw_torch", _adamw(fused=False), _check, "torch.optim.AdamW"))
+    register(
+        Optimizer("adamw_torch", _adamw(fused=False), _check, "torch.optim.AdamW", keys=ADAM_KEYS)
+    )
     register(
         Optimizer(
             "adamw_torch_fused",
             _adamw(fused=True),
             _check,
             "torch.optim.AdamW(fused=True): one kernel for all parameters (CPU and CUDA)",
+            keys=ADAM_KEYS,
         )
     )

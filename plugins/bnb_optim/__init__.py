@@ -10,6 +10,9 @@ from sft.components import Optimizer
 from sft.config.schema import Config
 from sft.errors import ModelError, Problem
 
+# The AdamW keys of the `adamw` plugin, read here too (see `Optimizer.keys`).
+ADAM_KEYS = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
 
 def _betas(config: Config) -> tuple[float, float]:
     beta1 = getattr(config, "adam_beta1", 0.9)
@@ -64,12 +67,20 @@ def _check_paged(config: Config) -> list[Problem]:
 def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
     register(
         Optimizer(
-            "adamw_8bit", _bnb("AdamW8bit", False), None, "bitsandbytes AdamW with 8-bit state"
+            "adamw_8bit",
+            _bnb("AdamW8bit", False),
+            None,
+            "bitsandbytes AdamW with 8-bit state",
+            keys=ADAM_KEYS,
         )
     )
     register(
         Optimizer(
-            "adamw_bnb_8bit", _bnb("AdamW8bit", False), None, "alias of adamw_8bit (Axolotl name)"
+            "adamw_bnb_8bit",
+            _bnb("AdamW8bit", False),
+            None,
+            "alias of adamw_8bit (Axolotl name)",
+            keys=ADAM_KEYS,
         )
     )
     register(
@@ -78,6 +89,7 @@ def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
             _bnb("PagedAdamW8bit", True),
             _check_paged,
             "8-bit AdamW, state paged to CPU under memory pressure (CUDA)",
+            keys=ADAM_KEYS,
         )
     )
     register(
@@ -86,8 +98,15 @@ def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
             _bnb("PagedAdamW32bit", True),
             _check_paged,
             "32-bit AdamW, state paged (CUDA)",
+            keys=ADAM_KEYS,
         )
     )
     register(
-        Optimizer("lion_8bit", _bnb("Lion8bit", False), None, "bitsandbytes Lion with 8-bit state")
+        Optimizer(
+            "lion_8bit",
+            _bnb("Lion8bit", False),
+            None,
+            "bitsandbytes Lion with 8-bit state",
+            keys=("adam_beta1", "adam_beta2"),  # Lion has no epsilon
+        )
     )

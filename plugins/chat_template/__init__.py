@@ -42,6 +42,11 @@ class ChatTemplateKeys:
     default_system_message: str | None = key(
         None, doc="System message added to conversations that have none."
     )
+    eot_tokens: tuple[str, ...] | None = key(
+        None,
+        doc="End-of-turn markers to train, for every chat_template dataset that sets none of its "
+        "own (default: whatever the template writes after each turn's content).",
+    )
 
 
 @attrs.frozen
@@ -213,21 +218,22 @@ class ChatTemplateStrategy:
             default_system_message=root.default_system_message,
             field_tools=keys.field_tools,
         )
+        eot_tokens = keys.eot_tokens or root.eot_tokens
         policies = Policies(
             eos=keys.train_on_eos,
             eot=keys.train_on_eot or keys.train_on_eos,
             reasoning=keys.train_on_reasoning,
-            eot_strings=keys.eot_tokens,
+            eot_strings=eot_tokens,
         )
         self.locate = TurnLocator(self.render, tokenizer.eos_token, tokenizer.bos_token, policies)
-        if keys.eot_tokens:
+        if eot_tokens:
             trailer = self.locate.assistant_trailer()
-            if trailer is not None and not any(s in trailer for s in keys.eot_tokens):
+            if trailer is not None and not any(s in trailer for s in eot_tokens):
                 raise ConfigError(
                     [
                         Problem(
-                            "datasets[].eot_tokens",
-                            f"none of {list(keys.eot_tokens)} ends an assistant turn in this chat "
+                            "datasets[].eot_tokens" if keys.eot_tokens else "eot_tokens",
+                            f"none of {list(eot_tokens)} ends an assistant turn in this chat "
                             f"template, which writes {trailer.strip()!r} after each answer",
                             hint="list the template's own end-of-turn string, or remove "
                             "eot_tokens to train whatever the template writes",
@@ -346,6 +352,30 @@ def sft_validate_config(config: Any) -> list[Problem]:
             problems += _template_problems(
                 keys.chat_template, keys.chat_template_jinja, f"{group}[{index}].chat_template"
             )
+    datasets = [*config.datasets, *config.test_datasets]
+    if root.default_system_message and not any(ds.type == "chat_template" for ds in datasets):
+        problems.append(
+            Problem(
+                "default_system_message",
+                "has no effect: no dataset has type = 'chat_template' (it is added to the "
+                "conversations of those)",
+                hint="remove default_system_message, or use a chat_template dataset",
+                warning=True,
+            )
+        )
+    if root.eot_tokens and not any(
+        ds.type == "chat_template" and not ds.section(ChatTemplateDatasetKeys).eot_tokens
+        for ds in datasets
+    ):
+        problems.append(
+            Problem(
+                "eot_tokens",
+                "has no effect: it applies to chat_template datasets that set no eot_tokens of "
+                "their own, and there is none",
+                hint="remove the top-level eot_tokens",
+                warning=True,
+            )
+        )
     return problems
 
 

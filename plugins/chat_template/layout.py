@@ -169,7 +169,7 @@ class TurnLocator:
             )
             for t in located
         )
-        notes = ("reasoning not rendered by the template",) * sum(
+        notes = ("trained turns whose reasoning the template drops",) * sum(
             t.reasoning_dropped for t in located
         )
         return Rendered(text=row.text, spans=spans, turns=turns, notes=notes)

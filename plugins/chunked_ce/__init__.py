@@ -17,6 +17,7 @@ import attrs
 from sft import hookimpl
 from sft.components import ConfigKeys
 from sft.config.schema import Config, key
+from sft.errors import Problem
 
 IGNORE = -100
 
@@ -30,6 +31,23 @@ class ChunkedCEKeys:
     chunked_cross_entropy_chunk: int = key(
         1024, ge=16, doc="Tokens per chunk of the chunked cross-entropy."
     )
+    cut_cross_entropy: bool | None = key(
+        None,
+        doc="Axolotl's Cut Cross-Entropy: runs as chunked_cross_entropy (the same saving, no full "
+        "logits tensor); on by default when plugins lists its CutCrossEntropyPlugin.",
+    )
+
+
+CCE_INTEGRATION = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+
+
+def enabled(config: Config) -> bool:
+    """chunked_cross_entropy, or Axolotl's Cut Cross-Entropy asked for (its key, or its plugin
+    listed in `plugins`, where the key defaults to on as in Axolotl)."""
+    keys = config.section(ChunkedCEKeys)
+    if keys.chunked_cross_entropy or keys.cut_cross_entropy:
+        return True
+    return CCE_INTEGRATION in (config.plugins or ()) and keys.cut_cross_entropy is None
 
 
 def chunked_loss(
@@ -94,11 +112,52 @@ def patch(model: Any, chunk: int) -> None:
 
 @hookimpl
 def sft_config_keys() -> Sequence[ConfigKeys]:
-    return [ConfigKeys(ChunkedCEKeys)]
+    return [ConfigKeys(ChunkedCEKeys, axolotl_integrations=(CCE_INTEGRATION,))]
+
+
+# Keys of other plugins that replace the same LM head + loss path: whichever patched the
+# model last would win, silently.
+REPLACES_LOSS = ("liger_fused_linear_cross_entropy",)
+
+
+@hookimpl
+def sft_validate_config(config: Config) -> Sequence[Problem]:
+    keys = config.section(ChunkedCEKeys)
+    default_chunk = attrs.fields(ChunkedCEKeys).chunked_cross_entropy_chunk.default
+    if not enabled(config):
+        if keys.chunked_cross_entropy_chunk != default_chunk:
+            return [
+                Problem(
+                    "chunked_cross_entropy_chunk",
+                    "has no effect: chunked_cross_entropy is off",
+                    hint="set chunked_cross_entropy = true, or remove chunked_cross_entropy_chunk",
+                )
+            ]
+        return []
+    switch = "chunked_cross_entropy" if keys.chunked_cross_entropy else "cut_cross_entropy"
+    problems = [
+        Problem(
+            switch,
+            f"conflicts with {other}: both replace the LM head and loss, and only one can",
+            hint=f"keep one of {switch} and {other}",
+        )
+        for other in REPLACES_LOSS
+        if getattr(config, other, False)
+    ]
+    if not keys.chunked_cross_entropy:
+        problems.append(
+            Problem(
+                switch,
+                "Axolotl's Cut Cross-Entropy runs as sft's chunked cross-entropy: the same "
+                "memory saving (no full logits tensor), the same loss",
+                hint="set chunked_cross_entropy = true to silence this",
+                warning=True,
+            )
+        )
+    return problems
 
 
 @hookimpl
 def sft_patch_model(model: Any, config: Config) -> None:
-    keys = config.section(ChunkedCEKeys)
-    if keys.chunked_cross_entropy:
-        patch(model, keys.chunked_cross_entropy_chunk)
+    if enabled(config):
+        patch(model, config.section(ChunkedCEKeys).chunked_cross_entropy_chunk)

@@ -6,11 +6,17 @@ Keys (Axolotl's names): `liger_rope`, `liger_rms_norm`, `liger_glu_activation`,
 `sft validate` time: the package must be installed and a CUDA GPU visible; otherwise the config
 is refused with the reason, never a crash at step 1. Applied to the architectures liger
 supports; any other architecture is refused by name when the model is loaded.
+
+Only the kernels the keys ask for are applied (`liger_kwargs`): liger's per-architecture
+functions turn most kernels on by default and drop keywords they do not take, so every switch
+of the architecture's function is passed, on or off; a key asking for a kernel the architecture
+has none of (LayerNorm on Llama) is refused by name rather than dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -30,6 +36,7 @@ SUPPORTED = (
     "gemma",
     "gemma2",
     "gemma3",
+    "gemma3_text",
     "phi3",
     "granite",
     "olmo2",
@@ -52,6 +59,42 @@ def _enabled(keys: LigerKeys) -> list[str]:
     return [f.name for f in attrs.fields(LigerKeys) if getattr(keys, f.name)]
 
 
+# The keyword(s) of liger's apply functions each key switches. GEGLU models (Gemma) call their
+# GLU kernel `geglu`, the others `swiglu`.
+KEY_KWARGS = {
+    "liger_rope": ("rope",),
+    "liger_rms_norm": ("rms_norm",),
+    "liger_glu_activation": ("swiglu", "geglu"),
+    "liger_layer_norm": ("layer_norm",),
+    "liger_cross_entropy": ("cross_entropy",),
+    "liger_fused_linear_cross_entropy": ("fused_linear_cross_entropy",),
+}
+
+
+def liger_kwargs(
+    keys: LigerKeys, parameters: Mapping[str, inspect.Parameter]
+) -> tuple[dict[str, bool], list[str]]:
+    """The keywords for one architecture's liger function (its `parameters`), and the enabled
+    keys it has no kernel for.
+
+    Every on/off switch of the function is passed: on where a key asks for it, off otherwise,
+    so liger's defaults (most kernels on) never apply a kernel nobody asked for.
+    """
+    kwargs = {
+        name: False for name, parameter in parameters.items() if isinstance(parameter.default, bool)
+    }
+    unmatched = []
+    for key_name, names in KEY_KWARGS.items():
+        if not getattr(keys, key_name):
+            continue
+        present = [name for name in names if name in kwargs]
+        if not present:
+            unmatched.append(key_name)
+        for name in present:
+            kwargs[name] = True
+    return kwargs, unmatched
+
+
 def available() -> tuple[bool, str]:
     if not installed("liger_kernel"):
         return False, "liger-kernel is not installed (pip install 'sft-train[liger]')"
@@ -65,7 +108,8 @@ def available() -> tuple[bool, str]:
 
 @hookimpl
 def sft_config_keys() -> Sequence[ConfigKeys]:
-    return [ConfigKeys(LigerKeys)]
+    # Axolotl's LigerPlugin only makes the liger_* keys known; here they are always known.
+    return [ConfigKeys(LigerKeys, axolotl_integrations=("axolotl.integrations.liger.LigerPlugin",))]
 
 
 @hookimpl
@@ -116,13 +160,18 @@ def sft_patch_model(model: Any, config: Config) -> None:
 
     if not torch.cuda.is_available():
         raise ModelError("liger kernels need a CUDA GPU\n  fix: remove the liger_* keys on CPU")
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    _apply_liger_kernel_to_instance(
-        model=model,
-        rope=keys.liger_rope,
-        rms_norm=keys.liger_rms_norm,
-        swiglu=keys.liger_glu_activation,
-        cross_entropy=keys.liger_cross_entropy,
-        fused_linear_cross_entropy=keys.liger_fused_linear_cross_entropy,
-    )
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        raise ModelError(
+            f"the installed liger-kernel has no kernels for the {model_type!r} architecture\n"
+            "  fix: upgrade liger-kernel, or remove the liger_* keys for this model"
+        )
+    kwargs, unmatched = liger_kwargs(keys, inspect.signature(apply).parameters)
+    if unmatched:
+        raise ModelError(
+            f"{', '.join(unmatched)} would have no effect: liger has no such kernel for "
+            f"{model_type!r} models\n  fix: remove {', '.join(unmatched)} for this model"
+        )
+    apply(model=model, **kwargs)

@@ -61,12 +61,21 @@ def sft_config_keys() -> Sequence[ConfigKeys]:
 
 @hookimpl
 def sft_register_optimizers(register: Callable[[Optimizer], None]) -> None:
-    register(Optimizer("sgd", _sgd, _check_sgd, "torch.optim.SGD (+ momentum, Nesterov)"))
+    register(
+        Optimizer(
+            "sgd",
+            _sgd,
+            _check_sgd,
+            "torch.optim.SGD (+ momentum, Nesterov)",
+            keys=("sgd_momentum", "sgd_nesterov"),
+        )
+    )
     register(
         Optimizer(
             "adafactor",
             _adafactor,
             None,
             "transformers Adafactor with a fixed learning rate (factored second moments: less memory)",
+            keys=(),
         )
     )

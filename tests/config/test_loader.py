@@ -110,10 +110,13 @@ def test_required_keys_are_reported_missing(plugins):
 
 def test_unsupported_axolotl_key_is_named_as_such_but_blank_ones_pass(plugins):
     base = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
-    (problem,) = problems_of('wandb_project = "demo"\n' + base)
-    assert problem.path == "wandb_project"
-    assert "Axolotl key that sft does not support yet" in problem.message
-    load_config_text('wandb_project = ""\ndeepspeed = false\n' + base)
+    (problem,) = problems_of("gptq = true\n" + base)
+    assert problem.path == "gptq" and problem.line == 1
+    assert problem.message == (
+        "Axolotl's `gptq` — trains an adapter on a GPTQ-quantized model — is not supported by sft"
+    )
+    assert problem.hint == "remove it; instead, use `load_in_4bit` (QLoRA)"
+    load_config_text('gptq = false\nwandb_project = ""\ndeepspeed = false\n' + base)
 
 
 def test_planned_key_set_to_a_non_default_value_is_not_silently_ignored(plugins):
@@ -184,7 +187,11 @@ def test_set_accepts_toml_inline_tables_and_reports_bad_paths(plugins):
     text = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
     config = load_config_text(
         text,
-        overrides=['special_tokens={pad_token = "<pad>"}', "lora_target_modules=[q_proj, v_proj]"],
+        overrides=[
+            'special_tokens={pad_token = "<pad>"}',
+            "adapter=lora",
+            "lora_target_modules=[q_proj, v_proj]",
+        ],
     )
     assert config.special_tokens == {"pad_token": "<pad>"}
     assert config.lora_target_modules == ("q_proj", "v_proj")

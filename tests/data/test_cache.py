@@ -151,3 +151,26 @@ def test_the_cache_round_trips(tmp_path, eval_split):
     loaded = _load_cached(tmp_path / "key")
     assert loaded.from_cache and len(loaded.train) == 50
     assert (loaded.eval is not None) == eval_split
+
+
+def test_a_cache_hit_reads_no_data_and_an_edited_file_is_a_miss(tmp_path, monkeypatch, plugins):
+    import sft.data.pipeline as pipeline
+    from sft.config import load_config
+
+    config_path = make_project(tmp_path, str(tmp_path / "prepared"))
+    config = load_config(config_path)
+    first = pipeline.prepare_datasets(config, show_progress=False)
+    assert not first.from_cache
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a cache hit must not read the data")
+
+    monkeypatch.setattr(pipeline, "read_rows", no_reading)
+    again = pipeline.prepare_datasets(config, show_progress=False)
+    assert again.from_cache and again.cache_dir == first.cache_dir
+    monkeypatch.undo()
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(data.read_text().replace("plus", "and"))  # same size class, new content
+    edited = pipeline.prepare_datasets(config, show_progress=False)
+    assert not edited.from_cache and edited.cache_dir != first.cache_dir

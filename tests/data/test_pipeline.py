@@ -7,7 +7,7 @@ from conftest import write_jsonl
 
 from sft.data import pipeline
 from sft.data.pipeline import prepare_datasets
-from sft.errors import DataError
+from sft.errors import ConfigError, DataError
 
 ALPACA = '[[datasets]]\npath = "{tmp}/a.jsonl"\ntype = "alpaca"\n'
 
@@ -214,3 +214,42 @@ def test_no_sample_left_says_per_dataset_what_was_read_and_dropped(
     assert f"{tmp_path}/a.jsonl: 2 rows in, 0 kept, dropped: longer than sequence_len: 2" in text
     assert f"{tmp_path}/b.jsonl: 0 rows in, 0 kept" in text
     assert "fix: raise sequence_len" in text
+
+
+def completion_rows(tag: str, count: int) -> list[dict]:
+    return [{"text": f"{tag} row {i}."} for i in range(count)]
+
+
+def test_dataset_weights_repeat_and_subsample_each_source(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", completion_rows("Alpha", 10))
+    write_jsonl(tmp_path / "b.jsonl", completion_rows("Beta", 10))
+    text = (
+        "shuffle_merged_datasets = false\n"
+        '[[datasets]]\npath = "{tmp}/a.jsonl"\ntype = "completion"\nweight = 2\n'
+        '[[datasets]]\npath = "{tmp}/b.jsonl"\ntype = "completion"\nweight = 0.5\n'
+    )
+    prepared = prepare(make_config(text), tokenizer)
+    texts = [tokenizer.decode(r["input_ids"], skip_special_tokens=True) for r in prepared.train]
+    alpha = [t for t in texts if t.startswith("Alpha")]
+    beta = [t for t in texts if t.startswith("Beta")]
+    assert len(alpha) == 20 and all(alpha.count(t) == 2 for t in set(alpha))  # each twice
+    assert len(beta) == 5 and len(set(beta)) == 5  # a seeded half, no repeats
+    again = prepare(make_config(text), tokenizer, use_cache=False)
+    assert [r["input_ids"] for r in again.train] == [r["input_ids"] for r in prepared.train]
+    notes = prepared.summary.datasets[0].notes
+    assert notes == {"weight 2: samples used": 20}
+
+
+def test_shards_take_one_contiguous_piece(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", completion_rows("Alpha", 10))
+    text = (
+        "shuffle_merged_datasets = false\n"
+        '[[datasets]]\npath = "{tmp}/a.jsonl"\ntype = "completion"\nshards = 3\nshards_idx = 1\n'
+    )
+    prepared = prepare(make_config(text), tokenizer)
+    texts = [tokenizer.decode(r["input_ids"], skip_special_tokens=True) for r in prepared.train]
+    assert texts == ["Alpha row 4.", "Alpha row 5.", "Alpha row 6."]  # as datasets' shard cuts
+    with pytest.raises(ConfigError, match="only 3 shards"):
+        make_config(text.replace("shards_idx = 1", "shards_idx = 3"))
+    with pytest.raises(ConfigError, match="shards and shards_idx go together"):
+        make_config(text.replace("shards_idx = 1\n", ""))

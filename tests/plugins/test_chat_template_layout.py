@@ -240,7 +240,7 @@ def test_reasoning_the_template_drops_is_counted_not_refused(plugins):
     tokenizer = tokenizer_for("deepseek_r1", "deepseek_r1")
     render = renderer(tokenizer)
     rendered = render({"messages": reasoning_conversations("think tags")["two turns"]})
-    assert rendered.notes == ("reasoning not rendered by the template",) * 2
+    assert rendered.notes == ("trained turns whose reasoning the template drops",) * 2
     assert "First, 2 + 3" not in rendered.text
 
 
@@ -487,6 +487,6 @@ def test_the_run_summary_tells_when_the_template_drops_reasoning(plugins, make_c
     write_jsonl(tmp_path / "r.jsonl", rows)
     config = make_config('[[datasets]]\npath = "{tmp}/r.jsonl"\ntype = "chat_template"\n')
     prepared = prepare_datasets(config, tokenizer, show_progress=False, use_cache=False)
-    note = f"note: {tmp_path / 'r.jsonl'}: reasoning not rendered by the template: 4 trained turns"
+    note = f"note: {tmp_path / 'r.jsonl'}: trained turns whose reasoning the template drops: 4"
     assert note in prepared.summary.dropped_lines()  # what `sft run` prints under `data:`
     assert note in prepared.summary.lines()  # and `sft preprocess`

@@ -1,0 +1,225 @@
+"""Generate `docs/axolotl.md`: which Axolotl keys sft supports, maps or refuses, by topic.
+
+`python -m sft.config.axolotl_doc` prints the page, `--write` rewrites docs/axolotl.md; a test
+fails when the committed page is stale. Supported keys come from the schema (the core and the
+built-in plugins), refused and mapped keys from `sft.config.axolotl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from sft.config import axolotl
+from sft.config.schema import Config, DatasetConfig, doc_of, public_fields
+
+DOC_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "axolotl.md"
+
+TOPICS: tuple[str, ...] = tuple(axolotl.UNSUPPORTED_ROOT_BY_TOPIC)
+DATASETS_TOPIC = "Datasets & formats"  # every `datasets:` entry key lands here
+
+
+@attrs.frozen
+class _Rule:
+    topic: str
+    keys: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+
+
+def _rule(topic: str, keys: str = "", prefixes: str = "") -> _Rule:
+    return _Rule(topic, frozenset(keys.split()), tuple(prefixes.split()))
+
+
+# The topic of each top-level key sft reads: a key named here wins over a prefix; a key matching
+# no name must match exactly one topic's prefixes (`topic_of` raises otherwise).
+RULES: tuple[_Rule, ...] = (
+    _rule(
+        "Model & tokenizer",
+        "revision_of_model trust_remote_code special_tokens tokens rope_scaling",
+        "base_model tokenizer_ model_",
+    ),
+    _rule(
+        "Quantization & adapters",
+        "adapter unfrozen_parameters",
+        "load_in_ lora_ peft_ loraplus_",
+    ),
+    _rule(
+        DATASETS_TOPIC,
+        "datasets test_datasets val_set_size shuffle_merged_datasets sequence_len "
+        "excess_length_strategy invalid_rows train_on_inputs pad_to_sequence_len "
+        "eval_sample_packing default_system_message eot_tokens",
+        "dataset_ sample_pack chat_template",
+    ),
+    _rule(
+        "Training & optimizers",
+        "seed micro_batch_size gradient_accumulation_steps num_epochs max_steps learning_rate "
+        "weight_decay max_grad_norm neftune_noise_alpha",
+        "optim adam_ sgd_ loss_watchdog_",
+    ),
+    _rule("Schedules", "", "lr_ cosine_ warmup_"),
+    _rule(
+        "Precision & memory",
+        "bf16 fp16 tf32 activation_offloading",
+        "gradient_checkpointing",
+    ),
+    _rule(
+        "Attention & kernels",
+        "attn_implementation plugins",
+        "liger_ torch_compile chunked_cross_entropy cut_cross_entropy",
+    ),
+    _rule("Evaluation", "", "eval"),
+    _rule(
+        "Saving & hub",
+        "output_dir overwrite_output_dir push_to_hub auto_resume_from_checkpoints",
+        "save hub_ resume_",
+    ),
+    _rule(
+        "Tracking",
+        "logging_steps use_tensorboard hf_mlflow_log_artifacts",
+        "wandb_ use_wandb mlflow_ use_mlflow comet_ use_comet",
+    ),
+    _rule("Distributed", "", "fsdp deepspeed ddp"),
+    _rule("RL & multimodal"),
+)
+
+
+def topic_of(name: str) -> str:
+    """The topic of a top-level key sft reads; `ValueError` when none or several claim it."""
+    named = [rule.topic for rule in RULES if name in rule.keys]
+    if not named:
+        named = [rule.topic for rule in RULES if name.startswith(rule.prefixes)]
+    if len(named) != 1:
+        claims = ", ".join(named) or "no topic"
+        raise ValueError(f"key {name!r} is claimed by {claims}: name it in one RULES entry")
+    return named[0]
+
+
+@attrs.frozen
+class Row:
+    key: str  # as shown: `name`, or `datasets[].name`
+    status: str
+    notes: str
+
+
+def _builtin(plugins: Any) -> set[str]:
+    # Only sft's own plugins: the page must not depend on what else is installed.
+    return {name for name, record in plugins.records.items() if record.package == "sft-train"}
+
+
+def supported_keys(plugins: Any) -> list[tuple[str, str, str, str]]:
+    """(scope, name, owner, doc) of every key sft reads: the core's, then built-in plugins'."""
+    found = [("root", f.name, "core", doc_of(f)) for f in public_fields(Config)]
+    found += [("dataset", f.name, "core", doc_of(f)) for f in public_fields(DatasetConfig)]
+    builtin = _builtin(plugins)
+    for plugin, keys in plugins.config_keys():
+        if plugin in builtin:
+            found += [(keys.scope, f.name, plugin, doc_of(f)) for f in public_fields(keys.cls)]
+    return found
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _refused(entry: axolotl.Unsupported) -> str:
+    notes = entry.what[0].upper() + entry.what[1:]
+    if entry.instead:
+        notes += f"; instead, {entry.instead}"
+    return notes
+
+
+def rows_by_topic(plugins: Any) -> dict[str, list[Row]]:
+    """Every supported and refused key, grouped by topic (mapped keys have their own table)."""
+    rows: dict[str, list[Row]] = {topic: [] for topic in TOPICS}
+    for scope, name, owner, doc in supported_keys(plugins):
+        if scope == "root" and name in axolotl.MAPPED_KEYS:
+            continue
+        status = "supported" if owner == "core" else f"supported (plugin `{owner}`)"
+        if scope == "dataset":
+            rows[DATASETS_TOPIC].append(Row(f"`datasets[].{name}`", status, _cell(doc)))
+        else:
+            rows[topic_of(name)].append(Row(f"`{name}`", status, _cell(doc)))
+    for topic, table in axolotl.UNSUPPORTED_ROOT_BY_TOPIC.items():
+        rows[topic] += [Row(f"`{n}`", "refused", _cell(_refused(e))) for n, e in table.items()]
+    rows[DATASETS_TOPIC] += [
+        Row(f"`datasets[].{name}`", "refused", _cell(_refused(entry)))
+        for name, entry in axolotl.UNSUPPORTED_DATASET_KEYS.items()
+    ]
+    return rows
+
+
+INTRO = """\
+# Axolotl compatibility
+
+<!-- generated by `python -m sft.config.axolotl_doc --write`; do not edit by hand -->
+
+sft runs Axolotl's YAML configs: it uses Axolotl's key names and meanings. This page lists, by
+topic, every Axolotl key sft knows and what it does with it:
+
+- **supported**: sft reads the key, with Axolotl's meaning ([config reference](config.md) has
+  its type and default). A few are sft's own.
+- **mapped**: sft reads it as another key, or handles it its own way (table below).
+- **refused**: sft does not support it. Set to a value that would change the run, the key is an
+  error that says what it does in Axolotl and, where sft has one, what to use instead.
+
+A blank, null or `""` value of any key is the same as leaving the key out (Axolotl's example
+configs list many keys blank, e.g. `wandb_project:`); a refused key set to `false` or an empty
+list or table is accepted too. Any other key (a misspelling, or a key Axolotl itself would drop
+unread) is an error, with a did-you-mean when a known key is close.
+
+Check a config on any machine, without a GPU: `sft validate --portable config.yaml`.
+"""
+
+
+def integrations(plugins: Any) -> list[tuple[str, str]]:
+    """(Axolotl integration, built-in sft plugin standing in for it), for `plugins:` entries."""
+    builtin = _builtin(plugins)
+    return sorted(
+        (path, plugin)
+        for plugin, keys in plugins.config_keys()
+        if plugin in builtin
+        for path in keys.axolotl_integrations
+    )
+
+
+def axolotl_markdown(plugins: Any) -> str:
+    lines = [INTRO, "## Mapped keys", "", "| key | what sft does |", "|---|---|"]
+    lines += [f"| `{key}` | {_cell(does)} |" for key, does in axolotl.MAPPED_KEYS.items()]
+    lines += [
+        "",
+        "## Axolotl integrations (`plugins:`)",
+        "",
+        "A `plugins:` entry loads when an installed sft plugin stands in for it:",
+        "",
+        "| Axolotl integration | sft plugin |",
+        "|---|---|",
+    ]
+    lines += [f"| `{path}` | `{plugin}` |" for path, plugin in integrations(plugins)]
+    for topic, rows in rows_by_topic(plugins).items():
+        lines += ["", f"## {topic}", "", "| key | sft | notes |", "|---|---|---|"]
+        lines += [f"| {row.key} | {row.status} | {row.notes} |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sft.config.axolotl_doc", description=__doc__)
+    parser.add_argument("--write", action="store_true", help=f"rewrite {DOC_PATH}")
+    args = parser.parse_args(argv)
+
+    from sft.manager import SftPlugins
+
+    text = axolotl_markdown(SftPlugins.load(environ={}))
+    if args.write:
+        DOC_PATH.write_text(text, encoding="utf-8")
+        print(f"wrote {DOC_PATH}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Axolotl's keys with Axolotl's meaning: blank values, model/tokenizer classes, root eot_tokens,
+attention values and `plugins:` entries."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from sft.config import load_config_text
+from sft.errors import ConfigError, ModelError
+from sft.testing import build_tokenizer
+
+HEAD = "base_model: unused\ndatasets:\n  - path: x.jsonl\n    type: chat_template\n"
+
+
+def load_yaml(text: str):
+    return load_config_text(HEAD + textwrap.dedent(text), "yaml", machine_checks=False)
+
+
+def problems_of(text: str) -> dict[str, str]:
+    with pytest.raises(ConfigError) as error:
+        load_yaml(text)
+    return {p.path: p.message for p in error.value.problems}
+
+
+def warnings_of(config) -> dict[str, str]:
+    return {w.path: w.message for w in config.warnings}
+
+
+# -- blank values -------------------------------------------------------------------------------
+
+
+def test_a_blank_value_of_any_key_is_its_default(plugins):
+    config = load_yaml(
+        """
+        fp16:
+        bf16:
+        lora_r:
+        lora_alpha:
+        lora_target_linear:
+        sequence_len:
+        optimizer:
+        learning_rate:
+        wandb_project:
+        hub_model_id:
+        eot_tokens:
+        liger_rms_norm:
+        chunked_cross_entropy:
+        """
+    )
+    defaults = load_config_text(HEAD, "yaml", machine_checks=False)
+    assert config == defaults
+    assert config.optimizer == "adamw_torch" and config.wandb_project is None
+
+
+def test_an_empty_toml_string_is_blank_too(plugins):
+    config = load_config_text(
+        'base_model = "unused"\nwandb_project = ""\noptimizer = ""\nlearning_rate = ""\n'
+        '[[datasets]]\npath = "x.jsonl"\nsplit = ""\n',
+        machine_checks=False,
+    )
+    defaults = load_config_text(
+        'base_model = "unused"\n[[datasets]]\npath = "x.jsonl"\n', machine_checks=False
+    )
+    assert config == defaults
+
+
+def test_a_blank_required_key_says_so(plugins):
+    with pytest.raises(ConfigError) as error:
+        load_config_text(
+            "base_model:\ndatasets:\n  - path: x.jsonl\n", "yaml", machine_checks=False
+        )
+    assert {p.path: p.message for p in error.value.problems} == {"base_model": "is blank"}
+
+
+# -- model and tokenizer classes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["AutoModelForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"])
+def test_causal_lm_model_types_are_accepted(plugins, name):
+    assert load_yaml(f"model_type: {name}\n").model_type == name
+
+
+@pytest.mark.parametrize(
+    "name", ["Llama4ForConditionalGeneration", "AutoModelForVision2Seq", "MambaLMHeadModel"]
+)
+def test_other_model_types_are_refused_as_not_causal_lms(plugins, name):
+    message = problems_of(f"model_type: {name}\n")["model_type"]
+    assert f"{name!r} is not a causal-LM class" in message
+
+
+def test_tokenizer_type_must_be_a_tokenizer_and_use_fast_false_is_refused(plugins):
+    assert load_yaml("tokenizer_type: LlamaTokenizer\n").tokenizer_type == "LlamaTokenizer"
+    problems = problems_of("tokenizer_type: AutoProcessor\ntokenizer_use_fast: false\n")
+    assert "'AutoProcessor' is not a tokenizer class" in problems["tokenizer_type"]
+    assert "needs the fast (Rust) tokenizer" in problems["tokenizer_use_fast"]
+
+
+def test_model_and_tokenizer_load_with_the_classes_named(tiny_project):
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project("model_type=LlamaForCausalLM", "tokenizer_type=PreTrainedTokenizerFast")
+    tokenizer = load_tokenizer(config)
+    assert type(tokenizer) is PreTrainedTokenizerFast
+    assert type(load_model(config, tokenizer, get_plugins())) is LlamaForCausalLM
+
+
+def test_a_class_transformers_lacks_is_a_clear_error(tiny_project):
+    from sft.tokenizer import load_tokenizer
+
+    with pytest.raises(ModelError, match="tokenizer_type = 'NoSuchTokenizer': the installed"):
+        load_tokenizer(tiny_project("tokenizer_type=NoSuchTokenizer"))
+
+
+# -- root eot_tokens --------------------------------------------------------------------------------
+
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|><|endoftext|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TURNS = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris."}]
+
+
+def trained_text(config, tokenizer) -> str:
+    from sft.data.pipeline import build_render
+    from sft.data.tokenize import TokenizeOptions, process_chunk
+    from sft.manager import get_plugins
+
+    render = build_render(config.datasets[0], tokenizer, config, get_plugins())
+    options = TokenizeOptions(
+        sequence_len=256,
+        excess_length_strategy="raise",
+        invalid_rows="raise",
+        train_on_inputs=False,
+    )
+    result = process_chunk([{"messages": TURNS}], 0, render, tokenizer, options)
+    ids, labels = result.input_ids[0], result.labels[0]
+    return tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != -100])
+
+
+def test_root_eot_tokens_apply_to_chat_template_datasets_without_their_own(plugins):
+    special = ["<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]
+    tokenizer = build_tokenizer(
+        chat_template=TEMPLATE, special_tokens=special, eos_token="<|endoftext|>"
+    )
+    plain = load_yaml("")
+    assert trained_text(plain, tokenizer) == "Paris.<|end|><|endoftext|>"
+    root = load_yaml('eot_tokens: ["<|end|>"]\n')
+    assert trained_text(root, tokenizer) == "Paris.<|end|>"
+    own = load_config_text(
+        HEAD + '    eot_tokens: ["<|endoftext|>"]\neot_tokens: ["<|end|>"]\n',
+        "yaml",
+        machine_checks=False,
+    )
+    assert trained_text(own, tokenizer) == "Paris.<|endoftext|>"
+    wrong = load_yaml('eot_tokens: ["<|eot_id|>"]\n')
+    with pytest.raises(ConfigError) as error:
+        trained_text(wrong, tokenizer)
+    assert error.value.problems[0].path == "eot_tokens"
+
+
+def test_root_eot_tokens_without_a_dataset_using_them_is_a_warning(plugins):
+    config = load_config_text(
+        'base_model: unused\neot_tokens: ["<|end|>"]\ndatasets:\n  - path: x.jsonl\n'
+        "    type: alpaca\n",
+        "yaml",
+        machine_checks=False,
+    )
+    assert "has no effect" in warnings_of(config)["eot_tokens"]
+
+
+# -- attention values -----------------------------------------------------------------------------
+
+
+def test_xformers_runs_as_sdpa_with_a_note(plugins):
+    config = load_yaml("attn_implementation: xformers\n")
+    assert config.attention == "sdpa"
+    assert "runs as sft's 'sdpa'" in warnings_of(config)["attn_implementation"]
+
+
+def test_a_hub_flash_attention_kernel_maps_to_the_flash_attn_backend(plugins):
+    config = load_config_text(
+        HEAD + "attn_implementation: kernels-community/vllm-flash-attn3\n",
+        "yaml",
+        machine_checks=False,
+    )
+    assert config.attention == "flash_attention_3"
+
+
+def test_flash_sparse_attention_is_refused_by_name(plugins):
+    message = problems_of("attn_implementation: fsa\n")["attn_implementation"]
+    assert "flash sparse attention" in message
+
+
+# -- plugins: -------------------------------------------------------------------------------------
+
+CCE = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+LIGER = "axolotl.integrations.liger.LigerPlugin"
+
+
+def test_axolotl_liger_and_cce_plugins_map_to_sft_plugins(plugins):
+    from sft.plugins.chunked_ce import enabled
+
+    config = load_yaml(f"plugins:\n  - {LIGER}\n  - {CCE}\nliger_rms_norm: true\n")
+    assert enabled(config)
+    assert "runs as sft's chunked cross-entropy" in warnings_of(config)["cut_cross_entropy"]
+    off = load_yaml(f"plugins:\n  - {CCE}\ncut_cross_entropy: false\n")
+    assert not enabled(off)
+    assert not enabled(load_yaml(f"plugins:\n  - {LIGER}\n"))
+    assert enabled(load_yaml("cut_cross_entropy: true\n"))
+
+
+def test_cce_with_liger_fused_linear_cross_entropy_is_a_conflict(plugins):
+    problems = problems_of(f"plugins:\n  - {CCE}\nliger_fused_linear_cross_entropy: true\n")
+    assert "conflicts with liger_fused_linear_cross_entropy" in problems["cut_cross_entropy"]
+
+
+def test_unknown_plugin_entries_say_what_to_do(plugins):
+    problems = problems_of(
+        "plugins:\n  - axolotl.integrations.kd.KDPlugin\n  - mycompany.plugins.Thing\n"
+    )
+    assert "no installed sft plugin stands in for" in problems["plugins[0]"]
+    assert "sft does not import plugins by path" in problems["plugins[1]"]
+
+
+def test_a_third_party_plugin_can_stand_in_for_an_axolotl_integration(throwaway_dist):
+    from sft.manager import SftPlugins, set_plugins
+
+    throwaway_dist(
+        "sft-kd",
+        {"kd": "sft_kd"},
+        {
+            "sft_kd": """
+            import attrs
+            from sft import hookimpl
+            from sft.components import ConfigKeys
+            from sft.config.schema import key
+
+            @attrs.frozen
+            class KDKeys:
+                kd_alpha: float | None = key(None, doc="weight of the distillation loss")
+
+            @hookimpl
+            def sft_config_keys():
+                return [ConfigKeys(KDKeys, axolotl_integrations=("axolotl.integrations.kd.KDPlugin",))]
+            """
+        },
+    )
+    set_plugins(SftPlugins.load(environ={}))
+    try:
+        config = load_yaml("plugins:\n  - axolotl.integrations.kd.KDPlugin\nkd_alpha: 0.5\n")
+        assert config.plugins == ("axolotl.integrations.kd.KDPlugin",)
+    finally:
+        set_plugins(None)
+
+
+def test_the_mapping_is_json_clean():  # `sft_config.yaml` records `plugins` like any key
+    from sft.config.convert import to_dict
+
+    config = load_config_text(HEAD + f"plugins: [{LIGER}]\n", "yaml", machine_checks=False)
+    assert json.loads(json.dumps(to_dict(config)))["plugins"] == [LIGER]
