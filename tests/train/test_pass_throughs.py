@@ -1,0 +1,315 @@
+"""Trainer pass-throughs: each test fails if its key were accepted and ignored (the optimizer the
+trainer built, the lr a schedule gives at a step, the noise added, the modules adapted, ...)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft.errors import ConfigError
+
+# -- optimizers -----------------------------------------------------------------------------------
+
+
+def test_every_transformers_optimizer_name_is_registered(plugins):
+    from transformers.training_args import OptimizerNames
+
+    registered = set(plugins.optimizers().names())
+    missing = {name.value for name in OptimizerNames} - registered
+    assert not missing
+
+
+def _tiny_model():
+    from sft.testing import build_model, build_tokenizer
+
+    return build_model(build_tokenizer(eos_token="</s>"), num_layers=1)
+
+
+def _built(make_config, name: str, *overrides: str, model=None):
+    from sft.manager import get_plugins
+    from sft.train.trainer import build_optimizer
+
+    config = make_config('[[datasets]]\npath = "x"\n', f"optimizer={name}", *overrides)
+    model = model if model is not None else _tiny_model()
+    spec = get_plugins().optimizers().get(name)
+    return build_optimizer(spec, model, config), model
+
+
+# Optimizers whose package is installed here (the dev extra) and that run on a CPU, with the
+# class transformers' Trainer builds for the name.
+CPU_OPTIMIZERS = {
+    "rmsprop": (),
+    "adagrad": (),
+    "schedule_free_adamw": ("lr_scheduler=constant",),
+    "schedule_free_radam": ("lr_scheduler=constant",),
+    "schedule_free_sgd": ("lr_scheduler=constant",),
+    "grokadamw": (),
+    "stable_adamw": (),
+    "galore_adamw": ("optim_target_modules=all_linear",),
+    "galore_adafactor": ("optim_target_modules=all_linear",),
+    "apollo_adamw": ("optim_target_modules=all_linear",),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CPU_OPTIMIZERS))
+def test_an_optimizer_name_builds_the_class_transformers_builds(make_config, name):
+    import types
+
+    from transformers import Trainer
+
+    optimizer, model = _built(make_config, name, *CPU_OPTIMIZERS[name])
+    args = types.SimpleNamespace(
+        optim=name,
+        optim_args=None,
+        optim_target_modules="all-linear"
+        if "optim_target_modules=all_linear" in CPU_OPTIMIZERS[name]
+        else None,
+        learning_rate=1e-3,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        gradient_accumulation_steps=1,
+        parallel_mode=None,
+    )
+    from transformers.training_args import ParallelMode
+
+    args.parallel_mode = ParallelMode.NOT_DISTRIBUTED
+    expected, _ = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    assert isinstance(optimizer, expected)
+    # One real step changes the weights.
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 50, (1, 8))
+    getattr(optimizer, "train", lambda: None)()
+    for _ in range(6):  # RAdam rectifies its first steps away
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_optim_args_reach_the_optimizer(make_config):
+    optimizer, _ = _built(make_config, "rmsprop", "optim_args={momentum=0.5, alpha=0.9}")
+    assert optimizer.defaults["momentum"] == 0.5 and optimizer.defaults["alpha"] == 0.9
+
+
+def test_muon_orthogonalises_hidden_matrices_and_adamw_takes_the_rest(make_config):
+    optimizer, model = _built(make_config, "muon")
+    assert type(optimizer).__name__ == "MuonWithAdamW"
+    embeddings = model.get_input_embeddings().weight
+    muon = {id(p) for group in optimizer.muon.param_groups for p in group["params"]}
+    assert id(embeddings) not in muon
+    assert any(p.ndim == 2 and id(p) in muon for p in model.parameters())
+
+
+def test_lomo_trains_in_backward(tiny_project):
+    from sft.train.run import train
+
+    config = tiny_project("optimizer=lomo", "max_grad_norm=0", "max_steps=2")
+    result = train(config)
+    assert result.global_step == 2 and math.isfinite(result.train_loss)
+
+
+def test_schedule_free_saves_its_averaged_weights(tiny_project):
+    from sft.train.run import train
+
+    config = tiny_project("optimizer=schedule_free_adamw", "lr_scheduler=constant", "max_steps=2")
+    result = train(config)
+    assert result.global_step == 2
+
+
+def test_an_uninstalled_optimizer_package_is_a_machine_problem(make_config):
+    with pytest.raises(ConfigError) as error:
+        make_config('[[datasets]]\npath = "x"\n', "optimizer=adamw_torch_4bit")
+    (problem,) = [p for p in error.value.problems if p.path == "optimizer"]
+    assert problem.machine and "torchao" in problem.message
+
+
+# -- LoRA+ ------------------------------------------------------------------------------------------
+
+
+def test_loraplus_gives_lora_b_the_ratio_times_the_learning_rate(tiny_project):
+    from sft.manager import get_plugins
+    from sft.model import apply_adapter, load_model
+    from sft.tokenizer import load_tokenizer
+    from sft.train.trainer import build_optimizer
+
+    config = tiny_project(
+        "adapter=lora", "lora_target_linear=true", "loraplus_lr_ratio=16", "learning_rate=0.001"
+    )
+    model = apply_adapter(load_model(config, load_tokenizer(config), get_plugins()), config)
+    optimizer = build_optimizer(get_plugins().optimizers().get("adamw_torch"), model, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_kind: dict[str, set[float]] = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            kind = "lora_B" if "lora_B" in names[id(parameter)] else "other"
+            by_kind.setdefault(kind, set()).add(round(group["lr"], 9))
+    assert by_kind == {"other": {0.001}, "lora_B": {0.016}}
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+def _lrs(make_config, *overrides: str, total: int = 10, warmup: int = 2) -> list[float]:
+    from sft.train.schedule import build_schedule
+
+    config = make_config('[[datasets]]\npath = "x"\n', "learning_rate=1.0", *overrides)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    schedule = build_schedule(config, optimizer, total, warmup)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_linear_and_constant_schedules(make_config):
+    assert _lrs(make_config, "lr_scheduler=linear")[:3] == [0.0, 0.5, 1.0]
+    assert _lrs(make_config, "lr_scheduler=linear")[6] == pytest.approx(0.5)
+    assert set(_lrs(make_config, "lr_scheduler=constant", "warmup_steps=0", total=5)) == {1.0}
+
+
+def test_cosine_with_min_lr_ends_at_its_floor(make_config):
+    lrs = _lrs(make_config, "lr_scheduler=cosine_with_min_lr", "cosine_min_lr_ratio=0.1")
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    plain = _lrs(make_config, "lr_scheduler=cosine")
+    assert plain[-1] == pytest.approx(0.0, abs=1e-9)
+    floored = _lrs(make_config, "lr_scheduler=cosine", "cosine_min_lr_ratio=0.2")
+    assert floored[-1] == pytest.approx(0.2)
+
+
+def test_warmup_stable_decay_holds_then_decays(make_config):
+    lrs = _lrs(
+        make_config, "lr_scheduler=warmup_stable_decay", "lr_scheduler_kwargs={num_decay_steps=4}"
+    )
+    assert lrs[2:7] == pytest.approx([1.0] * 5)  # stable until the last 4 steps
+    assert lrs[7] < 1.0 and lrs[10] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rex_follows_its_formula(make_config):
+    lrs = _lrs(make_config, "lr_scheduler=rex")
+    z = 1 - (6 - 2) / 8  # step 6: half of the decay done
+    assert lrs[6] == pytest.approx(z / (0.1 + 0.9 * z))
+    assert lrs[1] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.0)
+
+
+def test_one_cycle_peaks_after_warmup_and_starts_at_lr_over_div_factor(make_config):
+    lrs = _lrs(make_config, "lr_scheduler=one_cycle", "lr_div_factor=10", "warmup_steps=2")
+    assert lrs[0] == pytest.approx(0.1)
+    assert max(lrs) == pytest.approx(1.0, rel=1e-3) and lrs.index(max(lrs)) in (1, 2)
+
+
+def test_polynomial_and_inverse_sqrt_take_their_options(make_config):
+    lrs = _lrs(
+        make_config, "lr_scheduler=polynomial", "lr_scheduler_kwargs={lr_end=0.5, power=1.0}"
+    )
+    assert lrs[-1] == pytest.approx(0.5)
+    lrs = _lrs(make_config, "lr_scheduler=inverse_sqrt", "lr_scheduler_kwargs={timescale=4}")
+    assert lrs[6] == pytest.approx(1 / math.sqrt((6 - 2 + 4) / 4))
+
+
+def test_a_schedule_option_of_another_schedule_is_an_error(make_config):
+    with pytest.raises(ConfigError, match="is not an option of lr_scheduler 'linear'"):
+        make_config(
+            '[[datasets]]\npath = "x"\n', "lr_scheduler=linear", "lr_scheduler_kwargs={power=2}"
+        )
+
+
+# -- NEFTune, RoPE scaling, compile, offloading, LoRA regex, watchdog -----------------------------
+
+
+def test_neftune_adds_noise_to_the_embeddings_while_training(tiny_project):
+    from transformers import TrainerCallback
+
+    from sft.train.run import train
+
+    seen: list[float] = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            embeddings = model.get_input_embeddings()
+
+            def hook(module, inputs, output):
+                clean = torch.nn.functional.embedding(inputs[0], module.weight)
+                seen.append(float((output - clean).abs().max()))
+
+            embeddings.register_forward_hook(hook)
+
+    import sft.manager as manager
+
+    plugins = manager.get_plugins()
+    original = plugins.trainer_callbacks
+    plugins.trainer_callbacks = lambda config: [*original(config), Probe()]
+    try:
+        train(tiny_project("neftune_noise_alpha=5", "max_steps=1"))
+        assert seen and max(seen) > 0
+        seen.clear()
+        train(tiny_project("max_steps=1", f"output_dir={tiny_project.tmp_path / 'out2'}"))
+        assert seen and max(seen) == 0
+    finally:
+        plugins.trainer_callbacks = original
+
+
+def test_rope_scaling_is_set_on_the_model_and_keeps_rope_theta(tiny_project):
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project("rope_scaling={type = 'linear', factor = 2.0}")
+    model = load_model(config, load_tokenizer(config), get_plugins())
+    rope = model.config.rope_parameters
+    assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
+    assert rope["rope_theta"] == 10000.0
+
+
+def test_torch_compile_and_neftune_reach_the_training_arguments(tiny_project):
+    from sft.train.run import training_arguments
+
+    config = tiny_project("torch_compile_backend=aot_eager", "neftune_noise_alpha=3")
+    args = training_arguments(config, 24, False, torch.float32)
+    assert args.torch_compile and args.torch_compile_backend == "aot_eager"
+    assert args.neftune_noise_alpha == 3
+
+
+def test_activation_offloading_needs_checkpointing_and_a_gpu(make_config):
+    with pytest.raises(ConfigError) as error:
+        make_config('[[datasets]]\npath = "x"\n', "activation_offloading=true")
+    messages = [p.message for p in error.value.problems if p.path == "activation_offloading"]
+    assert any("gradient_checkpointing is off" in m for m in messages)
+    assert any("without a CUDA GPU" in m for m in messages)
+
+
+def test_a_lora_target_regex_adapts_only_the_matching_modules(tiny_project):
+    from sft.manager import get_plugins
+    from sft.model import apply_adapter, load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project("adapter=lora", r"lora_target_modules=.*layers\.0\.self_attn\.q_proj")
+    model = apply_adapter(load_model(config, load_tokenizer(config), get_plugins()), config)
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert len(adapted) == 1 and adapted.pop().endswith("layers.0.self_attn.q_proj")
+
+
+def test_an_invalid_lora_target_regex_is_a_config_error(make_config):
+    with pytest.raises(ConfigError, match="invalid regex"):
+        make_config('[[datasets]]\npath = "x"\n', "adapter=lora", "lora_target_modules=(q_proj")
+
+
+def test_the_loss_watchdog_stops_a_run_and_saves_no_model(tiny_project):
+    from sft.train.monitor import LossDiverged
+    from sft.train.run import train
+
+    config = tiny_project("loss_watchdog_threshold=0.001", "loss_watchdog_patience=2")
+    with pytest.raises(LossDiverged, match="stopped at step 2/") as error:
+        train(config)
+    assert "without saving the diverged model" in str(error.value)
+    saved = [p.name for p in Path(config.output_dir).glob("*.safetensors")]
+    assert saved == []
