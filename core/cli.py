@@ -276,6 +276,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     plugins = get_plugins()
     console = _console()
     tokenizer = load_tokenizer(config, plugins)
+    if config.streaming:
+        return _preprocess_streaming(config, tokenizer, plugins, console, args)
     prepared = prepare_datasets(config, tokenizer, plugins, use_cache=not args.no_cache)
     console.print(prepared.summary.table())
     for line in prepared.summary.lines():
@@ -302,6 +304,28 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         )
         return 0 if not failed else 5
     return 0
+
+
+def _preprocess_streaming(
+    config: Any, tokenizer: Any, plugins: Any, console: Any, args: argparse.Namespace
+) -> int:
+    """With `streaming = true` the training data is read while training: nothing to prepare."""
+    console.print(
+        "streaming = true: the training data is read, tokenised and packed while training; "
+        "nothing to prepare or cache"
+        + ("" if args.debug else " (--debug shows the first rows of each dataset)")
+    )
+    if not args.debug:
+        return 0
+    from sft.data.debug import render_example
+    from sft.data.streaming import debug_preview
+
+    examples = debug_preview(config, tokenizer, plugins, args.debug_num_examples)
+    for example in examples:
+        render_example(example, tokenizer, console, args.ids)
+    failed = [e for e in examples if e.problems]
+    console.print(f"self-check: {len(examples) - len(failed)}/{len(examples)} examples passed")
+    return 0 if not failed else 5
 
 
 def plugin_rows(plugins: Any) -> list[dict[str, Any]]:

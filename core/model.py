@@ -118,8 +118,10 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
             bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
         )
     source = model_path(config.base_model)
-    if config.rope_scaling:
-        kwargs["config"] = rope_scaled_config(source, config)
+    if config.rope_scaling or config.model_config:
+        kwargs["config"] = adjusted_model_config(source, config)
+    if config.experts_implementation:
+        kwargs["experts_implementation"] = config.experts_implementation
     model_class = transformers_class(config.model_type, "model_type") or AutoModelForCausalLM
     try:
         model = model_class.from_pretrained(source, **kwargs)
@@ -135,7 +137,7 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
         options = {"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
         # activation_offloading: transformers wraps each checkpointed layer in torch's
         # save_on_cpu, so the activations kept for the recompute wait in pinned CPU memory.
-        extra = {"offload": True} if config.activation_offloading else {}
+        extra = {"offload": True} if config.offloads_activations else {}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
     return model
 
@@ -178,9 +180,10 @@ def rope_scaling_parameters(current: dict[str, Any], scaling: dict[str, Any]) ->
     return merged
 
 
-def rope_scaled_config(source: str, config: Config) -> Any:
-    """The base model's config with `rope_scaling` applied (transformers 5 replaces the whole
-    RoPE table when given `rope_scaling` alone, losing rope_theta: so it is merged here)."""
+def adjusted_model_config(source: str, config: Config) -> Any:
+    """The base model's config with `model_config` values and `rope_scaling` applied
+    (transformers 5 replaces the whole RoPE table when given `rope_scaling` alone, losing
+    rope_theta: so it is merged here)."""
     from transformers import AutoConfig
 
     options: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
@@ -192,6 +195,16 @@ def rope_scaled_config(source: str, config: Config) -> Any:
         raise ModelError(
             f"cannot load the config of base_model {config.base_model!r}: {exc}"
         ) from exc
+    for name, value in (config.model_config or {}).items():
+        if not hasattr(model_config, name):
+            raise ModelError(
+                f"model_config.{name}: {type(model_config).__name__} has no field {name!r}, so "
+                "setting it would change nothing\n  fix: check the spelling against the model's "
+                "config.json"
+            )
+        setattr(model_config, name, value)
+    if not config.rope_scaling:
+        return model_config
     current = getattr(model_config, "rope_parameters", None)
     if current is None:
         raise ModelError(
@@ -215,7 +228,11 @@ def _fit_vocabulary(model: Any, tokenizer: Any, config: Config) -> None:
                 "special_tokens) but an adapter leaves the embeddings frozen, so they would never "
                 "be learned\n  fix: lora_modules_to_save = ['embed_tokens', 'lm_head']"
             )
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.resize_token_embeddings(
+        len(tokenizer),
+        pad_to_multiple_of=32 if config.resize_token_embeddings_to_32x else None,
+        mean_resizing=True,
+    )
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -251,7 +268,7 @@ def apply_adapter(model: Any, config: Config) -> Any:
 
     if config.load_in_4bit or config.load_in_8bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing
+            model, use_gradient_checkpointing=bool(config.gradient_checkpointing)
         )
     elif config.gradient_checkpointing:
         model.enable_input_require_grads()

@@ -77,9 +77,14 @@ def make_config(plugins, tmp_path):
     """Build a config from TOML text; `{tmp}` is replaced by the test's tmp dir."""
     from sft.config import load_config_text
 
-    def make(text: str, *overrides: str):
+    def make(text: str, *overrides: str, machine_checks: bool = True):
         text = 'base_model = "unused"\n' + text.replace("{tmp}", str(tmp_path))
-        return load_config_text(text, overrides=list(overrides), source=str(tmp_path / "c.toml"))
+        return load_config_text(
+            text,
+            overrides=list(overrides),
+            source=str(tmp_path / "c.toml"),
+            machine_checks=machine_checks,
+        )
 
     make.tmp_path = tmp_path  # type: ignore[attr-defined]
     return make

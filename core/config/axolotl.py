@@ -3,7 +3,10 @@
 Setting one of these to a value that would change a run is a config problem that names the key,
 says what it does in Axolotl and, where sft has one, the alternative. A key left blank, null,
 false or empty changes nothing and is accepted, so Axolotl's example configs (which list many
-keys blank) load unchanged. `docs/axolotl.md` is generated from these tables
+keys blank) load unchanged. A few keys change nothing even when set, and are a warning instead:
+one that only picks a faster kernel (`speed_only`), one that Axolotl only reads through another
+key left blank (`only_with`), and a model-family hint Axolotl works out by itself from
+base_model's name (`detected_by_name`). `docs/axolotl.md` is generated from these tables
 (`python -m sft.config.axolotl_doc --write`).
 
 Meanings follow Axolotl's config schema (`src/axolotl/utils/schemas/`, its integrations'
@@ -12,6 +15,7 @@ Meanings follow Axolotl's config schema (`src/axolotl/utils/schemas/`, its integ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -25,6 +29,15 @@ class Unsupported:
     instead: str | None = None  # a concrete alternative in sft ("use `x`", "use sft run ...")
     # Axolotl's own default when it is not blank/false: setting the key to it changes nothing.
     default: Any = None
+    # Only picks a faster kernel for the same computation: the trained model is the same
+    # without it, so a live value is a warning.
+    speed_only: bool = False
+    # Axolotl reads the key only through these keys: while all of them are blank it changes
+    # nothing (a warning); with one of them set it is refused like that key.
+    only_with: tuple[str, ...] = ()
+    # Axolotl turns this model-family hint on by itself when base_model's last path part
+    # contains this name (besides from the model's config): `true` then changes nothing.
+    detected_by_name: str | None = None
 
 
 U = Unsupported
@@ -35,27 +48,28 @@ _MODEL: dict[str, Unsupported] = {
     "base_model_ignore_patterns": U("file patterns skipped when downloading base_model"),
     "cls_model_config": U("names the transformers config class to load (e.g. Gemma3TextConfig)"),
     "model_config_type": U("internal: set by Axolotl from the model config's model_type"),
-    "model_config": U(
-        "overrides values of the model's config at load",
-        "use `rope_scaling` for RoPE scaling",
-    ),
     "overrides_of_model_config": U(
         "overrides values of the model's config at load (the long name of model_config)",
-        "use `rope_scaling` for RoPE scaling",
+        "use `model_config`",
     ),
     "model_kwargs": U("extra keyword arguments for the model's from_pretrained"),
     "overrides_of_model_kwargs": U("extra keyword arguments for the model's from_pretrained"),
     "type_of_model": U("the internal name of model_type", "use `model_type`"),
     "tokenizer_use_mistral_common": U("loads Mistral's mistral-common tokenizer"),
-    "resize_token_embeddings_to_32x": U("pads the embeddings to a multiple of 32 rows"),
     "mean_resizing_embeddings": U("initialises new token embeddings from the mean of the others"),
     "shrink_embeddings": U("shrinks the embeddings to the tokenizer's vocabulary size"),
     "embeddings_skip_upcast": U("keeps the embeddings out of the float32 upcast under PEFT"),
     "reinit_weights": U("re-initialises the model's weights randomly instead of loading them"),
     "random_init_weights": U("an older key (not in Axolotl's current schema): random init"),
-    "is_falcon_derived_model": U("internal: tells Axolotl the model is Falcon-based"),
-    "is_llama_derived_model": U("internal: tells Axolotl the model is Llama-based"),
-    "is_mistral_derived_model": U("internal: tells Axolotl the model is Mistral-based"),
+    "is_falcon_derived_model": U(
+        "internal: tells Axolotl the model is Falcon-based", detected_by_name="falcon"
+    ),
+    "is_llama_derived_model": U(
+        "internal: tells Axolotl the model is Llama-based", detected_by_name="llama"
+    ),
+    "is_mistral_derived_model": U(
+        "internal: tells Axolotl the model is Mistral-based", detected_by_name="mistral"
+    ),
     "is_qwen_derived_model": U("internal: tells Axolotl the model is Qwen-based"),
     "added_tokens_overrides": U("renames reserved added tokens by token id"),
     "fix_untrained_tokens": U("sets the embeddings of untrained token ids to the others' mean"),
@@ -148,20 +162,14 @@ _DATA: dict[str, Unsupported] = {
         "keeps packed pretraining samples from attending to each other", default=True
     ),
     "pretrain_multipack_buffer_size": U("buffer for packing a streamed pretraining dataset"),
-    "streaming_multipack_buffer_size": U("buffer for packing a streamed dataset", default=10_000),
     "dataloader_pin_memory": U("pins dataloader memory"),
     "dataloader_num_workers": U("dataloader worker processes"),
     "dataloader_prefetch_factor": U("batches each dataloader worker loads ahead"),
-    "dataloader_drop_last": U("drops the last incomplete batch"),
     "remove_unused_columns": U("lets the trainer drop dataset columns the model does not take"),
 }
 
 # -- training & optimizers -------------------------------------------------------------------
 _TRAINING: dict[str, Unsupported] = {
-    "batch_size": U(
-        "total batch size, from which Axolotl derives gradient accumulation",
-        "set `micro_batch_size` and `gradient_accumulation_steps`",
-    ),
     "auto_find_batch_size": U(
         "lowers the batch size until it fits in memory", "set `micro_batch_size`"
     ),
@@ -199,7 +207,10 @@ _PRECISION: dict[str, Unsupported] = {
     "fp8_enable_fsdp_float8_all_gather": U("FP8 all-gather of FSDP-sharded weights"),
     "max_memory": U("memory limit per device for placing the model at load"),
     "gpu_memory_limit": U("memory limit for all GPUs when placing the model at load"),
-    "low_cpu_mem_usage": U("transformers' low_cpu_mem_usage model loading"),
+    "low_cpu_mem_usage": U(
+        "transformers' low_cpu_mem_usage model loading (always on in transformers 5)",
+        default=True,
+    ),
     "device_map": U("places the model across devices at load (transformers device_map)"),
     "gc_steps": U("runs Python garbage collection every N steps"),
     "tiled_mlp": U("ALST tiled MLP: computes the MLP in tiles to save memory on long sequences"),
@@ -207,20 +218,25 @@ _PRECISION: dict[str, Unsupported] = {
 
 # -- attention & kernels ---------------------------------------------------------------------
 _KERNELS: dict[str, Unsupported] = {
-    "xformers_attention": U(
-        "the xformers attention patch", "use `attn_implementation` (sdpa, flash_attention_2, ...)"
-    ),
     "s2_attention": U("shifted-sparse attention (LongLoRA), removed from Axolotl"),
     "flash_attn_cross_entropy": U(
-        "flash-attn's fused cross-entropy kernel", "use `liger_cross_entropy`"
+        "flash-attn's fused cross-entropy kernel", "use `liger_cross_entropy`", speed_only=True
     ),
-    "flash_attn_rms_norm": U("flash-attn's RMSNorm kernel", "use `liger_rms_norm`"),
-    "flash_attn_fuse_qkv": U("fuses the q/k/v projections (flash-attn patch)"),
-    "flash_attn_fuse_mlp": U("fuses part of the MLP into one operation (flash-attn patch)"),
+    "flash_attn_rms_norm": U(
+        "flash-attn's RMSNorm kernel", "use `liger_rms_norm`", speed_only=True
+    ),
+    "flash_attn_fuse_qkv": U(
+        "fuses the q/k/v projections into one matmul (flash-attn patch)", speed_only=True
+    ),
+    "flash_attn_fuse_mlp": U(
+        "fuses part of the MLP into one operation (flash-attn patch)", speed_only=True
+    ),
     "flash_optimum": U("BetterTransformer attention from optimum"),
     "flex_attn_compile_kwargs": U("torch.compile options for flex attention"),
     "gemma4_hybrid_attn_impl": U("Gemma 4: flash attention on sliding-window layers, sdpa else"),
-    "fused_attn_kernel": U("Axolotl's fused attention kernel patch for supported models"),
+    "fused_attn_kernel": U(
+        "Axolotl's fused q/k RMSNorm + RoPE kernel for supported models", speed_only=True
+    ),
     "scaling_softmax": U("Scaled Softmax (SSMax) attention"),
     "nsa_block_size": U("sparse attention (attn_implementation: fsa): block size"),
     "nsa_topk": U("sparse attention (attn_implementation: fsa): blocks each query selects"),
@@ -229,18 +245,27 @@ _KERNELS: dict[str, Unsupported] = {
     "nsa_init_blocks": U("sparse attention (attn_implementation: fsa): initial blocks kept"),
     "nsa_local_blocks": U("sparse attention (attn_implementation: fsa): local blocks kept"),
     "nsa_window_size": U("sparse attention (attn_implementation: fsa): sliding window"),
-    "unsloth_cross_entropy_loss": U("Unsloth's cross-entropy kernel", "use `liger_cross_entropy`"),
-    "unsloth_lora_mlp": U("Unsloth's fused LoRA MLP kernel"),
-    "unsloth_lora_qkv": U("Unsloth's fused LoRA q/k/v kernel"),
-    "unsloth_lora_o": U("Unsloth's fused LoRA output-projection kernel"),
-    "unsloth_rms_norm": U("Unsloth's RMSNorm kernel", "use `liger_rms_norm`"),
-    "unsloth_rope": U("Unsloth's RoPE kernel", "use `liger_rope`"),
-    "lora_qkv_kernel": U("Axolotl's fused Triton LoRA kernel for the q/k/v projections"),
-    "lora_o_kernel": U("Axolotl's fused Triton LoRA kernel for the output projection"),
-    "lora_mlp_kernel": U("Axolotl's fused Triton LoRA kernel for the MLP"),
-    "liger_rms_norm_gated": U("Liger's gated RMSNorm kernel", "use `liger_rms_norm`"),
+    "unsloth_cross_entropy_loss": U(
+        "Unsloth's cross-entropy kernel", "use `liger_cross_entropy`", speed_only=True
+    ),
+    # The fused LoRA kernels (Unsloth's and Axolotl's) patch only adapters without dropout or
+    # bias, where they compute exactly what peft's layers do.
+    "unsloth_lora_mlp": U("Unsloth's fused LoRA MLP kernel", speed_only=True),
+    "unsloth_lora_qkv": U("Unsloth's fused LoRA q/k/v kernel", speed_only=True),
+    "unsloth_lora_o": U("Unsloth's fused LoRA output-projection kernel", speed_only=True),
+    "unsloth_rms_norm": U("Unsloth's RMSNorm kernel", "use `liger_rms_norm`", speed_only=True),
+    "unsloth_rope": U("Unsloth's RoPE kernel", "use `liger_rope`", speed_only=True),
+    "lora_qkv_kernel": U(
+        "Axolotl's fused Triton LoRA kernel for the q/k/v projections", speed_only=True
+    ),
+    "lora_o_kernel": U(
+        "Axolotl's fused Triton LoRA kernel for the output projection", speed_only=True
+    ),
+    "lora_mlp_kernel": U("Axolotl's fused Triton LoRA kernel for the MLP", speed_only=True),
+    "liger_rms_norm_gated": U(
+        "Liger's gated RMSNorm kernel", "use `liger_rms_norm`", speed_only=True
+    ),
     "use_kernels": U("loads custom kernels from the Hugging Face kernels hub (e.g. MegaBlocks)"),
-    "experts_implementation": U("MoE experts implementation (eager, grouped_mm, scattermoe, ...)"),
     "use_scattermoe": U("ScatterMoE Triton kernels for MoE experts (kernels plugin)"),
     "use_sonicmoe": U("SonicMoE kernels for MoE experts (kernels plugin)"),
     "use_dsv4_kernels": U("fused Triton training kernels for DeepSeek-V4 (kernels plugin)"),
@@ -264,8 +289,13 @@ _EVAL: dict[str, Unsupported] = {
     "greater_is_better": U("whether a larger metric_for_best_model is better"),
     "load_best_model_at_end": U("loads the best checkpoint when training ends"),
     "eval_table_size": U("logs a table of sample predictions to W&B at evaluation"),
-    "eval_max_new_tokens": U("tokens generated for the eval_table_size predictions"),
-    "eval_table_max_new_tokens": U("older name of eval_max_new_tokens"),
+    "eval_max_new_tokens": U(
+        "tokens generated for the eval_table_size / do_causal_lm_eval predictions",
+        only_with=("eval_table_size", "do_causal_lm_eval"),
+    ),
+    "eval_table_max_new_tokens": U(
+        "older name of eval_max_new_tokens", only_with=("eval_table_size", "do_causal_lm_eval")
+    ),
     "do_causal_lm_eval": U("computes generation metrics (sacrebleu, chrf, ...) at evaluation"),
     "eval_causal_lm_metrics": U("the metrics do_causal_lm_eval computes"),
     "do_bench_eval": U("runs a benchmark dataset at evaluation"),
@@ -276,11 +306,7 @@ _EVAL: dict[str, Unsupported] = {
 
 # -- saving & hub ----------------------------------------------------------------------------
 _SAVING: dict[str, Unsupported] = {
-    "save_strategy": U(
-        "when to save (no, steps, epoch, best)", "use `save_steps` or `saves_per_epoch`"
-    ),
     "save_safetensors": U("saves weights as safetensors, as sft always does", default=True),
-    "save_only_model": U("saves weights only, no optimizer state (no resuming)"),
     "save_first_step": U("saves a checkpoint after the first step"),
 }
 
@@ -314,7 +340,6 @@ _DISTRIBUTED: dict[str, Unsupported] = {
     "ddp_timeout": U("timeout of the distributed process group"),
     "ddp_bucket_cap_mb": U("DDP gradient bucket size"),
     "ddp_broadcast_buffers": U("DDP broadcasts module buffers each step"),
-    "ddp_find_unused_parameters": U("DDP looks for parameters that got no gradient"),
     "accelerator_config": U("options for Hugging Face Accelerate"),
     "sequence_parallel_degree": U("older name of context_parallel_size"),
     "context_parallel_size": U("splits each sequence across GPUs (context parallelism)"),
@@ -383,16 +408,6 @@ UNSUPPORTED_DATASET_KEYS: dict[str, Unsupported] = {
     "field_model": Unsupported(
         "old sharegpt format: field of the model turns", "use `type: chat_template`"
     ),
-    "message_field_role": Unsupported(
-        "older name: the message field holding the role",
-        "use `message_property_mappings: {role: <field>}`",
-    ),
-    "message_field_content": Unsupported(
-        "older name: the message field holding the content",
-        "use `message_property_mappings: {content: <field>}`",
-    ),
-    "field_thinking": Unsupported("the message field holding the reasoning trace"),
-    "template_thinking_key": Unsupported("the chat template's variable for the reasoning trace"),
     "input_transform": Unsupported("a transform applied to rows before formatting"),
     "trust_remote_code": Unsupported("runs the Hub dataset's own loading code"),
     "train_on_split": Unsupported("an older dataset key (not in Axolotl's current schema)"),
@@ -412,6 +427,12 @@ MAPPED_KEYS: dict[str, str] = {
 # `strict` only tells Axolotl whether to override keys from the CLI; it never changes a run.
 IGNORED_ROOT_KEYS: frozenset[str] = frozenset({"strict"})
 
+# Keys sft reads whose 0 Axolotl takes as "not set" (it tests them for truth): `evals_per_epoch:
+# 0` is no evaluations per epoch, as if the key were left out, not a value out of bounds.
+ZERO_IS_BLANK: frozenset[str] = frozenset(
+    {"eval_steps", "evals_per_epoch", "save_steps", "saves_per_epoch"}
+)
+
 
 def _table(dataset: bool) -> dict[str, Unsupported]:
     return UNSUPPORTED_DATASET_KEYS if dataset else UNSUPPORTED_ROOT_KEYS
@@ -429,12 +450,54 @@ def is_inert(value: object, name: str | None = None, dataset: bool = False) -> b
     return entry is not None and entry.default is not None and value == entry.default
 
 
+def _named(name: str, entry: Unsupported | None, kind: str = "") -> str:
+    what = f" — {entry.what} —" if entry is not None else ""
+    return f"Axolotl's {kind}`{name}`{what}"
+
+
 def unsupported_message(name: str, dataset: bool = False) -> tuple[str, str]:
     """The problem and hint for an Axolotl key sft does not support, set to a live value."""
     entry = _table(dataset).get(name)
-    kind = "dataset key " if dataset else ""
-    what = f" — {entry.what} —" if entry is not None else ""
-    message = f"Axolotl's {kind}`{name}`{what} is not supported by sft"
+    message = _named(name, entry, "dataset key " if dataset else "") + " is not supported by sft"
     if entry is not None and entry.instead:
         return message, f"remove it; instead, {entry.instead}"
     return message, "remove it (or leave it blank)"
+
+
+def no_effect_message(
+    name: str, scope: Mapping[str, Any], dataset: bool = False
+) -> tuple[str, str] | None:
+    """The warning and hint for an Axolotl key set to a live value that still changes nothing
+    (`speed_only`, `only_with` keys all blank, `detected_by_name` from base_model); None when
+    the key would change the run (it is then refused: `unsupported_message`).
+
+    `scope` holds the key's neighbours (the top-level config, or its dataset entry).
+    """
+    entry = _table(dataset).get(name)
+    if entry is None:
+        return None
+    named = _named(name, entry, "dataset key " if dataset else "")
+    silence = "remove it to silence this"
+    if entry.speed_only:
+        message = (
+            f"has no effect in sft: {named} only changes speed; sft trains the same model "
+            "without it"
+        )
+        return message, silence + (f" (for the speed, {entry.instead})" if entry.instead else "")
+    if entry.only_with and all(is_inert(scope.get(key), key, dataset) for key in entry.only_with):
+        keys = " or ".join(f"`{key}`" for key in entry.only_with)
+        blank = "is" if len(entry.only_with) == 1 else "are"
+        return f"has no effect: {named} only matters with {keys}, which {blank} not set", silence
+    base_model = scope.get("base_model")
+    if (
+        entry.detected_by_name
+        and scope.get(name) is True
+        and isinstance(base_model, str)
+        and entry.detected_by_name in base_model.rstrip("/").rsplit("/", 1)[-1].lower()
+    ):
+        return (
+            f"has no effect: {named} Axolotl already sets it for base_model "
+            f"{base_model!r} (its name contains {entry.detected_by_name!r})",
+            silence,
+        )
+    return None

@@ -39,7 +39,8 @@ def _rule(topic: str, keys: str = "", prefixes: str = "") -> _Rule:
 RULES: tuple[_Rule, ...] = (
     _rule(
         "Model & tokenizer",
-        "revision_of_model trust_remote_code special_tokens tokens rope_scaling",
+        "revision_of_model trust_remote_code special_tokens tokens rope_scaling "
+        "resize_token_embeddings_to_32x",
         "base_model tokenizer_ model_",
     ),
     _rule(
@@ -51,13 +52,14 @@ RULES: tuple[_Rule, ...] = (
         DATASETS_TOPIC,
         "datasets test_datasets val_set_size shuffle_merged_datasets sequence_len "
         "excess_length_strategy invalid_rows train_on_inputs pad_to_sequence_len "
-        "eval_sample_packing default_system_message eot_tokens",
+        "eval_sample_packing default_system_message eot_tokens streaming "
+        "streaming_multipack_buffer_size",
         "dataset_ sample_pack chat_template",
     ),
     _rule(
         "Training & optimizers",
-        "seed micro_batch_size gradient_accumulation_steps num_epochs max_steps learning_rate "
-        "weight_decay max_grad_norm neftune_noise_alpha",
+        "seed batch_size micro_batch_size gradient_accumulation_steps num_epochs max_steps "
+        "learning_rate weight_decay max_grad_norm neftune_noise_alpha dataloader_drop_last",
         "optim adam_ sgd_ loss_watchdog_",
     ),
     _rule("Schedules", "", "lr_ cosine_ warmup_"),
@@ -68,7 +70,7 @@ RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         "Attention & kernels",
-        "attn_implementation plugins",
+        "attn_implementation plugins experts_implementation xformers_attention",
         "liger_ torch_compile chunked_cross_entropy cut_cross_entropy",
     ),
     _rule("Evaluation", "", "eval"),
@@ -128,8 +130,27 @@ def _cell(text: str) -> str:
 def _refused(entry: axolotl.Unsupported) -> str:
     notes = entry.what[0].upper() + entry.what[1:]
     if entry.instead:
-        notes += f"; instead, {entry.instead}"
+        lead = "for the speed" if entry.speed_only else "instead"
+        notes += f"; {lead}, {entry.instead}"
     return notes
+
+
+SPEED_ONLY = "accepted, no effect: speed only"
+
+
+def status_of(entry: axolotl.Unsupported) -> str:
+    """The `sft` column of a key sft does not support: refused, or when it changes nothing."""
+    if entry.speed_only:
+        return SPEED_ONLY
+    if entry.only_with:
+        keys = " / ".join(f"`{key}`" for key in entry.only_with)
+        return f"refused; no effect (a warning) while {keys} are blank"
+    if entry.detected_by_name:
+        return (
+            "refused; no effect (a warning) when base_model's name contains "
+            f"`{entry.detected_by_name}`"
+        )
+    return "refused"
 
 
 def rows_by_topic(plugins: Any) -> dict[str, list[Row]]:
@@ -144,9 +165,9 @@ def rows_by_topic(plugins: Any) -> dict[str, list[Row]]:
         else:
             rows[topic_of(name)].append(Row(f"`{name}`", status, _cell(doc)))
     for topic, table in axolotl.UNSUPPORTED_ROOT_BY_TOPIC.items():
-        rows[topic] += [Row(f"`{n}`", "refused", _cell(_refused(e))) for n, e in table.items()]
+        rows[topic] += [Row(f"`{n}`", status_of(e), _cell(_refused(e))) for n, e in table.items()]
     rows[DATASETS_TOPIC] += [
-        Row(f"`datasets[].{name}`", "refused", _cell(_refused(entry)))
+        Row(f"`datasets[].{name}`", status_of(entry), _cell(_refused(entry)))
         for name, entry in axolotl.UNSUPPORTED_DATASET_KEYS.items()
     ]
     return rows
@@ -164,12 +185,20 @@ topic, every Axolotl key sft knows and what it does with it:
   its type and default). A few are sft's own.
 - **mapped**: sft reads it as another key, or handles it its own way (table below).
 - **refused**: sft does not support it. Set to a value that would change the run, the key is an
-  error that says what it does in Axolotl and, where sft has one, what to use instead.
+  error that says what it does in Axolotl and, where sft has one, what to use instead. A few
+  refused keys change nothing in some configs, and are then a warning: one Axolotl only reads
+  through another key while that key is blank, or a model-family hint Axolotl already sets
+  itself from base_model's name.
+- **accepted, no effect: speed only**: the key only picks a faster kernel for the same
+  computation (the speed-only keys are listed in their own table below). sft trains the same
+  model without it: set, it is a warning (`sft validate` and `sft run` show it), not an error.
 
 A blank, null or `""` value of any key is the same as leaving the key out (Axolotl's example
 configs list many keys blank, e.g. `wandb_project:`); a refused key set to `false` or an empty
 list or table is accepted too. Any other key (a misspelling, or a key Axolotl itself would drop
 unread) is an error, with a did-you-mean when a known key is close.
+
+As in Axolotl, 0 means "none" for {zero_keys}.
 
 Check a config on any machine, without a GPU: `sft validate --portable config.yaml`.
 """
@@ -187,8 +216,25 @@ def integrations(plugins: Any) -> list[tuple[str, str]]:
 
 
 def axolotl_markdown(plugins: Any) -> str:
-    lines = [INTRO, "## Mapped keys", "", "| key | what sft does |", "|---|---|"]
+    zero_keys = ", ".join(f"`{key}`" for key in sorted(axolotl.ZERO_IS_BLANK))
+    lines = [INTRO.format(zero_keys=zero_keys)]
+    lines += ["## Mapped keys", "", "| key | what sft does |", "|---|---|"]
     lines += [f"| `{key}` | {_cell(does)} |" for key, does in axolotl.MAPPED_KEYS.items()]
+    lines += [
+        "",
+        "## Accepted, no effect: speed only",
+        "",
+        "These only choose a faster kernel; the trained model is the same without them.\n"
+        "Set, each is a warning, not an error (remove it to silence the warning).",
+        "",
+        "| key | what it does in Axolotl |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| `{name}` | {_cell(_refused(entry))} |"
+        for name, entry in axolotl.UNSUPPORTED_ROOT_KEYS.items()
+        if entry.speed_only
+    ]
     lines += [
         "",
         "## Axolotl integrations (`plugins:`)",

@@ -16,8 +16,33 @@ UNSUPPORTED_ATTENTION = {
 }
 
 
+def resolve_batch_size(values: dict[str, Any], add: AddProblem) -> None:
+    """Axolotl's `batch_size` sets gradient_accumulation_steps (= batch_size / micro_batch_size)."""
+    batch = values.get("batch_size")
+    if batch is None:
+        return
+    if "gradient_accumulation_steps" in values:
+        add(
+            ("batch_size",),
+            "conflicts with gradient_accumulation_steps: batch_size only sets it",
+            hint="set one of batch_size and gradient_accumulation_steps",
+        )
+        return
+    micro = values.get("micro_batch_size", 1)
+    if batch % micro:
+        add(
+            ("batch_size",),
+            f"{batch} is not a multiple of micro_batch_size = {micro}",
+            hint=f"use a multiple of {micro}, or set gradient_accumulation_steps",
+        )
+        return
+    values["gradient_accumulation_steps"] = batch // micro
+
+
 def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> None:
-    """Components selected by name must be registered: optimizer, attention backend."""
+    """Components selected by name must be registered: optimizer, attention backend; Axolotl's
+    batch_size resolved."""
+    resolve_batch_size(values, add)
     optimizer = values.get("optimizer", "adamw_torch")
     optimizers = plugins.optimizers()
     if optimizer not in optimizers:
@@ -218,6 +243,15 @@ def _axolotl_value_problems(config: Config, plugins: Any) -> list[Problem]:
                 warning=True,
             )
         )
+    if config.xformers_attention:
+        problems.append(
+            Problem(
+                "xformers_attention",
+                "Axolotl's xformers attention runs as sft's 'sdpa': the same exact attention",
+                hint="set attn_implementation = 'sdpa' (or nothing: it is the default) instead",
+                warning=True,
+            )
+        )
     if config.model_type and not config.model_type.endswith("ForCausalLM"):
         problems.append(
             Problem(
@@ -302,6 +336,7 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
     problems += _output_dir_problems(config)
     problems += _dataset_path_problems(config)
     problems += _shard_problems(config)
+    problems += streaming_problems(config)
     problems += _axolotl_value_problems(config, plugins)
     if config.eval_sample_packing and not config.sample_packing:
         problems.append(
@@ -358,4 +393,57 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
     from sft.train.options import option_problems
 
     problems += option_problems(config)  # schedules, NEFTune, compile, offloading, RoPE, ...
+    return problems
+
+
+def streaming_problems(config: Config) -> list[Problem]:
+    """`streaming = true` reads the training data while training: what needs it all at once, or
+    its length, cannot be used with it."""
+    if not config.streaming:
+        return []
+    problems = []
+    if config.max_steps is None:
+        problems.append(
+            Problem(
+                "max_steps",
+                "is needed with streaming = true: a stream has no length to count epochs in",
+                hint="set max_steps (the optimizer steps to train)",
+            )
+        )
+    if config.num_epochs != 1.0:
+        problems.append(
+            Problem(
+                "num_epochs",
+                "has no effect with streaming = true: the run lasts max_steps (the stream "
+                "starts again when it runs out)",
+                hint="remove num_epochs, and set max_steps to the length you want",
+            )
+        )
+    if config.val_set_size:
+        problems.append(
+            Problem(
+                "val_set_size",
+                "cannot hold out part of a stream (streaming = true)",
+                hint="put the eval rows in test_datasets (prepared in memory, not streamed), or "
+                "set val_set_size = 0",
+            )
+        )
+    if config.dataset_exact_deduplication:
+        problems.append(
+            Problem(
+                "dataset_exact_deduplication",
+                "needs every sample at once, which streaming = true never holds",
+                hint="remove it (deduplicate the files beforehand), or set streaming = false",
+            )
+        )
+    for index, ds in enumerate(config.datasets):
+        if ds.shards is not None or ds.shards_idx is not None:
+            problems.append(
+                Problem(
+                    f"datasets[{index}].shards",
+                    "contiguous pieces need the row count, which a stream does not know "
+                    "(streaming = true)",
+                    hint="remove shards and shards_idx, and choose files with data_files instead",
+                )
+            )
     return problems

@@ -28,19 +28,26 @@ _DATASET_LISTS = ("datasets", "test_datasets")
 
 @attrs.define
 class _Context:
-    """Where values came from, and the problems found so far."""
+    """Where values came from, and the problems (errors) and warnings found so far."""
 
     lines: dict[KeyPath, int]
     source: str | None
     overridden: set[KeyPath] = attrs.field(factory=set)
     problems: list[Problem] = attrs.field(factory=list)
+    # Keys that change nothing (`Problem.warning`): they never stop a load, and reach the
+    # config's warnings with those `check_config` finds.
+    warnings: list[Problem] = attrs.field(factory=list)
 
     def add(self, path: KeyPath, message: str, hint: str | None = None) -> None:
+        self.problems.append(self._problem(path, message, hint))
+
+    def warn(self, path: KeyPath, message: str, hint: str | None = None) -> None:
+        self.warnings.append(attrs.evolve(self._problem(path, message, hint), warning=True))
+
+    def _problem(self, path: KeyPath, message: str, hint: str | None) -> Problem:
         if path in self.overridden:
-            self.problems.append(Problem(format_path(path), message, file="--set", hint=hint))
-            return
-        line = line_of(self.lines, path)
-        self.problems.append(Problem(format_path(path), message, line=line, hint=hint))
+            return Problem(format_path(path), message, file="--set", hint=hint)
+        return Problem(format_path(path), message, line=line_of(self.lines, path), hint=hint)
 
     def locate(self, problem: Problem) -> Problem:
         """Fill in the line of a plugin's problem from its key path."""
@@ -256,9 +263,13 @@ def _structure_scope(
         if name in axolotl.IGNORED_ROOT_KEYS and not prefix:
             continue
         if name in unsupported:
-            if not axolotl.is_inert(value, name, dataset=bool(prefix)):
-                message, hint = axolotl.unsupported_message(name, dataset=bool(prefix))
-                ctx.add(path, message, hint=hint)
+            dataset = bool(prefix)
+            if axolotl.is_inert(value, name, dataset=dataset):
+                continue
+            if idle := axolotl.no_effect_message(name, data, dataset=dataset):
+                ctx.warn(path, *idle)  # set, yet changes nothing: said, not refused
+            else:
+                ctx.add(path, *axolotl.unsupported_message(name, dataset=dataset))
             continue
         guess = did_you_mean(name, list(owners))
         ctx.add(path, "unknown key" + (f"; did you mean {guess!r}?" if guess else ""))
@@ -267,7 +278,11 @@ def _structure_scope(
     for name, (_, cls, field) in owners.items():
         path = (*prefix, name)
         value = data.get(name)
-        if value is None or value == "":  # absent or blank (`fp16:` in YAML): the default
+        if (
+            value is None
+            or value == ""  # absent or blank (`fp16:` in YAML): the default
+            or (value == 0 and not prefix and name in axolotl.ZERO_IS_BLANK)  # Axolotl's "none"
+        ):
             if field.default is attrs.NOTHING:
                 ctx.add(path, "required key is missing" if name not in data else "is blank")
             continue
@@ -393,7 +408,7 @@ def _load(
     # Warnings (keys that change nothing) ride on the config: `sft validate` and `sft run`
     # show them, in file order.
     warnings = sorted(
-        (ctx.locate(p) for p in problems if p.warning),
+        [*ctx.warnings, *(ctx.locate(p) for p in problems if p.warning)],
         key=lambda p: (p.line is None, p.line or 0),
     )
     object.__setattr__(config, "_warnings", tuple(warnings))

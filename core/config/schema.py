@@ -182,6 +182,16 @@ class Config(_Sections):
         "each must have an installed sft plugin that stands in for it (see docs/axolotl.md). "
         "sft's own plugins need no listing: installed ones are found by entry point.",
     )
+    model_config: dict[str, Any] | None = key(
+        None,
+        doc="Values set on the model's config before it loads, e.g. {output_router_logits = "
+        "true}; each must be a field the config has (Axolotl: overrides_of_model_config).",
+    )
+    resize_token_embeddings_to_32x: bool = key(
+        False,
+        doc="When the embeddings grow for new tokens, round their rows up to a multiple of 32 "
+        "(faster matmuls on GPUs).",
+    )
     rope_scaling: dict[str, Any] | None = key(
         None,
         doc="RoPE scaling set on the model config at load, e.g. {rope_type = 'linear', factor = "
@@ -261,6 +271,16 @@ class Config(_Sections):
         None, ge=1, doc="Processes for tokenising (default: CPU count)."
     )
     shuffle_merged_datasets: bool = key(True, doc="Shuffle the mixed datasets (seeded by `seed`).")
+    streaming: bool = key(
+        False,
+        doc="Read, tokenise and pack the training data while training, never holding it all: for "
+        "data larger than memory. Needs max_steps; no cache, no val_set_size.",
+    )
+    streaming_multipack_buffer_size: int = key(
+        10_000,
+        ge=1,
+        doc="With streaming: samples held at once for shuffling and packing.",
+    )
     dataset_exact_deduplication: bool = key(
         False, doc="Drop rows whose tokens exactly repeat another's."
     )
@@ -287,6 +307,7 @@ class Config(_Sections):
         doc="Let a fresh run write into a non-empty output_dir: sft's own files there are "
         "replaced, other files kept (checkpoints of an earlier run are never deleted).",
     )
+    dataloader_drop_last: bool = key(False, doc="Drop the last incomplete batch of each epoch.")
     micro_batch_size: int = key(
         1, ge=1, doc="Samples (or packed sequences) per device per forward."
     )
@@ -295,6 +316,12 @@ class Config(_Sections):
     )
     gradient_accumulation_steps: int = key(
         1, ge=1, doc="Micro-batches accumulated per optimizer step."
+    )
+    batch_size: int | None = key(
+        None,
+        ge=1,
+        doc="Axolotl's older way to set accumulation: samples per optimizer step per device; "
+        "gradient_accumulation_steps = batch_size / micro_batch_size (set one of the two).",
     )
     num_epochs: float = key(1.0, gt=0.0, doc="Passes over the training data.")
     max_steps: int | None = key(
@@ -331,8 +358,10 @@ class Config(_Sections):
         0.0, ge=0.0, doc="Decoupled weight decay (not applied to biases and norms)."
     )
     max_grad_norm: float = key(1.0, ge=0.0, doc="Gradient clipping norm (0 disables clipping).")
-    gradient_checkpointing: bool = key(
-        False, doc="Recompute activations in backward to save memory."
+    gradient_checkpointing: bool | Literal["offload"] = key(
+        False,
+        doc="Recompute activations in backward to save memory; 'offload' (Axolotl's value) also "
+        "keeps the saved activations in CPU memory (= activation_offloading).",
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = key(
         None, doc="Passed to gradient_checkpointing_enable, e.g. {use_reentrant = false}."
@@ -377,6 +406,23 @@ class Config(_Sections):
         None, ge=1, doc="Evaluations per epoch (instead of eval_steps)."
     )
     save_steps: int | None = key(None, ge=1, doc="Save a checkpoint every this many steps.")
+    # YAML 1.1 reads an unquoted `no` as false: false means "no" here.
+    save_strategy: Literal["steps", "epoch", "no", False] | None = key(
+        None,
+        doc="When checkpoints are saved: steps (save_steps or saves_per_epoch; every 500 steps "
+        "without them), epoch, or no (none; an interrupt still saves one). Default: save_steps, "
+        "saves_per_epoch, else each epoch.",
+    )
+    ddp_find_unused_parameters: bool | None = key(
+        None,
+        doc="DDP searches each step for parameters that got no gradient (slower; needed only "
+        "when part of the model is skipped in forward). Default off.",
+    )
+    save_only_model: bool = key(
+        False,
+        doc="Checkpoints hold the weights only, no optimizer/scheduler state: smaller, but a run "
+        "cannot resume from them exactly.",
+    )
     saves_per_epoch: int | None = key(
         None, ge=1, doc="Checkpoints per epoch (instead of save_steps)."
     )
@@ -478,6 +524,13 @@ class Config(_Sections):
     )
     sample_packing_bin_size: int = key(200, ge=1, doc="Maximum samples per packed sequence.")
     pad_to_sequence_len: bool = key(False, doc="Pad every batch to sequence_len (static shapes).")
+    experts_implementation: (
+        Literal["eager", "batched_mm", "grouped_mm", "deepgemm", "sonicmoe"] | None
+    ) = key(
+        None,
+        doc="How transformers computes the experts of MoE models: grouped_mm (its default where "
+        "the GPU supports it), batched_mm, eager, deepgemm or sonicmoe. No effect on dense models.",
+    )
     attn_implementation: str | None = key(
         None,
         doc="Attention backend: sdpa, eager, flex_attention, flash_attention_2, ... (default sdpa).",
@@ -490,6 +543,11 @@ class Config(_Sections):
         False, doc="Axolotl alias for attn_implementation = 'flex_attention'."
     )
     eager_attention: bool = key(False, doc="Axolotl alias for attn_implementation = 'eager'.")
+    xformers_attention: bool = key(
+        False,
+        doc="Axolotl's xformers attention: runs as sdpa here (the same exact attention, and "
+        "packed samples stay apart).",
+    )
 
     _sections: Mapping[type, Any] = attrs.field(
         factory=dict, repr=False, eq=False, alias="_sections"
@@ -508,6 +566,16 @@ class Config(_Sections):
         return self._warnings
 
     @property
+    def checkpoint_strategy(self) -> str | None:
+        """save_strategy, YAML's `no` (read as false) as "no"."""
+        return "no" if self.save_strategy is False else self.save_strategy
+
+    @property
+    def offloads_activations(self) -> bool:
+        """activation_offloading, or Axolotl's gradient_checkpointing = 'offload'."""
+        return self.activation_offloading or self.gradient_checkpointing == "offload"
+
+    @property
     def attention(self) -> str:
         """The selected attention backend name, Axolotl boolean aliases resolved."""
         if self.attn_implementation:
@@ -523,6 +591,7 @@ ATTENTION_ALIASES = {
     "sdp_attention": "sdpa",
     "flex_attention": "flex_attention",
     "eager_attention": "eager",
+    "xformers_attention": "sdpa",
 }
 # Axolotl's other attn_implementation values → the backend that computes the same attention.
 # xformers' memory-efficient attention is exact attention, as PyTorch's sdpa kernels are (and

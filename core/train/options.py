@@ -74,7 +74,10 @@ def option_problems(config: Config) -> list[Problem]:
                 "conflicts with neftune_noise_alpha (its newer name): set one",
             )
         )
-    if config.activation_offloading:
+    if config.offloads_activations:
+        switch = (
+            "activation_offloading" if config.activation_offloading else "gradient_checkpointing"
+        )
         if not config.gradient_checkpointing:
             problems.append(
                 Problem(
@@ -87,14 +90,35 @@ def option_problems(config: Config) -> list[Problem]:
         if not cuda_present():
             problems.append(
                 Problem(
-                    "activation_offloading",
-                    "moves activations from GPU to CPU memory; without a CUDA GPU they are in "
-                    "CPU memory already",
-                    hint="remove activation_offloading on this machine",
+                    switch,
+                    "offloading moves activations from GPU to CPU memory; without a CUDA GPU "
+                    "they are in CPU memory already",
+                    hint=f"remove {switch}"
+                    + (" = 'offload' (use true)" if switch == "gradient_checkpointing" else "")
+                    + " on this machine",
                     machine=True,
                 )
             )
     problems += _rope_problems(config)
+    if config.save_only_model and config.auto_resume_from_checkpoints:
+        problems.append(
+            Problem(
+                "save_only_model",
+                "checkpoints without optimizer state cannot resume a run exactly, and "
+                "auto_resume_from_checkpoints is on",
+                hint="remove save_only_model, or auto_resume_from_checkpoints",
+            )
+        )
+    if config.checkpoint_strategy in ("epoch", "no"):
+        for other in ("save_steps", "saves_per_epoch"):
+            if getattr(config, other) is not None:
+                problems.append(
+                    Problem(
+                        other,
+                        f"conflicts with save_strategy = {config.checkpoint_strategy!r}",
+                        hint=f"remove {other}, or set save_strategy = 'steps'",
+                    )
+                )
     if config.loss_watchdog_patience is not None and config.loss_watchdog_threshold is None:
         problems.append(
             Problem(
@@ -157,7 +181,10 @@ def trainer_arguments(config: Config) -> dict[str, Any]:
     """The `TrainingArguments` keywords these options set."""
     from transformers.training_args import OptimizerNames
 
-    kwargs: dict[str, Any] = {"neftune_noise_alpha": neftune_alpha(config)}
+    kwargs: dict[str, Any] = {
+        "neftune_noise_alpha": neftune_alpha(config),
+        "save_only_model": config.save_only_model,
+    }
     if compile_enabled(config):
         kwargs.update(
             torch_compile=True,

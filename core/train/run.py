@@ -148,7 +148,15 @@ def training_arguments(
         if has_eval
         else {"eval_strategy": "no"}
     )
-    save_kwargs = _schedule("save", config.save_steps, config.saves_per_epoch, per_epoch)
+    if config.checkpoint_strategy in ("epoch", "no"):
+        save_kwargs: dict[str, Any] = {"save_strategy": config.checkpoint_strategy}
+    elif config.checkpoint_strategy == "steps" and not (
+        config.save_steps or config.saves_per_epoch
+    ):
+        save_kwargs = {"save_strategy": "steps", "save_steps": 500}  # transformers' default
+    else:
+        save_kwargs = _schedule("save", config.save_steps, config.saves_per_epoch, per_epoch)
+    from sft.data.streaming import dataloader_settings
     from sft.train.options import trainer_arguments
     from sft.train.tracking import report_to, run_name
 
@@ -177,15 +185,16 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
-        save_only_model=False,
+        dataloader_drop_last=config.dataloader_drop_last,
         # Every parameter that trains gets a gradient each step (adapters and full models
-        # alike): DDP need not search the graph for unused ones.
-        ddp_find_unused_parameters=False,
+        # alike): DDP need not search the graph for unused ones, unless the user says so.
+        ddp_find_unused_parameters=bool(config.ddp_find_unused_parameters),
         ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None,
         **trainer_arguments(config),  # NEFTune, torch.compile, ... (sft.train.options)
         **eval_kwargs,
         **save_kwargs,
         **(engine or {}),
+        **dataloader_settings(config),  # streaming: each process its own batches
     )
 
 
@@ -195,8 +204,10 @@ def pack_if_asked(config: Config, prepared: Any, plugins: Any, console: Any) -> 
         return prepared.train, prepared.eval
     from sft.data.packing import pack_dataset, sample_lengths
 
-    train_data, stats = pack_dataset(prepared.train, config.sequence_len, config, plugins)
-    console.print(f"packing: {stats.render()}")
+    train_data = prepared.train  # a stream packs as it reads (sft.data.streaming)
+    if not config.streaming:
+        train_data, stats = pack_dataset(prepared.train, config.sequence_len, config, plugins)
+        console.print(f"packing: {stats.render()}")
     eval_data = prepared.eval
     eval_packing = (
         config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing
@@ -320,15 +331,25 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
     seed_everything(config.seed)
 
     tokenizer = load_tokenizer(config, plugins)
-    prepared = prepare_once(config, tokenizer, plugins, console)
+    if config.streaming:  # read while training; only test_datasets are prepared
+        from sft.data.streaming import prepare_streaming
+
+        prepared = prepare_streaming(
+            config, tokenizer, plugins, lambda c: prepare_once(c, tokenizer, plugins, console)
+        )
+    else:
+        prepared = prepare_once(config, tokenizer, plugins, console)
     summary = prepared.summary
     console.print(
-        f"data: {summary.train_samples} train / {summary.eval_samples} eval samples"
-        + (" (from cache)" if prepared.from_cache else "")
+        f"data: {'streaming' if config.streaming else summary.train_samples} train / "
+        f"{summary.eval_samples} eval samples" + (" (from cache)" if prepared.from_cache else "")
     )
     for line in summary.dropped_lines():  # never drop rows silently
         console.print(f"  {line}", markup=False, soft_wrap=True)  # paths unbroken in logs
-    fingerprint = data_fingerprint(prepared.train, prepared.eval)
+    if config.streaming:
+        fingerprint = prepared.train.fingerprint() + data_fingerprint(prepared.eval)
+    else:
+        fingerprint = data_fingerprint(prepared.train, prepared.eval)
     # Before the model loads: refuse a resume that cannot work or would silently change the run.
     plan = check_resume(resumed_from, config, fingerprint, plugins, say) if resumed_from else None
 
@@ -341,16 +362,23 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
     )
 
     train_data, eval_data = pack_if_asked(config, prepared, plugins, console)
-    check_data_fills_a_step(len(train_data), config)
+    if config.streaming:  # no length: the Trainer's arguments as for exactly max_steps
+        from sft.data.streaming import run_samples
+
+        samples = run_samples(config)
+    else:
+        samples = len(train_data)
+        check_data_fills_a_step(samples, config)
     engine = {}
     for backend in selected_backends(config, plugins):  # validation allows at most one
         engine = backend.training_args(config, model)
         console.print(f"engine: {backend.name}, {world_size()} processes")
-    args = training_arguments(config, len(train_data), eval_data is not None, dtype, engine)
-    per_epoch = steps_per_epoch(len(train_data), config)
+    args = training_arguments(config, samples, eval_data is not None, dtype, engine)
+    per_epoch = steps_per_epoch(samples, config)
     total_steps = config.max_steps or math.ceil(per_epoch * config.num_epochs)
     processes = f", {world_size()} processes" if world_size() > 1 else ""
-    console.print(f"steps: {total_steps} ({per_epoch} per epoch{processes})")
+    per = "streaming" if config.streaming else f"{per_epoch} per epoch"
+    console.print(f"steps: {total_steps} ({per}{processes})")
     monitor = HealthMonitor(
         lr_schedule=config.lr_scheduler, warmup=warmup_steps(config, total_steps)
     )
@@ -432,6 +460,8 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
 
             hub.push_result(output_dir, sft_files(output_dir) or [], saved)
     console.print(f"saved {saved} to {output_dir}")
+    for line in train_data.summary_lines() if config.streaming else []:  # known only now
+        console.print(f"  streamed {line}", markup=False, soft_wrap=True)
     if warnings:
         console.print("[yellow]training-health warnings:[/]")
         for warning in warnings:

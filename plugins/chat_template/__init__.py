@@ -56,6 +56,21 @@ class ChatTemplateDatasetKeys:
         None,
         doc="Message property → field in your data, e.g. {role = 'from', content = 'value'}.",
     )
+    message_field_role: str | None = key(
+        None, doc="Axolotl's older spelling of message_property_mappings = {role = '...'}."
+    )
+    message_field_content: str | None = key(
+        None, doc="Axolotl's older spelling of message_property_mappings = {content = '...'}."
+    )
+    field_thinking: str | None = key(
+        None,
+        doc="Message field holding the reasoning, when it is not reasoning_content (Axolotl's "
+        "key; = message_property_mappings = {<template_thinking_key> = '...'}).",
+    )
+    template_thinking_key: Literal["reasoning_content", "thinking", "reasoning"] | None = key(
+        None,
+        doc="Name the chat template reads the reasoning under (default reasoning_content).",
+    )
     roles: dict[str, tuple[str, ...]] | None = key(
         None,
         doc="Template role → the role names used in your data, e.g. {user = ['human'], "
@@ -200,6 +215,40 @@ def _select_template(name: str | None, jinja: str | None, tokenizer: Any, path: 
     )
 
 
+def message_mappings(keys: ChatTemplateDatasetKeys) -> dict[str, str] | None:
+    """message_property_mappings with Axolotl's single-field keys folded in (checked at
+    validate not to conflict with it)."""
+    mappings = dict(keys.message_property_mappings or {})
+    if keys.message_field_role:
+        mappings.setdefault("role", keys.message_field_role)
+    if keys.message_field_content:
+        mappings.setdefault("content", keys.message_field_content)
+    target = keys.template_thinking_key or "reasoning_content"
+    source = keys.field_thinking or "reasoning_content"
+    if source != target:
+        mappings.setdefault(target, source)
+    return mappings or None
+
+
+def _mapping_problems(keys: ChatTemplateDatasetKeys, where: str) -> list[Problem]:
+    given = keys.message_property_mappings or {}
+    target = keys.template_thinking_key or "reasoning_content"
+    pairs = (
+        ("message_field_role", keys.message_field_role, "role"),
+        ("message_field_content", keys.message_field_content, "content"),
+        ("field_thinking", keys.field_thinking, target),
+    )
+    return [
+        Problem(
+            f"{where}.{name}",
+            f"conflicts with message_property_mappings.{prop}: set the field once",
+            hint=f"remove {name}",
+        )
+        for name, value, prop in pairs
+        if value and prop in given and given[prop] != value
+    ]
+
+
 class ChatTemplateStrategy:
     """One row → its rendered conversation and trainable spans."""
 
@@ -210,7 +259,7 @@ class ChatTemplateStrategy:
         self.tokenizer = tokenizer
         self.read = MessageReader(
             field_messages=keys.field_messages,
-            mappings=keys.message_property_mappings,
+            mappings=message_mappings(keys),
             roles=keys.roles,
             roles_to_train=keys.roles_to_train,
             message_field_training=keys.message_field_training,
@@ -352,6 +401,7 @@ def sft_validate_config(config: Any) -> list[Problem]:
             problems += _template_problems(
                 keys.chat_template, keys.chat_template_jinja, f"{group}[{index}].chat_template"
             )
+            problems += _mapping_problems(keys, f"{group}[{index}]")
     datasets = [*config.datasets, *config.test_datasets]
     if root.default_system_message and not any(ds.type == "chat_template" for ds in datasets):
         problems.append(

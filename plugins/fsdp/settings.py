@@ -53,13 +53,16 @@ TABLE_KEYS: dict[str, Any] = {
     "forward_prefetch": "bool",
     "backward_prefetch": BACKWARD_PREFETCH,
 }
-FSDP1_ONLY = (
-    "sync_module_states",
-    "use_orig_params",
-    "limit_all_gathers",
-    "forward_prefetch",
-    "backward_prefetch",
-)
+# FSDP1-only settings, and why each changes nothing under FSDP2 (which accelerate would only
+# warn about, or refuse): given with FSDP2, each is a warning and is not passed on.
+FSDP1_ONLY: dict[str, str] = {
+    "sync_module_states": "every rank loads the same weights, and with "
+    "cpu_ram_efficient_loading FSDP2 broadcasts rank 0's by itself",
+    "use_orig_params": "FSDP2 always trains the original parameters",
+    "limit_all_gathers": "it throttles FSDP1's all-gathers; FSDP2 schedules its own",
+    "forward_prefetch": "it only changes speed, and FSDP2 prefetches by itself",
+    "backward_prefetch": "it only changes speed, and FSDP2 prefetches by itself",
+}
 # Axolotl `fsdp_config` keys whose feature sft does not offer (named as such, never dropped).
 UNSUPPORTED_TABLE_KEYS = {
     "mixed_precision_policy": "the mixed precision follows bf16 / fp16",
@@ -385,20 +388,20 @@ def resolve(
     # -- FSDP1-only settings -----------------------------------------------------------------------
     fsdp1 = {name: values[name] for name in FSDP1_ONLY if name in values}
     if version == 2:
+        # Axolotl runs a table without any fsdp_version with FSDP1; sft with FSDP2.
+        if fsdp_version or "version" in values:
+            why = "fsdp_version = 2"
+        else:
+            why = "sft's default without fsdp_version; Axolotl's is FSDP1"
         for name in fsdp1:
             problems.append(
                 Problem(
                     f"fsdp_config.{spelled[name]}",
-                    "is an FSDP1 setting; FSDP2 (fsdp_version = 2, the default) has no such "
-                    "setting"
-                    + (
-                        " (it always uses the original parameters)"
-                        if name == "use_orig_params"
-                        else " (ranks never drift apart)"
-                        if name == "sync_module_states"
-                        else ""
-                    ),
-                    hint="remove it, or set fsdp_version = 1 (deprecated in transformers)",
+                    f"has no effect under FSDP2 ({why}): {FSDP1_ONLY[name]}; the trained model "
+                    "is the same",
+                    hint="remove it to silence this, or set fsdp_version = 1 (deprecated in "
+                    "transformers) to use it",
+                    warning=True,
                 )
             )
         fsdp1 = {}

@@ -266,3 +266,89 @@ def test_the_mapping_is_json_clean():  # `sft_config.yaml` records `plugins` lik
 
     config = load_config_text(HEAD + f"plugins: [{LIGER}]\n", "yaml", machine_checks=False)
     assert json.loads(json.dumps(to_dict(config)))["plugins"] == [LIGER]
+
+
+# -- Axolotl's single-field message keys ------------------------------------------------------------
+
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n"
+    "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{{ m.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def trained_row(config, tokenizer, row) -> str:
+    from sft.data.pipeline import build_render
+    from sft.data.tokenize import TokenizeOptions, process_chunk
+    from sft.manager import get_plugins
+
+    render = build_render(config.datasets[0], tokenizer, config, get_plugins())
+    options = TokenizeOptions(
+        sequence_len=256,
+        excess_length_strategy="raise",
+        invalid_rows="raise",
+        train_on_inputs=False,
+    )
+    result = process_chunk([row], 0, render, tokenizer, options)
+    ids, labels = result.input_ids[0], result.labels[0]
+    return tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != -100])
+
+
+def test_message_field_role_and_content_read_sharegpt_rows(plugins):
+    special = ["<|user|>", "<|assistant|>", "<|end|>"]
+    tokenizer = build_tokenizer(chat_template=TEMPLATE, special_tokens=special, eos_token="<|end|>")
+    config = load_config_text(
+        HEAD + "    field_messages: conversations\n    message_field_role: from\n"
+        "    message_field_content: value\n",
+        "yaml",
+        machine_checks=False,
+    )
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Capital?"},
+            {"from": "gpt", "value": "Paris."},
+        ]
+    }
+    assert trained_row(config, tokenizer, row) == "Paris.<|end|><|endoftext|>"
+
+
+def test_field_thinking_names_the_reasoning_field(plugins):
+    special = ["<|user|>", "<|assistant|>", "<|end|>"]
+    tokenizer = build_tokenizer(
+        chat_template=THINKING_TEMPLATE, special_tokens=special, eos_token="<|end|>"
+    )
+    config = load_config_text(HEAD + "    field_thinking: cot\n", "yaml", machine_checks=False)
+    row = {
+        "messages": [
+            {"role": "user", "content": "Capital?"},
+            {"role": "assistant", "content": "Paris.", "cot": "France's capital."},
+        ]
+    }
+    assert trained_row(config, tokenizer, row) == "<think>France's capital.</think>Paris.<|end|>"
+
+
+def test_single_field_keys_that_contradict_the_mappings_are_errors(plugins):
+    with pytest.raises(ConfigError) as error:
+        load_config_text(
+            HEAD + "    message_field_role: from\n    message_property_mappings: {role: speaker}\n",
+            "yaml",
+            machine_checks=False,
+        )
+    problems = {p.path: p.message for p in error.value.problems}
+    assert (
+        "conflicts with message_property_mappings.role"
+        in problems["datasets[0].message_field_role"]
+    )
+
+
+def test_xformers_attention_runs_as_sdpa_with_a_note(plugins):
+    config = load_yaml("xformers_attention: true\n")
+    assert config.attention == "sdpa"
+    assert "runs as sft's 'sdpa'" in warnings_of(config)["xformers_attention"]
+    problems = problems_of("xformers_attention: true\nflash_attention: true\n")
+    assert any("conflicts with" in message for message in problems.values())
+
+
+def test_low_cpu_mem_usage_true_is_what_transformers_does_anyway(plugins):
+    for value in ("true", "false"):  # transformers 5 always loads that way
+        assert load_yaml(f"low_cpu_mem_usage: {value}\n").warnings == ()

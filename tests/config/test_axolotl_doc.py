@@ -18,11 +18,31 @@ def test_the_committed_page_is_up_to_date(plugins):
 
 def test_every_refused_and_mapped_key_is_on_the_page(plugins):
     text = axolotl_markdown(plugins)
-    rows = [f"| `{key}` | refused |" for key in axolotl.UNSUPPORTED_ROOT_KEYS]
-    rows += [f"| `datasets[].{key}` | refused |" for key in axolotl.UNSUPPORTED_DATASET_KEYS]
+    status = axolotl_doc.status_of
+    rows = [f"| `{key}` | {status(e)} |" for key, e in axolotl.UNSUPPORTED_ROOT_KEYS.items()]
+    rows += [
+        f"| `datasets[].{key}` | {status(e)} |"
+        for key, e in axolotl.UNSUPPORTED_DATASET_KEYS.items()
+    ]
     rows += [f"| `{key}` |" for key in axolotl.MAPPED_KEYS]
     missing = [row for row in rows if row not in text]
     assert not missing
+
+
+def test_keys_that_change_nothing_say_so_on_the_page(plugins):
+    text = axolotl_markdown(plugins)
+    speed = text.split("## Accepted, no effect: speed only")[1].split("\n## ")[0]
+    assert "| `lora_qkv_kernel` | Axolotl's fused Triton LoRA kernel" in speed
+    assert "| `flash_attn_rms_norm` | Flash-attn's RMSNorm kernel; for the speed, use" in speed
+    assert "`quantize_moe_experts`" not in speed
+    assert "| `lora_mlp_kernel` | accepted, no effect: speed only |" in text
+    assert "| `quantize_moe_experts` | refused |" in text
+    assert (
+        "| `eval_max_new_tokens` | refused; no effect (a warning) while `eval_table_size` / "
+        "`do_causal_lm_eval` are blank |"
+    ) in text
+    zero = 'As in Axolotl, 0 means "none" for `eval_steps`, `evals_per_epoch`, `save_steps`, '
+    assert zero + "`saves_per_epoch`." in text
 
 
 def test_every_key_sft_reads_lands_in_exactly_one_topic(plugins):

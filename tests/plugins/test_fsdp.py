@@ -237,10 +237,6 @@ mixed_precision_policy = "bf16"
             "hybrid_shard is an FSDP1 sharding strategy",
         ),
         (
-            "[fsdp_config]\nsync_module_states = true",
-            "fsdp_config.sync_module_states (line 3): is an FSDP1 setting; FSDP2",
-        ),
-        (
             '[fsdp_config]\nstate_dict_type = "LOCAL_STATE_DICT"',
             "LOCAL_STATE_DICT is not supported",
         ),
@@ -280,6 +276,60 @@ mixed_precision_policy = "bf16"
 )
 def test_each_problem_names_the_key_and_the_fix(plugins, text, expected):
     assert expected in _problems(plugins, text)
+
+
+def test_fsdp1_settings_under_fsdp2_are_warnings_not_passed_on(plugins):
+    # Axolotl's older FSDP1 examples (no fsdp_version) carry these; FSDP2 needs none of them.
+    config = _config(
+        plugins,
+        """
+fsdp = ["full_shard", "auto_wrap"]
+[fsdp_config]
+fsdp_limit_all_gathers = true
+fsdp_sync_module_states = true
+fsdp_use_orig_params = false
+fsdp_backward_prefetch = "BACKWARD_PRE"
+fsdp_forward_prefetch = false
+fsdp_cpu_ram_efficient_loading = true
+""",
+    )
+    assert [(w.path, w.line) for w in config.warnings] == [
+        ("fsdp_config.fsdp_limit_all_gathers", 4),
+        ("fsdp_config.fsdp_sync_module_states", 5),
+        ("fsdp_config.fsdp_use_orig_params", 6),
+        ("fsdp_config.fsdp_backward_prefetch", 7),
+        ("fsdp_config.fsdp_forward_prefetch", 8),
+    ]
+    first = config.warnings[0]
+    assert first.warning
+    assert first.message == (
+        "has no effect under FSDP2 (sft's default without fsdp_version; Axolotl's is FSDP1): it "
+        "throttles FSDP1's all-gathers; FSDP2 schedules its own; the trained model is the same"
+    )
+    assert first.hint == (
+        "remove it to silence this, or set fsdp_version = 1 (deprecated in transformers) to use it"
+    )
+    assert "FSDP2 always trains the original parameters" in config.warnings[2].message
+    passed = fsdp.settings_of(config).fsdp_config()
+    assert passed["version"] == 2
+    assert not {"limit_all_gathers", "sync_module_states", "use_orig_params"} & set(passed)
+    assert not {"backward_prefetch", "forward_prefetch"} & set(passed)
+
+
+def test_fsdp1_setting_with_fsdp2_named_says_no_default(plugins):
+    config = _config(plugins, "fsdp_version = 2\n[fsdp_config]\nsync_module_states = true")
+    (warning,) = config.warnings
+    assert warning.path == "fsdp_config.sync_module_states" and warning.line == 4
+    assert warning.message.startswith("has no effect under FSDP2 (fsdp_version = 2): every rank")
+
+
+def test_fsdp1_settings_with_fsdp1_are_passed_on_without_warnings(plugins):
+    config = _config(
+        plugins, "fsdp_version = 1\n[fsdp_config]\nlimit_all_gathers = true\nuse_orig_params = true"
+    )
+    assert config.warnings == ()
+    passed = fsdp.settings_of(config).fsdp_config()
+    assert passed["limit_all_gathers"] is True and passed["use_orig_params"] is True
 
 
 def test_combinations_fsdp_cannot_do_are_refused(plugins):

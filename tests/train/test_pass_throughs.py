@@ -313,3 +313,129 @@ def test_the_loss_watchdog_stops_a_run_and_saves_no_model(tiny_project):
     assert "without saving the diverged model" in str(error.value)
     saved = [p.name for p in Path(config.output_dir).glob("*.safetensors")]
     assert saved == []
+
+
+# -- saving, DDP, MoE experts, offloading: Axolotl keys passed on ---------------------------------
+
+
+def test_save_strategy_and_save_only_model_reach_the_training_arguments(tiny_project):
+    from sft.train.run import training_arguments
+
+    def args(*overrides: str):
+        return training_arguments(tiny_project(*overrides), 24, False, torch.float32)
+
+    assert args("save_strategy=no").save_strategy == "no"
+    assert args("save_strategy=epoch").save_strategy == "epoch"
+    steps = args("save_strategy=steps")
+    assert steps.save_strategy == "steps" and steps.save_steps == 500
+    assert args("save_strategy=steps", "save_steps=7").save_steps == 7
+    assert args("save_only_model=true").save_only_model
+    assert not args().save_only_model
+    assert args("ddp_find_unused_parameters=true").ddp_find_unused_parameters
+    assert args().ddp_find_unused_parameters is False
+
+
+def test_save_strategy_conflicts_and_save_only_model_with_resume_are_errors(make_config):
+    with pytest.raises(ConfigError) as error:
+        make_config(
+            '[[datasets]]\npath = "x"\n',
+            "save_strategy=no",
+            "save_steps=5",
+            "save_only_model=true",
+            "auto_resume_from_checkpoints=true",
+            machine_checks=False,
+        )
+    paths = {p.path for p in error.value.problems}
+    assert {"save_steps", "save_only_model"} <= paths
+
+
+def test_a_run_with_save_strategy_no_writes_no_checkpoint(tiny_project):
+    from sft.train.run import train
+
+    config = tiny_project("save_strategy=no", "max_steps=2")
+    train(config)
+    assert not list(Path(config.output_dir).glob("checkpoint-*"))
+    assert list(Path(config.output_dir).glob("*.safetensors"))
+
+
+def test_experts_implementation_reaches_the_model_config(tiny_project):
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project("experts_implementation=batched_mm")
+    model = load_model(config, load_tokenizer(config), get_plugins())
+    assert model.config._experts_implementation == "batched_mm"
+
+
+def test_the_experts_implementations_are_those_of_transformers():
+    import typing
+
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from sft.config.schema import Config
+
+    hint = typing.get_type_hints(Config)["experts_implementation"]
+    (literal, _) = typing.get_args(hint)
+    assert set(typing.get_args(literal)) == {"eager", *ALL_EXPERTS_FUNCTIONS.keys()}
+
+
+def test_gradient_checkpointing_offload_is_activation_offloading(make_config):
+    with pytest.raises(ConfigError) as error:
+        make_config('[[datasets]]\npath = "x"\n', "gradient_checkpointing=offload")
+    (problem,) = [p for p in error.value.problems if p.path == "gradient_checkpointing"]
+    assert problem.machine and "without a CUDA GPU" in problem.message
+    config = make_config(
+        '[[datasets]]\npath = "x"\n', "gradient_checkpointing=offload", machine_checks=False
+    )
+    assert config.offloads_activations and config.gradient_checkpointing == "offload"
+
+
+def test_batch_size_sets_gradient_accumulation(make_config):
+    dataset = '[[datasets]]\npath = "x"\n'
+    config = make_config(dataset, "micro_batch_size=2", "batch_size=8", machine_checks=False)
+    assert config.gradient_accumulation_steps == 4
+    for overrides, message in (
+        (("micro_batch_size=3", "batch_size=8"), "not a multiple of micro_batch_size = 3"),
+        (("batch_size=8", "gradient_accumulation_steps=2"), "conflicts with gradient_accumulation"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            make_config(dataset, *overrides, machine_checks=False)
+
+
+def test_model_config_values_are_set_before_the_model_loads(tiny_project):
+    from sft.errors import ModelError
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project("model_config={rms_norm_eps = 0.001}")
+    model = load_model(config, load_tokenizer(config), get_plugins())
+    assert model.config.rms_norm_eps == 0.001
+    config = tiny_project("model_config={rms_norm_epz = 0.001}")
+    with pytest.raises(ModelError, match=r"model_config\.rms_norm_epz: LlamaConfig has no field"):
+        load_model(config, load_tokenizer(config), get_plugins())
+
+
+def test_resize_token_embeddings_to_32x_rounds_the_new_vocabulary_up(tiny_project):
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    def rows(*overrides: str) -> tuple[int, int]:
+        config = tiny_project("tokens=['<a>', '<b>', '<c>']", *overrides)
+        tokenizer = load_tokenizer(config)
+        model = load_model(config, tokenizer, get_plugins())
+        return len(tokenizer), model.get_input_embeddings().weight.shape[0]
+
+    vocabulary, plain = rows()
+    assert plain == vocabulary
+    _, padded = rows("resize_token_embeddings_to_32x=true")
+    assert padded % 32 == 0 and vocabulary <= padded < vocabulary + 32
+
+
+def test_dataloader_drop_last_reaches_the_training_arguments(tiny_project):
+    from sft.train.run import training_arguments
+
+    config = tiny_project("dataloader_drop_last=true")
+    assert training_arguments(config, 24, False, torch.float32).dataloader_drop_last

@@ -1,0 +1,550 @@
+"""`streaming = true`: the training data read, tokenised, shuffled and packed while training.
+
+No dataset is held whole and nothing is cached. Rows are read lazily: JSON Lines and text
+files line by line, CSV, Parquet and Arrow files batch by batch, saved datasets memory-mapped,
+Hub datasets through `datasets.load_dataset(..., streaming=True)`. (A `.json` file is one JSON
+document: it is parsed whole, so use JSON Lines for data larger than memory.) Each dataset's rows
+are tokenised `CHUNK_ROWS` at a time by the code the prepared path uses (`build_render` +
+`process_chunk`), so samples and labels are the same; the datasets are mixed with probabilities
+proportional to their `weight`; and `streaming_multipack_buffer_size` samples at a time are
+packed (`sample_packing`, the configured packer, `PackedDataset`'s row format) and shuffled
+(`shuffle_merged_datasets`, seeded by `seed` and the pass number).
+
+Several processes: every process reads the same stream in the same order, and accelerate's data
+loader gives each its own batches; see `dataloader_settings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import lzma
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+from torch.utils.data import IterableDataset
+
+from sft.config.schema import Config, DatasetConfig
+from sft.data.packing import PackedDataset
+from sft.data.pipeline import Prepared, build_render, raise_row_problems
+from sft.data.sources import (
+    COMPRESSED,
+    RawRows,
+    _bad_row,
+    _decode_csv_row,
+    _format_of,
+    _fs,
+    _is_url,
+    _json_problem,
+    _list_files,
+    _looks_like_saved_dataset,
+    _read_bytes,
+    _read_file,
+    is_local_path,
+    quick_fingerprint,
+)
+from sft.data.summary import DatasetSummary, Summary
+from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
+from sft.errors import DataError
+from sft.paths import redact
+
+CHUNK_ROWS = 64  # rows tokenised at once: batched tokenising, little held
+Row = tuple[dict[str, Any], str, int]  # a row, its file, its 1-based row (or line) number
+Sample = tuple[list[int], list[int]]  # input_ids, labels
+
+
+@attrs.define
+class SourceStats:
+    """What streaming one dataset has read so far (over every pass)."""
+
+    name: str
+    strategy: str
+    rows_in: int = 0
+    rows_kept: int = 0
+    samples: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    dropped: Counter[str] = attrs.field(factory=Counter)
+    notes: Counter[str] = attrs.field(factory=Counter)
+
+    def summary(self) -> DatasetSummary:
+        return DatasetSummary(
+            name=self.name,
+            strategy=self.strategy,
+            rows_in=self.rows_in,
+            rows_kept=self.rows_kept,
+            samples=self.samples,
+            dropped=dict(sorted(self.dropped.items())),
+            tokens=self.tokens,
+            trainable_tokens=self.trainable_tokens,
+            length_percentiles={},
+            notes=dict(sorted(self.notes.items())),
+        )
+
+
+# -- reading rows lazily ----------------------------------------------------------------------
+
+
+def iter_rows(ds: DatasetConfig, invalid_rows: str, stats: SourceStats) -> Iterator[Row]:
+    """The rows of one dataset entry, one at a time (the sources `read_rows` reads)."""
+    path = ds.path
+    local = Path(path).expanduser()
+    if _is_url(path) or local.exists():
+        target = path if _is_url(path) else str(local)
+        fs = _fs(target, ds)
+        if fs.isdir(target):
+            if not _is_url(path) and _looks_like_saved_dataset(local):
+                yield from _datasets_rows(ds, str(local), invalid_rows, stats)
+                return
+            files = _list_files(target, ds)
+            if not files and not _is_url(path):  # a local dataset repository
+                yield from _datasets_rows(ds, str(local), invalid_rows, stats)
+                return
+            if not files:
+                raise DataError("no dataset files found in the directory", file=path)
+        else:
+            if not fs.exists(target):
+                raise DataError("file not found", file=path)
+            files = [target]
+        for file in files:
+            fmt = _format_of(file, ds)
+            if fmt is None:
+                raise DataError(
+                    "cannot tell the file format from its name",
+                    file=file,
+                    hint="set ds_type = json | jsonl | parquet | csv | arrow | text",
+                )
+            yield from _file_rows(file, fmt, ds, invalid_rows, stats)
+        return
+    if is_local_path(path):
+        raise DataError(
+            "file not found",
+            file=path,
+            hint=f"check the path; a relative path is read from the working directory ({Path.cwd()})",
+        )
+    yield from _datasets_rows(ds, path, invalid_rows, stats)
+
+
+def _kept(row: Any, file: str, number: int, invalid_rows: str, stats: SourceStats) -> bool:
+    """Count a row read; a row that is not an object is raised or dropped as `read_rows` does."""
+    stats.rows_in += 1
+    if isinstance(row, dict):
+        return True
+    message = f"a row must be a JSON object, found {type(row).__name__}"
+    _bad_row(stats, invalid_rows, "not an object", message, file, number)  # type: ignore[arg-type]
+    return False
+
+
+def _bad(
+    stats: SourceStats, invalid_rows: str, reason: str, message: str, file: str, n: int
+) -> None:
+    stats.rows_in += 1
+    _bad_row(stats, invalid_rows, reason, message, file, n)  # type: ignore[arg-type]
+
+
+def _file_rows(
+    file: str, fmt: str, ds: DatasetConfig, invalid_rows: str, stats: SourceStats
+) -> Iterator[Row]:
+    if fmt == "json":  # one JSON document: parsed whole (see the module docstring)
+        raw = RawRows(name=file, rows=[], locations=[], files=[], fingerprint="")
+        _read_file(file, fmt, ds, invalid_rows, raw, hashlib.sha256())
+        stats.rows_in += sum(raw.dropped.values())
+        stats.dropped.update(raw.dropped)
+        for row, (_, number) in zip(raw.rows, raw.locations, strict=True):
+            stats.rows_in += 1
+            yield row, file, number
+        return
+    import pyarrow as pa
+
+    compressed = file.lower().endswith(COMPRESSED)
+    try:
+        if fmt in ("parquet", "arrow") and compressed:  # random access needs the whole file
+            import io
+
+            yield from _arrow_rows(
+                io.BytesIO(_read_bytes(file, ds)), fmt, file, invalid_rows, stats
+            )
+            return
+        with _fs(file, ds).open(file, "rb", compression="infer") as handle:
+            if fmt in ("jsonl", "text"):
+                yield from _line_rows(handle, fmt, file, invalid_rows, stats)
+            else:
+                yield from _arrow_rows(handle, fmt, file, invalid_rows, stats)
+    except FileNotFoundError:
+        raise DataError("file not found", file=file) from None
+    except pa.ArrowException as exc:
+        raise DataError(f"cannot read {fmt} file: {exc}", file=file) from None
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # corrupt archive, I/O
+        what = "corrupt or truncated compressed file" if compressed else "cannot read the file"
+        raise DataError(f"{what}: {type(exc).__name__}: {exc}", file=file) from None
+
+
+def _line_rows(
+    handle: Iterable[bytes], fmt: str, file: str, invalid_rows: str, stats: SourceStats
+) -> Iterator[Row]:
+    # Binary lines end at b"\n" only, as `read_rows` splits them (not at U+2028 and the like).
+    for number, data in enumerate(handle, start=1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            found = data[exc.start : exc.start + 1]
+            message = f"not UTF-8 text (byte {exc.start}: {found!r})"
+            _bad(stats, invalid_rows, "not UTF-8", message, file, number)
+            continue
+        if not line.strip():
+            continue
+        if fmt == "text":
+            stats.rows_in += 1
+            yield {"text": line.rstrip("\n").removesuffix("\r")}, file, number
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            _bad(stats, invalid_rows, "invalid JSON", _json_problem(exc), file, number)
+            continue
+        if _kept(row, file, number, invalid_rows, stats):
+            yield row, file, number
+
+
+def _arrow_rows(
+    handle: Any, fmt: str, file: str, invalid_rows: str, stats: SourceStats
+) -> Iterator[Row]:
+    import pyarrow as pa
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        batches: Iterable[Any] = pq.ParquetFile(handle).iter_batches(batch_size=CHUNK_ROWS)
+    elif fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        batches = pcsv.open_csv(handle)
+    else:
+        try:
+            reader = pa.ipc.open_file(handle)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            handle.seek(0)
+            batches = pa.ipc.open_stream(handle)
+    number = 0
+    for batch in batches:
+        # pyarrow reads CSV cells that are not UTF-8 as binary: decoded (or the row named) here.
+        binary = [f.name for f in batch.schema if fmt == "csv" and str(f.type) == "binary"]
+        for row in batch.to_pylist():
+            number += 1
+            if binary and not _decode_csv_row(row, binary, file, number, invalid_rows, stats):  # type: ignore[arg-type]
+                stats.rows_in += 1
+                continue
+            if _kept(row, file, number, invalid_rows, stats):
+                yield row, file, number
+
+
+def _datasets_rows(
+    ds: DatasetConfig, path: str, invalid_rows: str, stats: SourceStats
+) -> Iterator[Row]:
+    """A Hub dataset (streamed: `load_dataset(..., streaming=True)`), a local dataset
+    repository, or a dataset saved with `save_to_disk` (memory-mapped, read row by row)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if Path(path).is_dir() and _looks_like_saved_dataset(Path(path)):
+            loaded: Any = datasets.load_from_disk(path)
+            if isinstance(loaded, datasets.DatasetDict):
+                if ds.split not in loaded:
+                    raise DataError(
+                        f"no split {ds.split!r}; available: {', '.join(loaded)}", file=path
+                    )
+                loaded = loaded[ds.split]
+        else:
+            loaded = datasets.load_dataset(
+                path,
+                name=ds.name,
+                split=ds.split,
+                revision=ds.revision,
+                data_files=list(ds.data_files)
+                if isinstance(ds.data_files, tuple)
+                else ds.data_files,
+                storage_options=ds.storage_options,
+                streaming=True,
+            )
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs the source and cause
+        raise DataError(
+            f"cannot load dataset: {type(exc).__name__}: {exc}",
+            file=path,
+            hint="check the Hub id / name / split / revision, network access and credentials",
+        ) from exc
+    for number, row in enumerate(loaded, start=1):
+        if _kept(row, path, number, invalid_rows, stats):
+            yield row, path, number
+
+
+# -- the dataset the Trainer iterates ---------------------------------------------------------
+
+
+class _Columns:
+    """Samples held in memory, indexed as `PackedDataset` indexes its Arrow base."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+
+    def __getitem__(self, indices: list[int]) -> dict[str, list[list[int]]]:
+        return {
+            "input_ids": [self.samples[i][0] for i in indices],
+            "labels": [self.samples[i][1] for i in indices],
+        }
+
+
+class StreamingDataset(IterableDataset):  # type: ignore[type-arg]
+    """The training rows of a streaming run: `{"input_ids", "labels"}` per sample, or packed
+    rows with `position_ids` (as `PackedDataset` makes them) under `sample_packing`.
+
+    Each iteration is one pass over the data: it ends when every dataset has been read to its
+    end at least once (a dataset that ends earlier starts again, so the mix keeps its weights,
+    as `interleave_datasets(stopping_strategy="all_exhausted")` does). The Trainer starts the
+    next pass (`set_epoch`) until `max_steps`.
+    """
+
+    def __init__(self, config: Config, tokenizer: Any, plugins: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.plugins = plugins
+        self.options = TokenizeOptions(
+            sequence_len=config.sequence_len,
+            excess_length_strategy=config.excess_length_strategy,
+            invalid_rows=config.invalid_rows,
+            train_on_inputs=config.train_on_inputs,
+        )
+        self.renders = [build_render(ds, tokenizer, config, plugins) for ds in config.datasets]
+        self.packer = plugins.packers().get(config.sample_packer) if config.sample_packing else None
+        self.stats = [
+            SourceStats(name=redact(ds.path), strategy=ds.type or "pretokenized")
+            for ds in config.datasets
+        ]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer (through accelerate) before each pass: reshuffles."""
+        self.epoch = epoch
+
+    def fingerprint(self) -> str:
+        """The sources' metadata (files' sizes and dates, Hub commits), for resume checks."""
+        parts = [
+            quick_fingerprint(ds) or f"unknown:{redact(ds.path)}" for ds in self.config.datasets
+        ]
+        return "stream:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def summary_lines(self) -> list[str]:
+        """What was read: one line per dataset (rows in, kept, dropped by reason)."""
+        return [s.summary().rows_line() + f", {s.samples} samples" for s in self.stats]
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        import numpy as np
+
+        config = self.config
+        rng = np.random.default_rng([config.seed, self.epoch])
+        held = config.sample_packing or config.shuffle_merged_datasets
+        size = config.streaming_multipack_buffer_size if held else 1
+        buffer: list[Sample] = []
+        empty = True
+        for sample in self._mixed(self.epoch):
+            buffer.append(sample)
+            if len(buffer) >= size:
+                yield from self._rows(buffer, rng)
+                buffer, empty = [], False
+        if buffer:
+            yield from self._rows(buffer, rng)
+        elif empty:
+            raise DataError(
+                "no training sample in the streamed data:\n"
+                + "\n".join(f"  {line}" for line in self.summary_lines()),
+                hint='check the files and field mappings (invalid_rows = "raise" names each bad row)',
+            )
+
+    def _rows(self, samples: list[Sample], rng: Any) -> list[dict[str, list[int]]]:
+        """The buffered samples as training rows: packed when asked, shuffled when asked."""
+        if self.packer is not None:
+            lengths = [len(ids) for ids, _ in samples]
+            bins = self.packer.pack(lengths, self.config.sequence_len, self.config, self.epoch)
+            packed = PackedDataset(_Columns(samples), [list(b) for b in bins])
+            rows = [packed[i] for i in range(len(packed))]
+        else:
+            rows = [{"input_ids": ids, "labels": labels} for ids, labels in samples]
+        if self.config.shuffle_merged_datasets:
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        return rows
+
+    def _mixed(self, epoch: int) -> Iterator[Sample]:
+        """One pass over the datasets, mixed with probabilities proportional to `weight`."""
+        count = len(self.config.datasets)
+        if count == 1:
+            yield from self._samples(0)
+            return
+        import numpy as np
+
+        rng = np.random.default_rng([self.config.seed, epoch, 1])
+        weights = np.array([ds.weight for ds in self.config.datasets], dtype=float)
+        streams = [self._samples(i) for i in range(count)]
+        ended = [False] * count  # read to its end at least once in this pass
+        produced = [False] * count  # gave a sample since it (re)started
+        live = list(range(count))
+        while live:
+            chances = weights[live] / weights[live].sum()
+            index = live[int(rng.choice(len(live), p=chances))]
+            try:
+                sample = next(streams[index])
+            except StopIteration:
+                ended[index] = True
+                if all(ended):
+                    return
+                if not produced[index]:  # nothing to repeat: leave the mix
+                    live.remove(index)
+                else:
+                    streams[index], produced[index] = self._samples(index), False
+                continue
+            produced[index] = True
+            yield sample
+
+    def _samples(self, index: int) -> Iterator[Sample]:
+        """One dataset's samples in row order, tokenised a chunk of rows at a time."""
+        ds = self.config.datasets[index]
+        stats = self.stats[index]
+        rows = iter_rows(ds, self.config.invalid_rows, stats)
+        for number, chunk in enumerate(_batched(rows, CHUNK_ROWS)):
+            result = process_chunk(
+                [row for row, _, _ in chunk], 0, self.renders[index], self.tokenizer, self.options
+            )
+            if number:  # a key that fails every row is judged on the first chunk only
+                result.blamed.clear()
+            files = list(dict.fromkeys(file for _, file, _ in chunk))
+            raw = RawRows(
+                name=ds.path,
+                rows=[row for row, _, _ in chunk],
+                locations=[(files.index(file), n) for _, file, n in chunk],
+                files=files,
+                fingerprint="",
+            )
+            raise_row_problems(result, raw, f"datasets[{index}]", self.config.source)
+            stats.rows_kept += len(set(result.sources))
+            stats.samples += len(result.input_ids)
+            stats.dropped.update(result.dropped)
+            stats.notes.update(result.notes)
+            stats.tokens += sum(len(ids) for ids in result.input_ids)
+            stats.trainable_tokens += sum(
+                sum(1 for label in labels if label != IGNORE) for labels in result.labels
+            )
+            # Samples in row order, as the prepared path keeps them (`pipeline._collect`).
+            for i in sorted(range(len(result.sources)), key=result.sources.__getitem__):
+                yield result.input_ids[i], result.labels[i]
+
+
+def _batched(items: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+# -- what a run needs -------------------------------------------------------------------------
+
+
+def prepare_streaming(config: Config, tokenizer: Any, plugins: Any, prepare: Any) -> Prepared:
+    """The training stream, and the `test_datasets` prepared as without streaming (in memory,
+    cached like any prepared data) by `prepare(config)`: an eval set is small, and evaluating
+    the same samples each time needs it whole."""
+    summary = Summary()
+    eval_data = None
+    if config.test_datasets:
+        eval_config = attrs.evolve(
+            config,
+            datasets=config.test_datasets,
+            test_datasets=(),
+            streaming=False,
+            val_set_size=0.0,
+            shuffle_merged_datasets=False,
+        )
+        prepared_eval = prepare(eval_config)
+        eval_data = prepared_eval.train
+        summary.eval_datasets = prepared_eval.summary.datasets
+        summary.eval_samples = len(eval_data)
+    return Prepared(
+        train=StreamingDataset(config, tokenizer, plugins), eval=eval_data, summary=summary
+    )
+
+
+def run_samples(config: Config) -> int:
+    """The samples (or packed rows) `max_steps` consumes over all processes: the length the
+    Trainer's arguments are computed from, so a "per epoch" key means "per run"."""
+    from sft.distributed import world_size
+
+    steps = config.max_steps or 1
+    return steps * config.micro_batch_size * config.gradient_accumulation_steps * world_size()
+
+
+def dataloader_settings(config: Config) -> dict[str, Any]:
+    """The `TrainingArguments` a streaming run needs: batches that are not dispatched.
+
+    What accelerate's `prepare_data_loader` does with an `IterableDataset` (accelerate 1.x, as
+    the Trainer calls it): by default (`dispatch_batches=None`) it *dispatches* — process 0
+    alone iterates the data, concatenates one batch per process and sends each its slice; the
+    concatenation fails on batches of different widths, which our collator makes (it pads to
+    the longest row of each batch). With `dispatch_batches=False` every process iterates the
+    dataset itself and `IterableDatasetShard` keeps, of each run of `processes × batch size`
+    samples, its own batch: process k gets batches k, k + n, ... (a `datasets.IterableDataset`
+    with at least n shards is given whole shards instead). So the ranks see disjoint data that
+    together cover the stream, in step with each other, provided every process reads the same
+    stream in the same order — which the seeded reading, mixing, packing and shuffling here
+    guarantee. Splitting by rank in the dataset as well would split twice and train on 1/n of
+    the data. The price: every process reads and tokenises the whole stream (tokenising runs
+    at thousands of rows a second, far ahead of training).
+    """
+    if not config.streaming:
+        return {}
+    return {"accelerator_config": {"dispatch_batches": False}}
+
+
+def debug_preview(config: Config, tokenizer: Any, plugins: Any, count: int) -> list[Any]:
+    """`sft preprocess --debug` under streaming: the first `count` rows of each dataset, read
+    lazily, shown and self-checked by `sft.data.debug` exactly as without streaming."""
+    import tempfile
+
+    from sft.data.debug import debug_examples
+
+    with tempfile.TemporaryDirectory(prefix="sft-preview-") as tmp:
+        heads, names = [], {}
+        for index, ds in enumerate(config.datasets):
+            file = Path(tmp) / f"{index}.jsonl"
+            stats = SourceStats(name=ds.path, strategy="")
+            rows = itertools.islice(iter_rows(ds, "skip", stats), count)
+            # ensure_ascii: a lone surrogate stays an escape, which reads back as it was.
+            file.write_text("".join(json.dumps(row, default=str) + "\n" for row, _, _ in rows))
+            names[str(file)] = ds.path
+            heads.append(
+                attrs.evolve(
+                    ds,
+                    path=str(file),
+                    ds_type="jsonl",
+                    data_files=None,
+                    shards=None,
+                    shards_idx=None,
+                )
+            )
+        examples = debug_examples(
+            attrs.evolve(config, datasets=tuple(heads)), tokenizer, plugins, count
+        )
+    return [attrs.evolve(e, dataset=names.get(e.dataset, e.dataset)) for e in examples]
+
+
+__all__ = [
+    "StreamingDataset",
+    "dataloader_settings",
+    "debug_preview",
+    "iter_rows",
+    "prepare_streaming",
+    "run_samples",
+]

@@ -1,0 +1,339 @@
+"""`streaming = true`: the same samples as the prepared path, read lazily, mixed, packed,
+split between processes; its config checks, `sft preprocess` and a real run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from sft.data import pipeline, sources
+from sft.data.pipeline import prepare_datasets
+from sft.data.sources import read_rows
+from sft.data.streaming import CHUNK_ROWS, SourceStats, StreamingDataset, iter_rows
+from sft.errors import ConfigError, DataError
+
+IGNORE = -100
+STREAM = "streaming = true\nmax_steps = 5\n"
+
+
+def alpaca_rows(n: int, tag: str = "") -> list[dict]:
+    return [
+        {
+            "instruction": f"Say {tag}number {i}.",
+            "input": "",
+            "output": f"It is {i}." + " ok" * (i % 7),
+        }
+        for i in range(n)
+    ]
+
+
+def dataset_toml(name: str, kind: str = "alpaca", extra: str = "") -> str:
+    return f'[[datasets]]\npath = "{{tmp}}/{name}"\ntype = "{kind}"\n{extra}'
+
+
+def samples_of(rows) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    return [(tuple(r["input_ids"]), tuple(r["labels"])) for r in rows]
+
+
+def test_streamed_samples_equal_the_prepared_ones(make_config, tokenizer, plugins, tmp_path):
+    rows = alpaca_rows(150)
+    rows[3] = {"instruction": "no output field"}  # a bad row: skipped and counted by both
+    rows[7] = {"instruction": "Repeat.", "input": "", "output": "la " * 300}  # too long: dropped
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    with (tmp_path / "a.jsonl").open("a") as handle:
+        handle.write("{not json\n")
+    common = 'sequence_len = 128\ninvalid_rows = "skip"\nshuffle_merged_datasets = false\n'
+    prepared = prepare_datasets(
+        make_config(common + dataset_toml("a.jsonl")), tokenizer, plugins, show_progress=False
+    )
+    stream = StreamingDataset(
+        make_config(STREAM + common + dataset_toml("a.jsonl")), tokenizer, plugins
+    )
+
+    assert samples_of(stream) == samples_of(prepared.train)  # same ids, same labels, same order
+    stats, summary = stream.stats[0].summary(), prepared.summary.datasets[0]
+    assert (stats.rows_in, stats.rows_kept, stats.dropped) == (
+        summary.rows_in,
+        summary.rows_kept,
+        summary.dropped,
+    )
+    assert stats.trainable_tokens == summary.trainable_tokens
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "arrow", "txt", "saved"])
+def test_rows_are_read_lazily_as_read_rows_reads_them(make_config, tmp_path, fmt):
+    import datasets
+
+    rows = [{"instruction": f"Q{i}", "input": "", "output": f"A{i}"} for i in range(150)]
+    table = datasets.Dataset.from_list(rows)
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, rows)
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "csv":
+        table.to_csv(str(path), index=False)
+    elif fmt == "parquet":
+        table.to_parquet(str(path))
+    elif fmt == "arrow":
+        import pyarrow as pa
+
+        with pa.ipc.new_file(str(path), table.data.schema) as writer:
+            for batch in table.data.table.to_batches(max_chunksize=40):
+                writer.write_batch(batch)
+    elif fmt == "txt":
+        path.write_text("".join(f"line {i}\n" for i in range(150)) + "\n\n")
+    else:
+        table.save_to_disk(str(path))
+    config = make_config(STREAM + f'[[datasets]]\npath = "{path}"\ntype = "alpaca"\n')
+    ds = config.datasets[0]
+    stats = SourceStats(name="d", strategy="alpaca")
+    streamed = list(iter_rows(ds, "raise", stats))
+    raw = read_rows(ds)
+    assert [row for row, _, _ in streamed] == raw.rows
+    assert [raw.where(i) for i in range(len(raw.rows))] == [(f, n) for _, f, n in streamed]
+    assert stats.rows_in == len(raw.rows)
+
+
+def test_a_bad_line_names_its_file_and_line(make_config, tokenizer, plugins, tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(5))
+    with path.open("a") as handle:
+        handle.write("[1, 2]\n")
+    stream = StreamingDataset(make_config(STREAM + dataset_toml("a.jsonl")), tokenizer, plugins)
+    with pytest.raises(DataError) as caught:
+        list(stream)
+    assert (caught.value.file, caught.value.row) == (str(path), 6)
+    assert "JSON object" in str(caught.value)
+
+
+def test_a_key_that_fails_every_row_is_a_config_error(make_config, tokenizer, plugins, tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"from": "human", "value": "hi"}]}] * 5)
+    config = make_config(STREAM + dataset_toml("c.jsonl", "chat_template"))
+    with pytest.raises((ConfigError, DataError)) as caught:
+        list(StreamingDataset(config, tokenizer, plugins))
+    assert "datasets[0]" in str(caught.value) or "c.jsonl" in str(caught.value)
+
+
+def test_memory_stays_bounded_by_the_buffer(make_config, tokenizer, plugins, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("streaming read a whole dataset")
+
+    monkeypatch.setattr(sources, "read_rows", never)
+    monkeypatch.setattr(pipeline, "read_rows", never)
+    total, buffer = 3000, 100
+    write_jsonl(tmp_path / "big.jsonl", alpaca_rows(total))
+    config = make_config(
+        STREAM
+        + f"streaming_multipack_buffer_size = {buffer}\nsample_packing = true\nsequence_len = 256\n"
+        + dataset_toml("big.jsonl")
+    )
+    stream = StreamingDataset(config, tokenizer, plugins)
+    iterator = iter(stream)
+    first = list(itertools.islice(iterator, 5))
+    assert len(first) == 5
+    # Rows pulled so far: one buffer of samples, rounded up to whole chunks of rows.
+    assert stream.stats[0].rows_in <= buffer + CHUNK_ROWS < total
+    rest = list(iterator)
+    assert stream.stats[0].rows_in == total  # and the whole file, once, by the end of the pass
+    consumed = sum(row["position_ids"].count(0) for row in first + rest)
+    assert consumed == stream.stats[0].samples == total
+
+
+def test_packed_rows_fit_and_hold_exactly_the_streamed_samples(
+    make_config, tokenizer, plugins, tmp_path
+):
+    from sft.train.trainer import Collator
+
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(300))
+    common = "sequence_len = 128\nstreaming_multipack_buffer_size = 70\n"
+    unpacked = StreamingDataset(
+        make_config(
+            STREAM + common + "shuffle_merged_datasets = false\n" + dataset_toml("a.jsonl")
+        ),
+        tokenizer,
+        plugins,
+    )
+    packed_config = make_config(
+        STREAM + common + "sample_packing = true\n" + dataset_toml("a.jsonl")
+    )
+    packed = list(StreamingDataset(packed_config, tokenizer, plugins))
+
+    pieces = []
+    for row in packed:
+        assert len(row["input_ids"]) <= 128
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"])
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        assert starts[0] == 0
+        for start, stop in itertools.pairwise(starts):
+            assert row["position_ids"][start:stop] == list(range(stop - start))
+            pieces.append((tuple(row["input_ids"][start:stop]), tuple(row["labels"][start:stop])))
+    # Each sample once, its first label masked (never predicted from the previous sample).
+    expected = [(ids, (IGNORE, *labels[1:])) for ids, labels in samples_of(unpacked)]
+    assert sorted(pieces) == sorted(expected)
+    assert len(packed) < len(expected) / 2  # it packs
+    batch = Collator(pad_id=0)(packed[:2])  # the collator's packed format: no attention_mask
+    assert "position_ids" in batch and "attention_mask" not in batch
+
+
+def test_weights_mix_datasets_in_proportion(make_config, tokenizer, plugins, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(400, "A "))
+    write_jsonl(tmp_path / "b.jsonl", alpaca_rows(100, "B "))
+    config = make_config(
+        STREAM
+        + "shuffle_merged_datasets = false\n"
+        + dataset_toml("a.jsonl", extra="weight = 3\n")
+        + dataset_toml("b.jsonl")
+    )
+    a_prefix = tokenizer("Say A", add_special_tokens=False)["input_ids"]
+
+    def from_a(row) -> bool:
+        text = tokenizer.decode(row["input_ids"])
+        return "Say A number" in text
+
+    assert a_prefix  # the tokenizer reads the tag
+    stream = StreamingDataset(config, tokenizer, plugins)
+    rows = list(stream)
+    head = [from_a(row) for row in rows[:200]]
+    assert 0.65 < sum(head) / len(head) < 0.85  # weight 3 : 1
+    # A pass ends when both datasets were read to the end: the smaller one repeats meanwhile.
+    assert sum(from_a(row) for row in rows) == 400
+    assert sum(not from_a(row) for row in rows) >= 100
+    assert samples_of(StreamingDataset(config, tokenizer, plugins)) == samples_of(rows)  # seeded
+
+
+def test_shuffling_is_seeded_and_changes_with_the_pass(make_config, tokenizer, plugins, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(60))
+    config = make_config(
+        STREAM + "streaming_multipack_buffer_size = 30\n" + dataset_toml("a.jsonl")
+    )
+    first = samples_of(StreamingDataset(config, tokenizer, plugins))
+    again = StreamingDataset(config, tokenizer, plugins)
+    assert samples_of(again) == first
+    again.set_epoch(1)
+    second = samples_of(again)
+    assert second != first and sorted(second) == sorted(first)
+    # shuffled only within a buffer: the first 30 samples stay the first 30 rows
+    assert sorted(second[:30]) == sorted(first[:30])
+
+
+def test_hub_datasets_are_loaded_as_streams(make_config, tokenizer, plugins, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return iter(alpaca_rows(10))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    config = make_config(STREAM + '[[datasets]]\npath = "org/chat"\ntype = "alpaca"\nname = "x"\n')
+    rows = list(StreamingDataset(config, tokenizer, plugins))
+    assert len(rows) == 10
+    assert calls == [
+        (
+            "org/chat",
+            {
+                "name": "x",
+                "split": "train",
+                "revision": None,
+                "data_files": None,
+                "storage_options": None,
+                "streaming": True,
+            },
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("streaming = true\n", "max_steps"),
+        (STREAM + "val_set_size = 0.1\n", "val_set_size"),
+        (STREAM + "num_epochs = 3\n", "num_epochs"),
+        (STREAM + "dataset_exact_deduplication = true\n", "dataset_exact_deduplication"),
+        (
+            STREAM + '[[datasets]]\npath = "org/x"\nshards = 2\nshards_idx = 0\n',
+            "datasets[1].shards",
+        ),
+    ],
+)
+def test_config_checks_name_the_key_and_the_fix(make_config, tmp_path, text, key):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(2))
+    with pytest.raises(ConfigError) as caught:
+        make_config(
+            dataset_toml("a.jsonl") + text if "[[" in text else text + dataset_toml("a.jsonl")
+        )
+    paths = [p.path for p in caught.value.problems]
+    assert key in paths
+    assert all(p.hint for p in caught.value.problems if p.path == key)
+
+
+def test_test_datasets_stay_allowed(make_config, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(2))
+    text = STREAM + dataset_toml("a.jsonl")
+    config = make_config(text + '[[test_datasets]]\npath = "{tmp}/a.jsonl"\ntype = "alpaca"\n')
+    assert config.streaming and config.test_datasets
+
+
+def test_ranks_get_disjoint_batches_that_cover_the_stream(
+    make_config, tokenizer, plugins, tmp_path, monkeypatch
+):
+    from accelerate.data_loader import IterableDatasetShard
+
+    from sft import distributed
+    from sft.train.run import training_arguments
+
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(48))
+    config = make_config(STREAM + "micro_batch_size = 2\n" + dataset_toml("a.jsonl"))
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        stream = StreamingDataset(config, tokenizer, plugins)
+        # What the Trainer's data loader does under torchrun with dispatch_batches=False.
+        shard = IterableDatasetShard(stream, batch_size=2, num_processes=2, process_index=rank)
+        seen.append(samples_of(shard))
+    whole = samples_of(StreamingDataset(config, tokenizer, plugins))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(whole) and len(whole) == 48
+    # Dispatching (accelerate's default for an iterable) would fail on batches of unequal width.
+    import torch
+
+    args = training_arguments(config, 20, False, torch.float32)
+    assert args.accelerator_config.dispatch_batches is False
+
+
+def test_preprocess_has_nothing_to_prepare_and_debug_shows_rows(tiny_project, capsys, monkeypatch):
+    from sft.cli import main
+
+    tiny_project()  # writes the model, tokenizer and data
+    tmp = tiny_project.tmp_path
+    (tmp / "config.toml").write_text(
+        f'base_model = "{tmp}/tiny"\nchat_template = "chatml"\noutput_dir = "{tmp}/out"\n'
+        f'{STREAM}[[datasets]]\npath = "{tmp}/data.jsonl"\ntype = "chat_template"\n'
+    )
+    monkeypatch.setattr(pipeline, "prepare_datasets", None)  # never called
+    assert main(["preprocess", str(tmp / "config.toml")]) == 0
+    assert "nothing to prepare" in capsys.readouterr().out
+    assert (
+        main(["preprocess", str(tmp / "config.toml"), "--debug", "--debug-num-examples", "2"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert f"{tmp}/data.jsonl, row 2" in out and "self-check: 2/2 examples passed" in out
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_streaming_run_trains_max_steps_and_saves(tiny_project, capsys, packing):
+    from sft.train.run import train
+
+    extra = ["sample_packing=true", "sequence_len=256"] if packing else []
+    result = train(tiny_project("streaming=true", "max_steps=3", *extra))
+    assert result.global_step == 3
+    assert (result.output_dir / "model.safetensors").exists()
+    out = capsys.readouterr().out
+    assert "data: streaming train" in out and "steps: 3 (streaming)" in out
+    assert "streamed" in out and "data.jsonl: 24 rows in" in out
+    assert not (result.output_dir / ".sft-prepared").exists()
