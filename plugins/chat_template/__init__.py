@@ -23,7 +23,27 @@ from sft.plugins.chat_template.layout import Policies, TurnLocator
 from sft.plugins.chat_template.messages import MessageReader
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
-BUILTIN_TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "phi_3", "qwen")
+BUILTIN_TEMPLATES = (
+    "chatml",
+    "llama3",
+    "mistral",
+    "gemma",
+    "phi_3",
+    "qwen",
+    # Axolotl's names for models' own templates (the files copied verbatim from Axolotl)
+    "cohere",
+    "deepseek_v2",
+    "deepseek_v3",
+    "falcon_h1",
+    "gemma3",
+    "gemma3n",
+    "gemma4",
+    "gemma4_unified",
+    "jamba",
+    "llama4",
+    "qwen3",
+    "qwen3_5",
+)
 EosPolicy = Literal["turn", "all", "last", "none"]
 
 

@@ -24,6 +24,7 @@ from sft.config import load_config_text
 from sft.data.pipeline import build_render, prepare_datasets
 from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
 from sft.errors import ConfigError, DataError
+from sft.plugins.chat_template import BUILTIN_TEMPLATES
 from sft.testing import TEMPLATE_END_OF_TURN, build_tokenizer, template_tokenizer_kwargs
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "assets" / "chat_templates"
@@ -172,6 +173,97 @@ def test_multi_token_markers_follow_one_rule_after_empty_and_non_empty_turns(
     assert [r.strip() for r in trained] == [marker, f"Tokyo, of course.{marker}"]
     ids, labels = labels_for(tokenizer, EMPTY_FIRST, train_on_eos="none")
     assert [r.strip() for r in runs(tokenizer, ids, labels)] == ["Tokyo, of course."]
+
+
+# -- built-in templates ------------------------------------------------------------------------
+
+
+def family_tokens(
+    bos: str | None, eos: str, *turn_tokens: str, add_bos: bool = False
+) -> dict[str, Any]:
+    """`build_tokenizer` arguments for a model family whose bos, eos and turn tokens are special."""
+    specials = [token for token in (bos, eos, *turn_tokens) if token is not None]
+    return {"bos_token": bos, "eos_token": eos, "special_tokens": specials, "add_bos": add_bos}
+
+
+DEEPSEEK_TOKENS = family_tokens(
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+)
+GEMMA4_TOKENS = family_tokens(
+    "<bos>", "<eos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", add_bos=True
+)
+# Built-in template -> (its model family's tokenizer, the end-of-turn marker, what the model
+# writes before an earlier answer and before the last one). The model's text starts where the
+# generation prompt ends: Mistral's and Jamba's end before the space ahead of the answer; Qwen3's
+# opens a think block (<think>\n\n) that the answer after the last question closes.
+BUILTIN_FAMILIES: dict[str, tuple[dict[str, Any], str, tuple[str, str]]] = {
+    "chatml": (template_tokenizer_kwargs("chatml"), "<|im_end|>", ("", "")),
+    "llama3": (template_tokenizer_kwargs("llama3"), "<|eot_id|>", ("", "")),
+    "mistral": (template_tokenizer_kwargs("mistral"), "</s>", (" ", " ")),
+    "gemma": (template_tokenizer_kwargs("gemma"), "<end_of_turn>", ("", "")),
+    "phi_3": (template_tokenizer_kwargs("phi3"), "<|end|>", ("", "")),
+    "qwen": (template_tokenizer_kwargs("qwen_tools"), "<|im_end|>", ("", "")),
+    "cohere": (
+        family_tokens(
+            "<BOS_TOKEN>",
+            "<|END_OF_TURN_TOKEN|>",
+            "<|START_OF_TURN_TOKEN|>",
+            "<|SYSTEM_TOKEN|>",
+            "<|USER_TOKEN|>",
+            "<|CHATBOT_TOKEN|>",
+        ),
+        "<|END_OF_TURN_TOKEN|>",
+        ("", ""),
+    ),
+    "deepseek_v2": (DEEPSEEK_TOKENS, "<｜end▁of▁sentence｜>", ("", "")),
+    "deepseek_v3": (DEEPSEEK_TOKENS, "<｜end▁of▁sentence｜>", ("", "")),
+    "falcon_h1": (
+        family_tokens("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"),
+        "<|im_end|>",
+        ("", ""),
+    ),
+    "gemma3": (template_tokenizer_kwargs("gemma"), "<end_of_turn>", ("", "")),
+    "gemma3n": (template_tokenizer_kwargs("gemma"), "<end_of_turn>", ("", "")),
+    "gemma4": (GEMMA4_TOKENS, "<turn|>", ("", "")),
+    "gemma4_unified": (GEMMA4_TOKENS, "<turn|>", ("", "")),
+    "jamba": (
+        family_tokens(
+            "<|startoftext|>",
+            "<|endoftext|>",
+            "<|bom|>",
+            "<|eom|>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+        ),
+        "<|eom|>",
+        (" ", " "),
+    ),
+    "llama4": (
+        family_tokens("<|begin_of_text|>", "<|eot|>", "<|header_start|>", "<|header_end|>"),
+        "<|eot|>",
+        ("", ""),
+    ),
+    "qwen3": (template_tokenizer_kwargs("qwen3"), "<|im_end|>", ("", "</think>\n\n")),
+    "qwen3_5": (template_tokenizer_kwargs("qwen3"), "<|im_end|>", ("", "</think>\n\n")),
+}
+
+
+@pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
+@pytest.mark.parametrize("policy", ["turn", "none"])
+def test_builtin_templates_train_each_answer_and_its_end_marker(plugins, name, policy):
+    """Every built-in template, chosen by name, on its model family's tokenizer: the answers are
+    trained, each with the template's end-of-turn marker (under `turn`), and nothing else."""
+    kwargs, marker, (earlier, last) = BUILTIN_FAMILIES[name]
+    tokenizer = build_tokenizer(**kwargs)
+    assert len(tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1
+    end = marker if policy == "turn" else ""
+    for messages in ([SYSTEM, *TURNS], TURNS[:2]):
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        leads = [earlier] * (len(answers) - 1) + [last]
+        ids, labels = labels_for(tokenizer, messages, chat_template=name, train_on_eos=policy)
+        expected = [lead + answer + end for lead, answer in zip(leads, answers, strict=True)]
+        assert runs(tokenizer, ids, labels) == expected
 
 
 # -- reasoning ------------------------------------------------------------------------------
