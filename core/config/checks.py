@@ -39,6 +39,11 @@ def resolve_batch_size(values: dict[str, Any], add: AddProblem) -> None:
     values["gradient_accumulation_steps"] = batch // micro
 
 
+def _family(backend: str) -> str:
+    """flash_attention_2 and _3 are one choice for Axolotl's `flash_attention: true`."""
+    return "flash" if backend.startswith("flash_attention_") else backend
+
+
 def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> None:
     """Components selected by name must be registered: optimizer, attention backend; Axolotl's
     batch_size resolved."""
@@ -49,11 +54,14 @@ def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> N
         add(("optimizer",), optimizers.unknown_message(optimizer))
 
     aliases = [alias for alias in ATTENTION_ALIASES if values.get(alias)]
-    if len(aliases) > 1:
+    backends_asked = {_family(ATTENTION_ALIASES[alias]) for alias in aliases}
+    if len(backends_asked) > 1:
         add((aliases[1],), f"conflicts with {aliases[0]}: choose one attention backend")
     attention = values.get("attn_implementation")
     if attention and aliases:
-        add((aliases[0],), f"conflicts with attn_implementation = {attention!r}; keep one")
+        # Axolotl configs often say both; only different backends conflict.
+        if backends_asked != {_family(ATTENTION_VALUE_ALIASES.get(attention, attention))}:
+            add((aliases[0],), f"conflicts with attn_implementation = {attention!r}; keep one")
     if attention in UNSUPPORTED_ATTENTION:
         add(("attn_implementation",), UNSUPPORTED_ATTENTION[attention])
         return
@@ -336,7 +344,7 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
     problems += _output_dir_problems(config)
     problems += _dataset_path_problems(config)
     problems += _shard_problems(config)
-    problems += streaming_problems(config)
+    problems += _streaming_problems(config)
     problems += _axolotl_value_problems(config, plugins)
     if config.eval_sample_packing and not config.sample_packing:
         problems.append(
@@ -396,7 +404,7 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
     return problems
 
 
-def streaming_problems(config: Config) -> list[Problem]:
+def _streaming_problems(config: Config) -> list[Problem]:
     """`streaming = true` reads the training data while training: what needs it all at once, or
     its length, cannot be used with it."""
     if not config.streaming:

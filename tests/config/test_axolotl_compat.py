@@ -352,3 +352,15 @@ def test_xformers_attention_runs_as_sdpa_with_a_note(plugins):
 def test_low_cpu_mem_usage_true_is_what_transformers_does_anyway(plugins):
     for value in ("true", "false"):  # transformers 5 always loads that way
         assert load_yaml(f"low_cpu_mem_usage: {value}\n").warnings == ()
+
+
+def test_an_attention_flag_beside_the_same_backend_is_no_conflict(plugins):
+    config = load_yaml(
+        "flash_attention: true\nattn_implementation: kernels-community/vllm-flash-attn3\n"
+    )
+    assert config.attention == "flash_attention_3"
+    assert load_yaml("sdp_attention: true\nattn_implementation: sdpa\n").attention == "sdpa"
+    problems = problems_of("flash_attention: true\nattn_implementation: sdpa\n")
+    assert "conflicts with attn_implementation = 'sdpa'" in problems["flash_attention"]
+    problems = problems_of("flash_attention: true\nsdp_attention: true\n")
+    assert "conflicts with flash_attention" in problems["sdp_attention"]
