@@ -58,10 +58,10 @@ def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> N
     if len(backends_asked) > 1:
         add((aliases[1],), f"conflicts with {aliases[0]}: choose one attention backend")
     attention = values.get("attn_implementation")
-    if attention and aliases:
-        # Axolotl configs often say both; only different backends conflict.
-        if backends_asked != {_family(ATTENTION_VALUE_ALIASES.get(attention, attention))}:
-            add((aliases[0],), f"conflicts with attn_implementation = {attention!r}; keep one")
+    # Axolotl configs often say both; only different backends conflict.
+    chosen = _family(ATTENTION_VALUE_ALIASES.get(attention, attention)) if attention else None
+    if attention and aliases and backends_asked != {chosen}:
+        add((aliases[0],), f"conflicts with attn_implementation = {attention!r}; keep one")
     if attention in UNSUPPORTED_ATTENTION:
         add(("attn_implementation",), UNSUPPORTED_ATTENTION[attention])
         return
