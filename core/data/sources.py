@@ -343,27 +343,35 @@ def _list_files(path: str, ds: DatasetConfig) -> list[str]:
     return files
 
 
-def read_rows(ds: DatasetConfig, invalid_rows: str = "raise") -> RawRows:
-    """Read every row of one dataset entry (a relative path from the working directory)."""
+@attrs.frozen
+class Located:
+    """Where one dataset entry's rows come from: `files` with their formats, or `datasets`
+    (a saved dataset, a local dataset repository or a Hub id, read by the datasets library)."""
+
+    files: tuple[tuple[str, str], ...] = ()
+    datasets: str | None = None
+
+
+def locate(ds: DatasetConfig) -> Located:
+    """Resolve a dataset entry's path (relative paths from the working directory)."""
     path = ds.path
     local = Path(path).expanduser()
-    out = RawRows(name=path, rows=[], locations=[], files=[], fingerprint="")
-    hasher = hashlib.sha256()
     if _is_url(path) or local.exists():
         target = path if _is_url(path) else str(local)
         fs = _fs(target, ds)
         if fs.isdir(target):
             if not _is_url(path) and _looks_like_saved_dataset(local):
-                return _from_datasets(ds, str(local), out, invalid_rows)
+                return Located(datasets=str(local))
             files = _list_files(target, ds)
-            if not files and not _is_url(path):
-                return _from_datasets(ds, str(local), out, invalid_rows)
+            if not files and not _is_url(path):  # a local dataset repository
+                return Located(datasets=str(local))
             if not files:
                 raise DataError("no dataset files found in the directory", file=path)
         else:
             if not fs.exists(target):
                 raise DataError("file not found", file=path)
             files = [target]
+        formats = []
         for file in files:
             fmt = _format_of(file, ds)
             if fmt is None:
@@ -372,16 +380,28 @@ def read_rows(ds: DatasetConfig, invalid_rows: str = "raise") -> RawRows:
                     file=file,
                     hint="set ds_type = json | jsonl | parquet | csv | arrow | text",
                 )
-            _read_file(file, fmt, ds, invalid_rows, out, hasher)
-        out.fingerprint = hasher.hexdigest()
-        return out
+            formats.append((file, fmt))
+        return Located(files=tuple(formats))
     if is_local_path(path):
         raise DataError(
             "file not found",
             file=path,
             hint=f"check the path; a relative path is read from the working directory ({Path.cwd()})",
         )
-    return _from_datasets(ds, path, out, invalid_rows)
+    return Located(datasets=path)
+
+
+def read_rows(ds: DatasetConfig, invalid_rows: str = "raise") -> RawRows:
+    """Read every row of one dataset entry."""
+    out = RawRows(name=ds.path, rows=[], locations=[], files=[], fingerprint="")
+    source = locate(ds)
+    if source.datasets is not None:
+        return _from_datasets(ds, source.datasets, out, invalid_rows)
+    hasher = hashlib.sha256()
+    for file, fmt in source.files:
+        _read_file(file, fmt, ds, invalid_rows, out, hasher)
+    out.fingerprint = hasher.hexdigest()
+    return out
 
 
 def quick_fingerprint(ds: DatasetConfig) -> str | None:

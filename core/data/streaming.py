@@ -37,15 +37,12 @@ from sft.data.sources import (
     RawRows,
     _bad_row,
     _decode_csv_row,
-    _format_of,
     _fs,
-    _is_url,
     _json_problem,
-    _list_files,
     _looks_like_saved_dataset,
     _read_bytes,
     _read_file,
-    is_local_path,
+    locate,
     quick_fingerprint,
 )
 from sft.data.summary import DatasetSummary, Summary
@@ -93,42 +90,12 @@ class SourceStats:
 
 def iter_rows(ds: DatasetConfig, invalid_rows: str, stats: SourceStats) -> Iterator[Row]:
     """The rows of one dataset entry, one at a time (the sources `read_rows` reads)."""
-    path = ds.path
-    local = Path(path).expanduser()
-    if _is_url(path) or local.exists():
-        target = path if _is_url(path) else str(local)
-        fs = _fs(target, ds)
-        if fs.isdir(target):
-            if not _is_url(path) and _looks_like_saved_dataset(local):
-                yield from _datasets_rows(ds, str(local), invalid_rows, stats)
-                return
-            files = _list_files(target, ds)
-            if not files and not _is_url(path):  # a local dataset repository
-                yield from _datasets_rows(ds, str(local), invalid_rows, stats)
-                return
-            if not files:
-                raise DataError("no dataset files found in the directory", file=path)
-        else:
-            if not fs.exists(target):
-                raise DataError("file not found", file=path)
-            files = [target]
-        for file in files:
-            fmt = _format_of(file, ds)
-            if fmt is None:
-                raise DataError(
-                    "cannot tell the file format from its name",
-                    file=file,
-                    hint="set ds_type = json | jsonl | parquet | csv | arrow | text",
-                )
-            yield from _file_rows(file, fmt, ds, invalid_rows, stats)
+    source = locate(ds)
+    if source.datasets is not None:
+        yield from _datasets_rows(ds, source.datasets, invalid_rows, stats)
         return
-    if is_local_path(path):
-        raise DataError(
-            "file not found",
-            file=path,
-            hint=f"check the path; a relative path is read from the working directory ({Path.cwd()})",
-        )
-    yield from _datasets_rows(ds, path, invalid_rows, stats)
+    for file, fmt in source.files:
+        yield from _file_rows(file, fmt, ds, invalid_rows, stats)
 
 
 def _kept(row: Any, file: str, number: int, invalid_rows: str, stats: SourceStats) -> bool:

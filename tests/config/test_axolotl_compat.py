@@ -129,20 +129,7 @@ TURNS = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content
 
 
 def trained_text(config, tokenizer) -> str:
-    from sft.data.pipeline import build_render
-    from sft.data.tokenize import TokenizeOptions, process_chunk
-    from sft.manager import get_plugins
-
-    render = build_render(config.datasets[0], tokenizer, config, get_plugins())
-    options = TokenizeOptions(
-        sequence_len=256,
-        excess_length_strategy="raise",
-        invalid_rows="raise",
-        train_on_inputs=False,
-    )
-    result = process_chunk([{"messages": TURNS}], 0, render, tokenizer, options)
-    ids, labels = result.input_ids[0], result.labels[0]
-    return tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != -100])
+    return trained_row(config, tokenizer, {"messages": TURNS})
 
 
 def test_root_eot_tokens_apply_to_chat_template_datasets_without_their_own(plugins):
