@@ -325,7 +325,14 @@ def _structure_datasets(
             continue
         values = _structure_scope(entry, groups, entry_path, ctx, axolotl.UNSUPPORTED_DATASET_KEYS)
         kind = values[DatasetConfig].get("type")
-        if kind is not None and strategies is not None and kind not in strategies:
+        if isinstance(kind, str) and kind.startswith("sharegpt"):
+            ctx.add(
+                (*entry_path, "type"),
+                f"{kind!r} is Axolotl's removed ShareGPT type (Axolotl refuses it too)",
+                hint="use type = 'chat_template' with field_messages = 'conversations' and "
+                "message_property_mappings = {role = 'from', content = 'value'}",
+            )
+        elif kind is not None and strategies is not None and kind not in strategies:
             ctx.add((*entry_path, "type"), strategies.unknown_message(kind))
         try:
             result.append(_build(DatasetConfig, values, groups))

@@ -351,3 +351,15 @@ def test_an_attention_flag_beside_the_same_backend_is_no_conflict(plugins):
     assert "conflicts with attn_implementation = 'sdpa'" in problems["flash_attention"]
     problems = problems_of("flash_attention: true\nsdp_attention: true\n")
     assert "conflicts with flash_attention" in problems["sdp_attention"]
+
+
+def test_the_removed_sharegpt_type_says_how_to_write_it_now(plugins):
+    with pytest.raises(ConfigError) as error:
+        load_config_text(
+            "base_model: m\ndatasets:\n  - path: x.jsonl\n    type: sharegpt.load_role\n",
+            "yaml",
+            machine_checks=False,
+        )
+    (problem,) = error.value.problems
+    assert problem.path == "datasets[0].type" and "removed ShareGPT type" in problem.message
+    assert "type = 'chat_template'" in problem.hint
