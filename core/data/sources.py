@@ -482,8 +482,9 @@ def _looks_like_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").exists() and (path / "state.json").exists()
 
 
-def _from_datasets(ds: DatasetConfig, path: str, out: RawRows, invalid_rows: str) -> RawRows:
-    """A Hub dataset id or a dataset directory, through `datasets`."""
+def load_datasets_source(ds: DatasetConfig, path: str, streaming: bool = False) -> Any:
+    """A Hub dataset id, a local dataset repository or a `save_to_disk` directory, opened by
+    `datasets` (a saved dataset is memory-mapped; `streaming` applies to the others)."""
     import datasets
 
     try:
@@ -499,6 +500,7 @@ def _from_datasets(ds: DatasetConfig, path: str, out: RawRows, invalid_rows: str
                 if isinstance(ds.data_files, tuple)
                 else ds.data_files,
                 storage_options=ds.storage_options,
+                **({"streaming": True} if streaming else {}),
             )
     except Exception as exc:  # datasets raises many types; the user needs the source and cause
         raise DataError(
@@ -510,6 +512,12 @@ def _from_datasets(ds: DatasetConfig, path: str, out: RawRows, invalid_rows: str
         if ds.split not in loaded:
             raise DataError(f"no split {ds.split!r}; available: {', '.join(loaded)}", file=path)
         loaded = loaded[ds.split]
+    return loaded
+
+
+def _from_datasets(ds: DatasetConfig, path: str, out: RawRows, invalid_rows: str) -> RawRows:
+    """A Hub dataset id or a dataset directory, through `datasets`."""
+    loaded = load_datasets_source(ds, path)
     out.files.append(path)
     for number, row in enumerate(loaded.to_list(), start=1):
         _append(row, path, number, invalid_rows, out, 0)

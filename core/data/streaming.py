@@ -39,9 +39,9 @@ from sft.data.sources import (
     _decode_csv_row,
     _fs,
     _json_problem,
-    _looks_like_saved_dataset,
     _read_bytes,
     _read_file,
+    load_datasets_source,
     locate,
     quick_fingerprint,
 )
@@ -220,35 +220,7 @@ def _datasets_rows(
     import datasets
 
     datasets.disable_progress_bars()
-    try:
-        if Path(path).is_dir() and _looks_like_saved_dataset(Path(path)):
-            loaded: Any = datasets.load_from_disk(path)
-            if isinstance(loaded, datasets.DatasetDict):
-                if ds.split not in loaded:
-                    raise DataError(
-                        f"no split {ds.split!r}; available: {', '.join(loaded)}", file=path
-                    )
-                loaded = loaded[ds.split]
-        else:
-            loaded = datasets.load_dataset(
-                path,
-                name=ds.name,
-                split=ds.split,
-                revision=ds.revision,
-                data_files=list(ds.data_files)
-                if isinstance(ds.data_files, tuple)
-                else ds.data_files,
-                storage_options=ds.storage_options,
-                streaming=True,
-            )
-    except DataError:
-        raise
-    except Exception as exc:  # datasets raises many types; the user needs the source and cause
-        raise DataError(
-            f"cannot load dataset: {type(exc).__name__}: {exc}",
-            file=path,
-            hint="check the Hub id / name / split / revision, network access and credentials",
-        ) from exc
+    loaded = load_datasets_source(ds, path, streaming=True)
     for number, row in enumerate(loaded, start=1):
         if _kept(row, path, number, invalid_rows, stats):
             yield row, path, number
