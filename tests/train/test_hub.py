@@ -191,3 +191,25 @@ def test_hub_keys_with_push_to_hub_false_are_warnings(make_config):
     )
     (warning,) = config.warnings
     assert warning.path == "hub_strategy" and "push_to_hub = false" in warning.message
+
+
+@pytest.mark.parametrize(
+    ("strategy", "folder"),
+    [("every_save", None), ("checkpoint", "last-checkpoint"), ("all_checkpoints", "checkpoint-3")],
+)
+def test_each_strategy_pushes_what_it_names_at_a_save(make_config, hub, tmp_path, strategy, folder):
+    from sft.train.hub import HubPush
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt"):
+        (checkpoint / name).write_text("x")
+    config = make_config(DATA, "hub_model_id=me/model", f"hub_strategy={strategy}")
+    HubPush(config, lambda text: None).push_checkpoint(checkpoint, 3)
+    uploads = [(kwargs.get("path_in_repo"), sent) for _, kwargs, sent in hub]
+    expected = [(None, ["adapter_config.json", "adapter_model.safetensors"])]
+    if folder:
+        expected.append(
+            (folder, ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt"])
+        )
+    assert uploads == expected
