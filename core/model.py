@@ -280,6 +280,8 @@ def apply_adapter(model: Any, config: Config) -> Any:
         targets = config.lora_target_modules  # peft: a regex matched against full module names
     elif config.lora_target_modules:
         targets = list(config.lora_target_modules)
+    elif config.lora_target_parameters:
+        targets = []  # parameters only (peft's rule for target_parameters alone)
     else:
         targets = None  # peft's defaults for the architecture
     lora = LoraConfig(
@@ -287,6 +289,7 @@ def apply_adapter(model: Any, config: Config) -> Any:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
+        target_parameters=list(config.lora_target_parameters or ()) or None,
         modules_to_save=list(config.lora_modules_to_save) if config.lora_modules_to_save else None,
         use_dora=config.peft_use_dora,
         use_rslora=config.peft_use_rslora,

@@ -99,10 +99,6 @@ _QUANT: dict[str, Unsupported] = {
     "qat": U("quantization-aware training (torchao fake quantization)"),
     "ternary": U("ternary (1.58-bit) quantization-aware training (Axolotl's ternary plugin)"),
     "llmcompressor": U("fine-tunes a sparsified model keeping its sparsity (LLM Compressor)"),
-    "lora_target_parameters": U(
-        "adds LoRA to parameters by name, such as fused MoE expert weights",
-        "use `lora_target_modules` for the attention/MLP projections",
-    ),
     "lora_fan_in_fan_out": U("tells PEFT the adapted layers store weights transposed"),
     "lora_on_cpu": U("loads the LoRA/PEFT model on the CPU (for models that fill the GPU)"),
     "peft_layers_to_transform": U("adds LoRA only to these layer indices"),

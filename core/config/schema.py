@@ -224,6 +224,11 @@ class Config(_Sections):
         doc="Modules to adapt: a list of name suffixes (['q_proj', 'v_proj']), or one string, a "
         "regex that must match a module's full name ('.*layers\\.[0-3]\\..*_proj').",
     )
+    lora_target_parameters: tuple[str, ...] | None = key(
+        None,
+        doc="Parameters (not modules) to adapt, by name suffix, e.g. ['mlp.experts.gate_up_proj', "
+        "'mlp.experts.down_proj']: MoE experts kept as fused 3-D weights (peft target_parameters).",
+    )
     lora_target_linear: bool = key(
         False,
         doc="Adapt every linear layer except the output head (overrides lora_target_modules).",

@@ -257,7 +257,7 @@ CASES = {
         ["warning: cut_cross_entropy", "runs as sft's chunked cross-entropy"],
     ),
     "fsdp2-lora-regex": (FSDP2_LORA, 0, ["warning: fsdp_config.sync_module_states"]),
-    "moe": (MOE, 4, ["quantize_moe_experts` — ", "lora_target_parameters` — "]),
+    "moe": (MOE, 4, ["quantize_moe_experts` — "]),
     "dpo": (DPO, 4, ["rl` — "]),
     "multimodal": (MULTIMODAL, 4, ["processor_type` — "]),
     "mistral-common": (MISTRAL_COMMON, 4, ["tokenizer_use_mistral_common` — "]),

@@ -52,15 +52,12 @@ def test_a_refused_key_names_itself_and_what_it_does(plugins):
 
 
 def test_a_refused_key_with_an_alternative_says_what_to_use(plugins):
-    problem = only_problem("lora_target_parameters:\n  - experts.gate_up_proj\n")
-    assert problem.path == "lora_target_parameters"
+    problem = only_problem("gptq: true\n")
+    assert problem.path == "gptq"
     assert problem.message == (
-        "Axolotl's `lora_target_parameters` — adds LoRA to parameters by name, such as fused "
-        "MoE expert weights — is not supported by sft"
+        "Axolotl's `gptq` — trains an adapter on a GPTQ-quantized model — is not supported by sft"
     )
-    assert problem.hint == (
-        "remove it; instead, use `lora_target_modules` for the attention/MLP projections"
-    )
+    assert problem.hint == "remove it; instead, use `load_in_4bit` (QLoRA)"
 
 
 def test_rl_training_is_refused_as_such(plugins):
@@ -100,7 +97,7 @@ def test_blank_null_false_and_empty_values_of_refused_keys_are_accepted(plugins)
         + textwrap.dedent(
             """\
             quantize_moe_experts: false
-            lora_target_parameters: []
+            gptq_disable_exllama: false
             model_quantization_config_kwargs: {}
             rl:
             trackio_project_name:
