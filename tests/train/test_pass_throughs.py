@@ -478,3 +478,44 @@ def test_lora_target_parameters_adapts_fused_moe_expert_weights(tiny_project, tm
     model(input_ids=ids, labels=ids).loss.backward()
     expert_lora = [p for n, p in model.named_parameters() if "experts" in n and "lora_B" in n]
     assert expert_lora and all(p.grad is not None for p in expert_lora)
+
+
+def test_tokenizer_legacy_reaches_the_tokenizer(tiny_project):
+    from sft.tokenizer import load_tokenizer
+
+    assert load_tokenizer(tiny_project("tokenizer_legacy=false")).init_kwargs["legacy"] is False
+    assert "legacy" not in load_tokenizer(tiny_project()).init_kwargs
+
+
+def test_loraplus_lr_embedding_sets_the_lr_of_lora_on_embeddings(tiny_project):
+    from sft.manager import get_plugins
+    from sft.model import apply_adapter, load_model
+    from sft.tokenizer import load_tokenizer
+    from sft.train.trainer import build_optimizer
+
+    config = tiny_project(
+        "adapter=lora",
+        "lora_target_modules=[embed_tokens, q_proj]",
+        "loraplus_lr_ratio=16",
+        "loraplus_lr_embedding=0.00001",
+        "learning_rate=0.001",
+    )
+    model = apply_adapter(load_model(config, load_tokenizer(config), get_plugins()), config)
+    optimizer = build_optimizer(get_plugins().optimizers().get("adamw_torch"), model, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    embedding_lrs = {
+        group["lr"]
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if "lora_embedding" in names[id(p)]
+    }
+    assert embedding_lrs == {0.00001}
+
+
+def test_torch_compile_mode_reaches_the_training_arguments(tiny_project):
+    from sft.train.run import training_arguments
+
+    args = training_arguments(
+        tiny_project("torch_compile_mode=max-autotune"), 24, False, torch.float32
+    )
+    assert args.torch_compile and args.torch_compile_mode == "max-autotune"
