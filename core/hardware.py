@@ -21,6 +21,25 @@ def cuda_present() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
+def package_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or None (without importing it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def bitsandbytes_runs_on_cpu() -> bool:
+    """bitsandbytes quantizes and runs 4/8-bit layers on CPU from 0.46 (0.48 adds the
+    parametrizations quantize_moe_experts uses; sft tests 0.48 and later)."""
+    from packaging.version import Version
+
+    version = package_version("bitsandbytes")
+    return version is not None and Version(version) >= Version("0.48")
+
+
 def installed(module: str) -> bool:
     """Whether a module can be imported (without importing it)."""
     try:

@@ -39,13 +39,17 @@ def resolve_dtype(config: Config) -> Any:
 
 def check_hardware(config: Config) -> None:
     """Refuse what this machine cannot do, before any model is loaded."""
-    if (config.load_in_4bit or config.load_in_8bit) and not cuda_available():
+    from sft.hardware import bitsandbytes_runs_on_cpu, package_version
+
+    quantized = config.load_in_4bit or config.load_in_8bit
+    if quantized and not cuda_available() and not bitsandbytes_runs_on_cpu():
         flag = "load_in_4bit" if config.load_in_4bit else "load_in_8bit"
         raise ModelError(
-            f"{flag} = true quantizes the model with bitsandbytes, which sft runs on CUDA GPUs only; "
-            "no CUDA GPU is visible here\n"
-            f"  fix: on CPU remove {flag} (and use adapter = 'lora' instead of 'qlora'), "
-            "or run on a machine with a CUDA GPU"
+            f"{flag} = true quantizes the model with bitsandbytes; no CUDA GPU is visible "
+            f"here, and the installed bitsandbytes ({package_version('bitsandbytes') or 'none'}) "
+            "quantizes on CUDA only\n"
+            "  fix: pip install 'bitsandbytes>=0.48' (it quantizes on CPU too), or remove "
+            f"{flag} (and use adapter = 'lora' instead of 'qlora')"
         )
 
 
@@ -115,7 +119,10 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
             load_in_8bit=config.load_in_8bit,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+            # fp32 training computes in bf16 on a GPU (its tensor cores), in fp32 on a CPU.
+            bnb_4bit_compute_dtype=(
+                torch.bfloat16 if dtype == torch.float32 and cuda_available() else dtype
+            ),
         )
     source = model_path(config.base_model)
     if config.rope_scaling or config.model_config:
@@ -131,6 +138,12 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
             "  fix: check the Hub id or path (a Hub id needs network access or a local cache)"
         ) from exc
     model.config.use_cache = False  # a cache disables the packed-sequence mask and wastes memory
+    if config.quantize_moe_experts:
+        from sft.experts import quantize_expert_weights
+
+        quantize_expert_weights(
+            model, bits=4 if config.load_in_4bit else 8, quant_type="nf4", double_quant=True
+        )
     plugins.patch_model(model, config)
     _fit_vocabulary(model, tokenizer, config)
     if config.gradient_checkpointing:
@@ -289,7 +302,7 @@ def apply_adapter(model: Any, config: Config) -> Any:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
-        target_parameters=list(config.lora_target_parameters or ()) or None,
+        target_parameters=_target_parameters(model, config),
         modules_to_save=list(config.lora_modules_to_save) if config.lora_modules_to_save else None,
         use_dora=config.peft_use_dora,
         use_rslora=config.peft_use_rslora,
@@ -302,6 +315,28 @@ def apply_adapter(model: Any, config: Config) -> Any:
             f"cannot attach the adapter: {exc}\n  fix: set lora_target_modules to module names "
             f"of this model ({', '.join(linear_module_names(model))}) or lora_target_linear = true"
         ) from exc
+
+
+def _target_parameters(model: Any, config: Config) -> list[str] | None:
+    """`lora_target_parameters` for peft; refused when it names no parameter of the model
+    (peft only warns, and the adapter would leave the experts untouched)."""
+    if not config.lora_target_parameters:
+        return None
+    targets = tuple(config.lora_target_parameters)
+    if config.quantize_moe_experts:
+        from sft.experts import full_target_parameters
+
+        found = full_target_parameters(model, targets)
+    else:
+        names = [name for name, _ in model.named_parameters()]
+        found = [t for t in targets if any(n == t or n.endswith(f".{t}") for n in names)]
+    if not found:
+        raise ModelError(
+            f"lora_target_parameters = {list(targets)} names no parameter of this model\n"
+            "  fix: use name suffixes of its fused expert weights, e.g. "
+            "'mlp.experts.gate_up_proj' (see model.named_parameters())"
+        )
+    return found if config.quantize_moe_experts else list(targets)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

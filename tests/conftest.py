@@ -171,3 +171,31 @@ def tiny_project(tmp_path, plugins):
 
     make.tmp_path = tmp_path  # type: ignore[attr-defined]
     return make
+
+
+@pytest.fixture
+def tiny_moe(tiny_project):
+    """A one-layer Mixtral (fused 3-D expert weights) saved beside the tiny project's tokenizer."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from sft.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_project())
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
+    path = tiny_project.tmp_path / "moe"
+    moe.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -93,7 +93,6 @@ _QUANT: dict[str, Unsupported] = {
         "use `load_in_4bit` or `load_in_8bit`",
     ),
     "model_quantization_config_kwargs": U("arguments of model_quantization_config"),
-    "quantize_moe_experts": U("quantizes MoE expert weights at load (with load_in_4bit/8bit)"),
     "nvfp4_merge_aware": U("trains the adapter so it merges losslessly into an NVFP4 model"),
     "use_onebitllms": U("1.58-bit training of BitNet models with onebitllms"),
     "qat": U("quantization-aware training (torchao fake quantization)"),

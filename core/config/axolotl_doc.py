@@ -45,7 +45,7 @@ RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         "Quantization & adapters",
-        "adapter unfrozen_parameters",
+        "adapter unfrozen_parameters quantize_moe_experts",
         "load_in_ lora_ peft_ loraplus_",
     ),
     _rule(

@@ -95,17 +95,19 @@ def _hardware_and_model_problems(config: Config) -> list[Problem]:
     import re
     from pathlib import Path
 
-    from sft.hardware import cuda_present
+    from sft.hardware import bitsandbytes_runs_on_cpu, cuda_present, package_version
 
     problems = []
     for flag in ("load_in_4bit", "load_in_8bit"):
-        if getattr(config, flag) and not cuda_present():
+        if getattr(config, flag) and not cuda_present() and not bitsandbytes_runs_on_cpu():
             problems.append(
                 Problem(
                     flag,
-                    "bitsandbytes quantization runs on CUDA GPUs in sft; no NVIDIA GPU is visible here",
+                    "no CUDA GPU is visible here, and the installed bitsandbytes "
+                    f"({package_version('bitsandbytes') or 'not installed'}) quantizes on CUDA only",
                     machine=True,
-                    hint=f"remove {flag} (and use adapter = 'lora') on CPU",
+                    hint="pip install 'bitsandbytes>=0.48' (it quantizes on CPU too), or remove "
+                    f"{flag} (and use adapter = 'lora')",
                 )
             )
     for role in sorted(set(config.special_tokens or {}) - set(SPECIAL_TOKEN_ROLES)):
@@ -338,6 +340,24 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
         )
     if config.load_in_4bit and config.load_in_8bit:
         problems.append(Problem("load_in_8bit", "conflicts with load_in_4bit: choose one"))
+    if config.quantize_moe_experts and not (config.load_in_4bit or config.load_in_8bit):
+        problems.append(
+            Problem(
+                "quantize_moe_experts",
+                "quantizes the expert weights to the bits of load_in_4bit or load_in_8bit; "
+                "neither is set",
+                hint="set load_in_4bit = true (adapter = 'qlora') or load_in_8bit = true",
+            )
+        )
+    if config.quantize_moe_experts and not config.adapter:
+        problems.append(
+            Problem(
+                "quantize_moe_experts",
+                "quantized expert weights cannot be trained in full: it needs an adapter",
+                hint="set adapter = 'qlora' (or 'lora' with load_in_8bit), and "
+                "lora_target_parameters to adapt the experts",
+            )
+        )
     if config.bf16 is True and config.fp16:
         problems.append(Problem("fp16", "conflicts with bf16 = true: choose one precision"))
     problems += _hardware_and_model_problems(config)

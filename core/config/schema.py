@@ -204,9 +204,19 @@ class Config(_Sections):
     )
     fp16: bool = key(False, doc="Train in float16 with loss scaling (GPUs without bf16).")
     tf32: bool = key(False, doc="Allow TF32 matmuls on Ampere+ GPUs.")
-    load_in_8bit: bool = key(False, doc="Load the base model in 8-bit (bitsandbytes, CUDA).")
+    load_in_8bit: bool = key(
+        False,
+        doc="Load the base model in 8-bit (bitsandbytes; CUDA, or CPU with bitsandbytes >= 0.48).",
+    )
     load_in_4bit: bool = key(
-        False, doc="Load the base model in 4-bit NF4 (bitsandbytes, CUDA); for QLoRA."
+        False,
+        doc="Load the base model in 4-bit NF4 (bitsandbytes; CUDA, or CPU with bitsandbytes "
+        ">= 0.48); for QLoRA.",
+    )
+    quantize_moe_experts: bool = key(
+        False,
+        doc="Also quantize the fused 3-D MoE expert weights (which load_in_4bit/8bit leave in the "
+        "load dtype) right after loading; LoRA reaches them through lora_target_parameters.",
     )
 
     # -- adapter -------------------------------------------------------------------------------

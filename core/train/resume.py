@@ -71,6 +71,7 @@ MODEL_KEYS = frozenset(
         "revision_of_model",
         "load_in_4bit",
         "load_in_8bit",
+        "quantize_moe_experts",
         "lora_model_dir",
         "rope_scaling",
     )

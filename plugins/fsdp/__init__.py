@@ -122,6 +122,15 @@ def check(config: Config) -> list[Problem]:
                 hint="use load_in_4bit with adapter = 'qlora', or no quantization",
             )
         )
+    if config.quantize_moe_experts:
+        problems.append(
+            Problem(
+                "quantize_moe_experts",
+                "FSDP with quantized expert weights (bitsandbytes parametrizations) is not "
+                "supported by sft yet: sharding them is untested",
+                hint="train on one GPU, or remove quantize_moe_experts",
+            )
+        )
     if settings.version == 2 and config.optimizer in BNB_OPTIMIZERS:
         problems.append(
             Problem(

@@ -213,6 +213,8 @@ datasets:
     type: alpaca
 """
 
+MOE_SCATTERMOE = MOE + "use_scattermoe: true\n"
+
 DPO = """
 base_model: meta-llama/Llama-3.2-1B-Instruct
 rl: dpo
@@ -257,7 +259,8 @@ CASES = {
         ["warning: cut_cross_entropy", "runs as sft's chunked cross-entropy"],
     ),
     "fsdp2-lora-regex": (FSDP2_LORA, 0, ["warning: fsdp_config.sync_module_states"]),
-    "moe": (MOE, 4, ["quantize_moe_experts` — "]),
+    "moe": (MOE, 0, []),
+    "moe-scattermoe": (MOE_SCATTERMOE, 4, ["use_scattermoe` — "]),
     "dpo": (DPO, 4, ["rl` — "]),
     "multimodal": (MULTIMODAL, 4, ["processor_type` — "]),
     "mistral-common": (MISTRAL_COMMON, 4, ["tokenizer_use_mistral_common` — "]),

@@ -42,11 +42,11 @@ def test_each_refused_key_has_one_topic():
 
 
 def test_a_refused_key_names_itself_and_what_it_does(plugins):
-    problem = only_problem("quantize_moe_experts: true\n")
-    assert problem.path == "quantize_moe_experts" and problem.line == 5
+    problem = only_problem("use_scattermoe: true\n")
+    assert problem.path == "use_scattermoe" and problem.line == 5
     assert problem.message == (
-        "Axolotl's `quantize_moe_experts` — quantizes MoE expert weights at load "
-        "(with load_in_4bit/8bit) — is not supported by sft"
+        f"Axolotl's `use_scattermoe` — {axolotl.UNSUPPORTED_ROOT_KEYS['use_scattermoe'].what} "
+        "— is not supported by sft"
     )
     assert problem.hint == "remove it (or leave it blank)"
 
@@ -96,7 +96,7 @@ def test_blank_null_false_and_empty_values_of_refused_keys_are_accepted(plugins)
         + "    field_human:\n    conversation: ''\n"
         + textwrap.dedent(
             """\
-            quantize_moe_experts: false
+            use_sonicmoe: false
             gptq_disable_exllama: false
             model_quantization_config_kwargs: {}
             rl:
@@ -113,7 +113,7 @@ def test_blank_null_false_and_empty_values_of_refused_keys_are_accepted(plugins)
 def test_a_value_equal_to_axolotls_own_default_is_inert():
     assert axolotl.is_inert(True, "save_safetensors")
     assert axolotl.is_inert(True, "experimental_skip_move_to_device")
-    assert not axolotl.is_inert(True, "quantize_moe_experts")
+    assert not axolotl.is_inert(True, "use_scattermoe")
     assert not axolotl.is_inert(True)  # without the key's name only blank/false values are
     assert axolotl.is_inert(False) and axolotl.is_inert("") and axolotl.is_inert({})
 

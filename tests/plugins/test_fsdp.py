@@ -374,8 +374,8 @@ def test_qlora_with_fsdp_on_a_cpu_only_machine_is_refused_at_validate(plugins, m
             machine_checks=True,
         )
     problems = {p.path: p for p in caught.value.problems}
-    assert problems["load_in_4bit"].machine  # bitsandbytes 4-bit needs CUDA
-    assert problems["fsdp_version"].machine  # and so does FSDP through accelerate
+    assert "load_in_4bit" not in problems  # bitsandbytes >= 0.48 quantizes on CPU too
+    assert problems["fsdp_version"].machine  # FSDP through accelerate needs CUDA
 
 
 def test_available_and_listed(plugins):

@@ -441,31 +441,14 @@ def test_dataloader_drop_last_reaches_the_training_arguments(tiny_project):
     assert training_arguments(config, 24, False, torch.float32).dataloader_drop_last
 
 
-def test_lora_target_parameters_adapts_fused_moe_expert_weights(tiny_project, tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
+def test_lora_target_parameters_adapts_fused_moe_expert_weights(tiny_project, tiny_moe):
     from sft.manager import get_plugins
     from sft.model import apply_adapter, load_model
     from sft.tokenizer import load_tokenizer
 
-    base = tiny_project()
-    tokenizer = load_tokenizer(base)
-    moe = MixtralForCausalLM(
-        MixtralConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-        )
-    )
-    moe.save_pretrained(tmp_path / "moe")
-    tokenizer.save_pretrained(tmp_path / "moe")
+    tokenizer = load_tokenizer(tiny_project())
     config = tiny_project(
-        f"base_model={tmp_path / 'moe'}",
+        f"base_model={tiny_moe}",
         "adapter=lora",
         "lora_target_modules=[q_proj]",
         "lora_target_parameters=['mlp.experts.gate_up_proj']",

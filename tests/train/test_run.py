@@ -132,30 +132,10 @@ def test_new_tokens_under_an_adapter_need_trainable_embeddings(tiny_project):
     assert result.global_step == 1
 
 
-@pytest.mark.parametrize("flag", ["load_in_4bit", "load_in_8bit"])
-def test_quantization_without_cuda_is_a_clear_error_before_loading(tiny_project, flag):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present: quantized loading is tested in the gpu tests")
-    from sft.config import load_config_text
-    from sft.errors import ConfigError
-
-    overrides = [f"{flag}=true", "adapter=qlora" if flag == "load_in_4bit" else "adapter=lora"]
-    with pytest.raises(ConfigError, match="CUDA"):  # `sft validate` says so
-        tiny_project("max_steps=1", *overrides)
-    text = tiny_project.tmp_path / "c.toml"
-    text.write_text(
-        f'base_model = "{tiny_project.tmp_path}/tiny"\n[[datasets]]\npath = "x"\ntype = "chat_template"\n'
-    )
-    portable = load_config_text(text.read_text(), overrides=overrides, machine_checks=False)
-    with pytest.raises(ModelError) as error:  # and `sft run` stops before loading anything
-        train(portable)
-    assert "CUDA" in str(error.value) and f"remove {flag}" in str(error.value)
-
-
 @pytest.mark.gpu
 def test_qlora_on_gpu(tiny_project):
     if not torch.cuda.is_available():
-        pytest.skip("QLoRA (bitsandbytes 4-bit) needs a CUDA GPU; none is visible on this machine")
+        pytest.skip("QLoRA on a CUDA GPU needs one (QLoRA on CPU: tests/train/test_quantized.py)")
     result = train(tiny_project("max_steps=2", "adapter=qlora", "load_in_4bit=true", "bf16=true"))
     assert result.global_step == 2
 

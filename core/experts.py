@@ -1,0 +1,144 @@
+"""MoE expert weights kept as fused 3-D parameters (transformers 5): quantizing them, and
+finding them for peft's `target_parameters`.
+
+bitsandbytes' 4/8-bit loading replaces `nn.Linear` layers only, so the experts of a fused MoE
+model (most of its weights) stay in the load dtype. `quantize_moe_experts` quantizes them after
+loading with a bitsandbytes parametrization: the weight is stored packed and dequantized when the
+experts' forward reads it, and LoRA on it (`lora_target_parameters`) stacks on top.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft.errors import ModelError
+
+
+def expert_modules(model: Any) -> list[tuple[str, Any]]:
+    """The modules holding fused expert weights: transformers' experts classes (built with
+    `use_experts_implementation`, or named `...Experts`) with a 3-D floating parameter."""
+    found = []
+    for name, module in model.named_modules():
+        is_experts = hasattr(module, "is_concatenated") or type(module).__name__.endswith("Experts")
+        if is_experts and any(
+            p.ndim >= 3 and p.is_floating_point() for p in module.parameters(recurse=False)
+        ):
+            found.append((name, module))
+    return found
+
+
+def _int8_parametrization() -> Any:
+    """A parametrization that stores a weight as int8 rows with one scale per row (LLM.int8()'s
+    vector-wise quantization) and gives back the weight in its original dtype."""
+    import bitsandbytes.functional as F
+    import torch
+
+    class Int8RowParametrization(torch.nn.Module):
+        def __init__(self, row_stats: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+            super().__init__()
+            self.register_buffer("row_stats", row_stats)
+            self.shape = shape
+            self.dtype = dtype
+
+        def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+            rows = F.int8_vectorwise_dequant(quantized, self.row_stats)
+            return rows.reshape(self.shape).to(self.dtype)
+
+    return Int8RowParametrization
+
+
+def quantize_expert_weights(model: Any, *, bits: int, quant_type: str, double_quant: bool) -> int:
+    """Quantize every fused expert weight in place (4-bit NF4/FP4 or 8-bit rows); return how many
+    were quantized. Raises ModelError when the model has none."""
+    import torch
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+    from torch.nn.utils import parametrize
+
+    modules = expert_modules(model)
+    if not modules:
+        raise ModelError(
+            "quantize_moe_experts = true, but this model keeps no MoE expert weights as fused "
+            "3-D parameters (a dense model, or experts built from nn.Linear layers, which "
+            "load_in_4bit/8bit already quantize)\n  fix: remove quantize_moe_experts"
+        )
+    int8 = _int8_parametrization() if bits == 8 else None
+    count = 0
+    for _, module in modules:
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if parameter.ndim < 3 or not parameter.is_floating_point():
+                continue
+            if int8 is None:
+                replace_parameter_4bit(
+                    module, name, compress_statistics=double_quant, quant_type=quant_type
+                )
+            else:
+                import bitsandbytes.functional as F
+
+                weight = parameter.data
+                rows = weight.reshape(-1, weight.shape[-1]).to(torch.float16)
+                quantized, row_stats, _ = F.int8_vectorwise_quant(rows)
+                setattr(module, name, torch.nn.Parameter(quantized, requires_grad=False))
+                parametrize.register_parametrization(
+                    module, name, int8(row_stats, weight.shape, weight.dtype), unsafe=True
+                )
+            count += 1
+    _fix_peft_stacked_lora_removal()
+    return count
+
+
+def full_target_parameters(model: Any, targets: tuple[str, ...]) -> list[str]:
+    """`lora_target_parameters` (name suffixes) as the full names peft needs for parameters that
+    already carry a parametrization (peft matches those by exact module name only)."""
+    wanted = []
+    for module_name, module in model.named_modules():
+        for name in getattr(module, "parametrizations", {}):
+            full = f"{module_name}.{name}"
+            if any(full == t or full.endswith(f".{t}") for t in targets):
+                wanted.append(full)
+    return wanted
+
+
+def _fix_peft_stacked_lora_removal() -> None:
+    """Two peft 0.21 faults with LoRA on a parameter that already carries a parametrization
+    (the quantized expert weights), fixed here for peft's `ParamWrapper`:
+
+    - registering its LoRA proxy evaluates the parameter; when an outer wrapper of the same
+      module (a second targeted parameter) has already turned torch's parametrization cache on,
+      that value, without the proxy, is cached and used: this LoRA gets no gradient. The stale
+      entry is dropped once the proxy is in place.
+    - after the forward it removes only the `_LoraParameterProxy` kind, leaving the
+      low-rank-factors kind (fp32 weights of several experts) stacked for the next forward.
+    """
+    import contextlib
+
+    from peft.tuners.lora import layer
+    from torch.nn.utils import parametrize
+
+    factors = getattr(layer, "_LoraFactorsProxy", None)
+    wrapper = getattr(layer, "ParamWrapper", None)
+    if factors is None or wrapper is None or getattr(wrapper, "_sft_fixed", False):
+        return
+    proxies = (layer._LoraParameterProxy, factors)
+    remove_original = wrapper._remove_parametrizations
+    activate_original = wrapper._activate_lora
+
+    def remove(self: Any) -> None:
+        chain = self.get_base_layer().parametrizations[self.parameter_name]
+        if len(chain) > 1:
+            for index in reversed(range(len(chain))):
+                if isinstance(chain[index], proxies):
+                    del chain[index]
+                    return
+        remove_original(self)
+
+    @contextlib.contextmanager
+    def activate(self: Any, active_adapters: list[str]) -> Any:
+        with activate_original(self, active_adapters):
+            cache = getattr(parametrize, "_cache", None)
+            if cache is not None:
+                cache.pop((id(self.get_base_layer()), self.parameter_name), None)
+            yield
+
+    wrapper._remove_parametrizations = remove
+    wrapper._activate_lora = activate
+    wrapper._sft_fixed = True

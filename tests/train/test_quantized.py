@@ -1,0 +1,171 @@
+"""bitsandbytes 4/8-bit loading (QLoRA) on CPU, and quantize_moe_experts on a tiny fused MoE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sft.errors import ConfigError, ModelError
+from sft.train.run import train
+
+
+def _loaded(config):
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    return load_model(config, load_tokenizer(config), get_plugins())
+
+
+@pytest.mark.parametrize(
+    ("flags", "layer_class"),
+    [
+        (["adapter=qlora", "load_in_4bit=true"], "Linear4bit"),
+        (["adapter=lora", "load_in_8bit=true"], "Linear8bitLt"),
+    ],
+)
+def test_quantized_lora_trains_on_cpu(tiny_project, flags, layer_class):
+    config = tiny_project("max_steps=2", *flags)
+    model = _loaded(config)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer_class
+    result = train(config)
+    assert result.global_step == 2 and result.train_loss == pytest.approx(result.train_loss)
+    saved = load_file(result.output_dir / "adapter_model.safetensors")
+    assert any("q_proj.lora_A" in name for name in saved)
+
+
+def test_an_old_bitsandbytes_without_a_gpu_is_a_clear_error(tiny_project, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: every bitsandbytes quantizes there")
+    import sft.hardware
+
+    monkeypatch.setattr(sft.hardware, "package_version", lambda name: "0.45.5")
+    with pytest.raises(ConfigError) as error:
+        tiny_project("adapter=qlora", "load_in_4bit=true")
+    assert "bitsandbytes (0.45.5) quantizes on CUDA only" in str(error.value)
+    assert "bitsandbytes>=0.48" in str(error.value)
+
+
+@pytest.mark.parametrize(("bits", "stored"), [(4, torch.uint8), (8, torch.int8)])
+def test_quantize_moe_experts_quantizes_the_fused_expert_weights(
+    tiny_project, tiny_moe, bits, stored
+):
+    flags = (
+        ["adapter=qlora", "load_in_4bit=true"]
+        if bits == 4
+        else ["adapter=lora", "load_in_8bit=true"]
+    )
+    plain = _loaded(tiny_project(f"base_model={tiny_moe}", *flags))
+    quantized = _loaded(tiny_project(f"base_model={tiny_moe}", *flags, "quantize_moe_experts=true"))
+    experts = quantized.model.layers[0].mlp.experts
+    assert set(experts.parametrizations) == {"gate_up_proj", "down_proj"}
+    assert experts.parametrizations.gate_up_proj.original.dtype == stored
+    size = {name: p.numel() * p.element_size() for name, p in quantized.named_parameters()}
+    original = plain.model.layers[0].mlp.experts.gate_up_proj
+    assert size["model.layers.0.mlp.experts.parametrizations.gate_up_proj.original"] <= (
+        original.numel() * original.element_size() // (8 if bits == 4 else 4)
+    )
+    # the dequantized weight the experts compute with is the original, up to quantization error
+    error = (experts.gate_up_proj - original).abs().max() / original.abs().max()
+    assert 0 < error < (0.2 if bits == 4 else 0.02)
+
+
+def test_lora_on_quantized_experts_trains_and_saves_them(tiny_project, tiny_moe):
+    config = tiny_project(
+        f"base_model={tiny_moe}",
+        "adapter=qlora",
+        "load_in_4bit=true",
+        "quantize_moe_experts=true",
+        "lora_target_modules=[q_proj]",
+        "lora_target_parameters=['mlp.experts.gate_up_proj', 'experts.down_proj']",
+        "max_steps=3",  # more than one forward: peft must remove its proxy after each
+    )
+    result = train(config)
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.train_loss))
+    saved = load_file(result.output_dir / "adapter_model.safetensors")
+    expert_lora = sorted(name for name in saved if "experts" in name)
+    assert len(expert_lora) == 4, expert_lora  # lora_A and lora_B of gate_up_proj and down_proj
+    assert all(saved[name].abs().sum() > 0 for name in expert_lora), {
+        n: saved[n].abs().sum() for n in expert_lora
+    }
+
+
+def test_quantize_moe_experts_needs_quantized_loading_and_an_adapter(tiny_project):
+    with pytest.raises(ConfigError, match="neither is set"):
+        tiny_project("adapter=lora", "quantize_moe_experts=true")
+    with pytest.raises(ConfigError, match="it needs an adapter"):
+        tiny_project("load_in_8bit=true", "quantize_moe_experts=true")
+
+
+def test_quantize_moe_experts_on_a_dense_model_is_a_clear_error(tiny_project):
+    config = tiny_project("adapter=qlora", "load_in_4bit=true", "quantize_moe_experts=true")
+    with pytest.raises(ModelError, match="keeps no MoE expert weights"):
+        _loaded(config)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_lora_target_parameters_naming_nothing_is_an_error(tiny_project, tiny_moe, quantized):
+    from sft.model import apply_adapter
+
+    flags = ["load_in_4bit=true", "quantize_moe_experts=true"] if quantized else []
+    config = tiny_project(
+        f"base_model={tiny_moe}",
+        "adapter=qlora" if quantized else "adapter=lora",
+        *flags,
+        "lora_target_parameters=['mlp.experts.w1']",
+    )
+    with pytest.raises(ModelError, match=r"names no parameter of this model"):
+        apply_adapter(_loaded(config), config)
+
+
+def test_lora_on_quantized_experts_equals_lora_on_their_dequantized_weights(tiny_moe):
+    """Both targeted expert weights get their LoRA delta in the forward and a gradient in the
+    backward, on every step (peft's proxy handling on stacked parametrizations)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sft.experts import full_target_parameters, quantize_expert_weights
+
+    targets = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    quantized = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    quantize_expert_weights(quantized, bits=4, quant_type="nf4", double_quant=True)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    experts = reference.model.layers[0].mlp.experts
+    for name in ("gate_up_proj", "down_proj"):
+        dequantized = getattr(quantized.model.layers[0].mlp.experts, name).detach().clone()
+        setattr(experts, name, torch.nn.Parameter(dequantized))
+    lora = {"r": 4, "target_modules": ["q_proj"], "init_lora_weights": False}
+    quantized = get_peft_model(
+        quantized, LoraConfig(target_parameters=full_target_parameters(quantized, targets), **lora)
+    )
+    reference = get_peft_model(reference, LoraConfig(target_parameters=list(targets), **lora))
+    wrappers = [
+        {m.parameter_name: m for m in model.modules() if type(m).__name__ == "ParamWrapper"}
+        for model in (quantized, reference)
+    ]
+    assert wrappers[0].keys() == wrappers[1].keys() == {"gate_up_proj", "down_proj"}
+    with torch.no_grad():
+        for name, source in wrappers[0].items():
+            for factor in ("lora_A", "lora_B"):
+                getattr(wrappers[1][name], factor).default.weight.copy_(
+                    getattr(source, factor).default.weight
+                )
+        attention = {n: p for n, p in quantized.named_parameters() if "q_proj.lora" in n}
+        for n, p in reference.named_parameters():
+            if n in attention:
+                p.copy_(attention[n])
+    ids = torch.randint(0, 100, (2, 12))
+    for _ in range(2):
+        losses = [m(input_ids=ids, labels=ids).loss for m in (quantized, reference)]
+        torch.testing.assert_close(losses[0], losses[1])
+        for loss in losses:
+            loss.backward()
+        for name, wrapper in wrappers[0].items():
+            for factor in ("lora_A", "lora_B"):
+                grad = getattr(wrapper, factor).default.weight.grad
+                expected = getattr(wrappers[1][name], factor).default.weight.grad
+                assert grad is not None and grad.abs().sum() > 0, (name, factor)
+                torch.testing.assert_close(grad, expected)
+        for m in (quantized, reference):
+            m.zero_grad()
