@@ -59,6 +59,17 @@ def _spec_names() -> list[str]:
     return [name for name in dir(hookspecs) if name.startswith("sft_")]
 
 
+def _defaulted_hook_arguments(manager: pluggy.PluginManager, plugin: object) -> list[str]:
+    """Hook arguments a plugin's implementation declares with a default value."""
+    found = []
+    for caller in manager.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and impl.kwargnames:
+                names = ", ".join(f"`{name}`" for name in impl.kwargnames)
+                found.append(f"{caller.name} declares {names} with a default")
+    return found
+
+
 class SftPlugins:
     """The loaded plugins and a typed method per hook, so core call sites are type-checked."""
 
@@ -150,6 +161,14 @@ class SftPlugins:
                 details.append(f"{name} (did you mean {guess}?)" if guess else name)
             record.status = "error"
             record.error = f"implements hooks that sft does not define: {', '.join(details)}"
+            return
+        if defaulted := _defaulted_hook_arguments(self.manager, plugin):
+            self.manager.unregister(plugin)
+            record.status = "error"
+            record.error = (
+                f"{'; '.join(defaulted)}: pluggy before 1.7 never passes an argument that has "
+                "a default value (the hook would see the default there); remove the defaults"
+            )
 
     def register(self, plugin: object, name: str, package: str | None = None) -> PluginRecord:
         """Register an in-process plugin (tests, notebooks); checked like an entry point."""

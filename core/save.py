@@ -23,7 +23,7 @@ SECRET_KEYS = ("comet_api_key",)
 
 @hookimpl(trylast=True)
 def sft_save_model(
-    config: Config, model: Any, tokenizer: Any, output_dir: str, trainer: Any = None
+    config: Config, model: Any, tokenizer: Any, output_dir: str, trainer: Any
 ) -> str:
     """Adapter (adapter_model.safetensors + adapter_config.json) or full model, + tokenizer.
 

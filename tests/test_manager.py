@@ -164,3 +164,28 @@ def test_register_rejects_unknown_hooks_in_process():
     plugins = SftPlugins.load(environ={})
     with pytest.raises(PluginError, match="sft_not_a_hook"):
         plugins.register(Bad(), name="bad")
+
+
+def test_a_hook_argument_with_a_default_is_refused_at_registration():
+    """pluggy before 1.7 never passes an argument that has a default: the hook would silently
+    see the default there."""
+
+    class Quiet:
+        @hookimpl
+        def sft_save_model(self, config, model, tokenizer, output_dir, trainer=None):
+            return None
+
+    plugins = SftPlugins.load(environ={})
+    with pytest.raises(PluginError) as error:
+        plugins.register(Quiet(), name="quiet")
+    assert "sft_save_model declares `trainer` with a default" in str(error.value)
+    assert "quiet" not in [p for p, _ in plugins.manager.list_name_plugin()]
+
+
+def test_every_installed_hook_implementation_receives_all_its_arguments(plugins):
+    assert not plugins.broken
+    callers = [c for c in vars(plugins.manager.hook).values() if hasattr(c, "get_hookimpls")]
+    implementations = [(c.name, impl) for c in callers for impl in c.get_hookimpls()]
+    assert len(implementations) > 20 and "sft_save_model" in {name for name, _ in implementations}
+    for name, impl in implementations:
+        assert not impl.kwargnames, (impl.plugin_name, name)

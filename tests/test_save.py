@@ -23,3 +23,23 @@ def test_url_credentials_are_redacted_in_the_resolved_config_and_the_model_card(
         assert "https://<redacted>@data.example.com/train.jsonl" in text
         assert "s3://<redacted>@bucket/more.jsonl" in text
     assert "secret: <redacted>" in resolved
+
+
+def test_the_final_save_goes_through_the_trainer(tiny_project, monkeypatch):
+    """The trainer's save_model gathers FSDP / ZeRO-3 weights before writing: the core's save
+    must call it (a default on its `trainer` argument made pluggy < 1.7 drop the trainer)."""
+    import transformers
+
+    from sft.train.run import train
+
+    calls = []
+    real = transformers.Trainer.save_model
+
+    def recording(self, output_dir=None, _internal_call=False):
+        calls.append((output_dir, _internal_call))
+        return real(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(transformers.Trainer, "save_model", recording)
+    result = train(tiny_project("max_steps=1", "adapter=lora"))
+    assert (str(result.output_dir), False) in calls
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
