@@ -38,6 +38,8 @@ class Unsupported:
     # Axolotl turns this model-family hint on by itself when base_model's last path part
     # contains this name (besides from the model's config): `true` then changes nothing.
     detected_by_name: str | None = None
+    # Changes nothing in Axolotl either (why, as a clause): a live value is a warning.
+    no_effect: str | None = None
 
 
 U = Unsupported
@@ -98,7 +100,11 @@ _QUANT: dict[str, Unsupported] = {
     "qat": U("quantization-aware training (torchao fake quantization)"),
     "ternary": U("ternary (1.58-bit) quantization-aware training (Axolotl's ternary plugin)"),
     "llmcompressor": U("fine-tunes a sparsified model keeping its sparsity (LLM Compressor)"),
-    "lora_fan_in_fan_out": U("tells PEFT the adapted layers store weights transposed"),
+    "lora_fan_in_fan_out": U(
+        "tells PEFT the adapted layers store weights transposed",
+        no_effect="peft sets it from each adapted layer's type whatever the key says (true for "
+        "GPT-2's Conv1D layers, false for nn.Linear)",
+    ),
     "lora_on_cpu": U("loads the LoRA/PEFT model on the CPU (for models that fill the GPU)"),
     "peft_layers_to_transform": U("adds LoRA only to these layer indices"),
     "peft_layers_pattern": U("the layer-name pattern used with peft_layers_to_transform"),
@@ -196,7 +202,6 @@ _SCHEDULES: dict[str, Unsupported] = {
 
 # -- precision & memory ----------------------------------------------------------------------
 _PRECISION: dict[str, Unsupported] = {
-    "bfloat16": U("trains fully in bfloat16 (no mixed precision)", "use `bf16` (mixed precision)"),
     "float16": U("trains fully in float16 (no mixed precision)", "use `fp16` (mixed precision)"),
     "fp8": U("FP8 mixed-precision training (torchao)"),
     "fp8_enable_fsdp_float8_all_gather": U("FP8 all-gather of FSDP-sharded weights"),
@@ -214,6 +219,12 @@ _PRECISION: dict[str, Unsupported] = {
 # -- attention & kernels ---------------------------------------------------------------------
 _KERNELS: dict[str, Unsupported] = {
     "s2_attention": U("shifted-sparse attention (LongLoRA), removed from Axolotl"),
+    "attention": U(
+        "not a key Axolotl defines (some of its examples set `attention: flash`)",
+        "for flash attention use `attn_implementation = 'flash_attention_2'`",
+        no_effect="Axolotl drops keys it does not define, so the run there used the default "
+        "attention, as it does here",
+    ),
     "flash_attn_cross_entropy": U(
         "flash-attn's fused cross-entropy kernel", "use `liger_cross_entropy`", speed_only=True
     ),
@@ -479,6 +490,10 @@ def no_effect_message(
             "without it"
         )
         return message, silence + (f" (for the speed, {entry.instead})" if entry.instead else "")
+    if entry.no_effect:
+        return f"has no effect: {named} {entry.no_effect}", silence + (
+            f"; {entry.instead}" if entry.instead else ""
+        )
     if entry.only_with and all(is_inert(scope.get(key), key, dataset) for key in entry.only_with):
         keys = " or ".join(f"`{key}`" for key in entry.only_with)
         blank = "is" if len(entry.only_with) == 1 else "are"

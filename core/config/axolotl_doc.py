@@ -65,7 +65,7 @@ RULES: tuple[_Rule, ...] = (
     _rule("Schedules", "", "lr_ cosine_ warmup_"),
     _rule(
         "Precision & memory",
-        "bf16 fp16 tf32 activation_offloading",
+        "bf16 bfloat16 fp16 tf32 activation_offloading",
         "gradient_checkpointing",
     ),
     _rule(
@@ -142,6 +142,8 @@ def status_of(entry: axolotl.Unsupported) -> str:
     """The `sft` column of a key sft does not support: refused, or when it changes nothing."""
     if entry.speed_only:
         return SPEED_ONLY
+    if entry.no_effect:
+        return f"accepted, no effect (a warning): {entry.no_effect}"
     if entry.only_with:
         keys = " / ".join(f"`{key}`" for key in entry.only_with)
         return f"refused; no effect (a warning) while {keys} are blank"

@@ -403,6 +403,8 @@ def _load(
         raise ConfigError(ctx.problems, source)
     config: Config = _build(Config, values, groups)
     object.__setattr__(config, "_source", source)
+    if config.bfloat16 and config.bf16 == "auto":
+        object.__setattr__(config, "bf16", True)  # Axolotl: bf16 = bf16 or bfloat16
 
     from sft.config.checks import check_config
 

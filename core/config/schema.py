@@ -202,6 +202,9 @@ class Config(_Sections):
     bf16: bool | Literal["auto"] = key(
         "auto", doc="Train in bfloat16: true, false, or auto (when the hardware supports it)."
     )
+    bfloat16: bool = key(
+        False, doc="Axolotl's other name for bf16 = true (it turns bf16 on for it as well)."
+    )
     fp16: bool = key(False, doc="Train in float16 with loss scaling (GPUs without bf16).")
     tf32: bool = key(False, doc="Allow TF32 matmuls on Ampere+ GPUs.")
     load_in_8bit: bool = key(

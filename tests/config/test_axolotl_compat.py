@@ -363,3 +363,45 @@ def test_the_removed_sharegpt_type_says_how_to_write_it_now(plugins):
     (problem,) = error.value.problems
     assert problem.path == "datasets[0].type" and "removed ShareGPT type" in problem.message
     assert "type = 'chat_template'" in problem.hint
+
+
+# -- keys that change nothing in Axolotl either, and bfloat16 ----------------------------------
+
+
+def test_attention_is_not_an_axolotl_key_and_says_so(plugins):
+    config = load_yaml("attention: flash\n")
+    assert config.attention == "sdpa"  # as in Axolotl, which drops the key
+    warning = warnings_of(config)["attention"]
+    assert "not a key Axolotl defines" in warning and "default attention" in warning
+    hint = next(w.hint for w in config.warnings if w.path == "attention")
+    assert "attn_implementation = 'flash_attention_2'" in hint
+
+
+def test_lora_fan_in_fan_out_warns_that_peft_decides_it(plugins, tiny_project):
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = load_yaml("adapter: lora\nlora_fan_in_fan_out: true\n")
+    assert (
+        "peft sets it from each adapted layer's type" in warnings_of(config)["lora_fan_in_fan_out"]
+    )
+    # what the warning says: peft takes nn.Linear layers as not transposed whatever it is told
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_project("adapter=lora")
+    model = load_model(base, load_tokenizer(base), get_plugins())
+    told = get_peft_model(model, LoraConfig(target_modules=["q_proj"], fan_in_fan_out=True))
+    assert told.peft_config["default"].fan_in_fan_out is False
+
+
+def test_bfloat16_is_bf16(plugins):
+    assert load_yaml("bfloat16: true\n").bf16 is True
+    assert load_yaml("bfloat16: true\nbf16: true\n").bf16 is True
+    assert load_yaml("bfloat16: false\n").bf16 == "auto"
+    assert problems_of("bfloat16: true\nbf16: false\n") == {
+        "bfloat16": "conflicts with bf16 = false (bfloat16 = true is bf16 = true)"
+    }
+    assert problems_of("bfloat16: true\nfp16: true\n")["fp16"] == (
+        "conflicts with bfloat16 = true: choose one precision"
+    )
