@@ -150,7 +150,6 @@ _DATA: dict[str, Unsupported] = {
     "is_preprocess": U("internal: set by `axolotl preprocess`", "use `sft preprocess`"),
     "preprocess_iterable": U("internal: preprocesses an iterable dataset"),
     "min_sample_len": U("drops samples shorter than this many tokens"),
-    "group_by_length": U("batches samples of similar length together", "use `sample_packing`"),
     "sample_packing_group_size": U("samples packed at a time", default=100_000),
     "sample_packing_eff_est": U("packing efficiency estimate taken from an earlier run"),
     "sample_packing_seq_len_multiplier": U("an older multipack key (not in current Axolotl)"),

@@ -59,7 +59,8 @@ RULES: tuple[_Rule, ...] = (
     _rule(
         "Training & optimizers",
         "seed batch_size micro_batch_size gradient_accumulation_steps num_epochs max_steps "
-        "learning_rate weight_decay max_grad_norm neftune_noise_alpha dataloader_drop_last",
+        "learning_rate weight_decay max_grad_norm neftune_noise_alpha dataloader_drop_last "
+        "group_by_length",
         "optim adam_ sgd_ loss_watchdog_",
     ),
     _rule("Schedules", "", "lr_ cosine_ warmup_"),

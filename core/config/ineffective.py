@@ -78,6 +78,26 @@ def ineffective_key_problems(config: Config, plugins: Any) -> list[Problem]:
         *_schedule_problems(config),
         *_optimizer_problems(config, plugins),
         *_dataset_problems(config),
+        *_sampling_problems(config),
+    ]
+
+
+def _sampling_problems(config: Config) -> list[Problem]:
+    if not config.group_by_length or not (config.sample_packing or config.streaming):
+        return []
+    which = "sample_packing" if config.sample_packing else "streaming"
+    why = (
+        "the packer's bins make the batches"
+        if config.sample_packing
+        else "a stream is read in order"
+    )
+    return [
+        Problem(
+            "group_by_length",
+            f"has no effect with {which} = true: {why}",
+            hint="remove group_by_length",
+            warning=True,
+        )
     ]
 
 

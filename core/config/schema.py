@@ -541,6 +541,11 @@ class Config(_Sections):
         False, doc="Pack in dataset order (first fit) instead of first-fit decreasing."
     )
     sample_packing_bin_size: int = key(200, ge=1, doc="Maximum samples per packed sequence.")
+    group_by_length: bool = key(
+        False,
+        doc="Unpacked training: batch samples of similar length together (less padding; "
+        "transformers' LengthGroupedSampler). No effect with sample_packing or streaming.",
+    )
     pad_to_sequence_len: bool = key(False, doc="Pad every batch to sequence_len (static shapes).")
     experts_implementation: (
         Literal["eager", "batched_mm", "grouped_mm", "deepgemm", "sonicmoe"] | None

@@ -186,6 +186,11 @@ def training_arguments(
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
         dataloader_drop_last=config.dataloader_drop_last,
+        train_sampling_strategy=(
+            "group_by_length"
+            if config.group_by_length and not (config.sample_packing or config.streaming)
+            else "random"
+        ),
         # Every parameter that trains gets a gradient each step (adapters and full models
         # alike): DDP need not search the graph for unused ones, unless the user says so.
         ddp_find_unused_parameters=bool(config.ddp_find_unused_parameters),

@@ -502,3 +502,43 @@ def test_torch_compile_mode_reaches_the_training_arguments(tiny_project):
         tiny_project("torch_compile_mode=max-autotune"), 24, False, torch.float32
     )
     assert args.torch_compile and args.torch_compile_mode == "max-autotune"
+
+
+def test_group_by_length_batches_unpacked_samples_of_similar_length(tiny_project):
+    from transformers import AutoModelForCausalLM, Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from sft.data.pipeline import prepare_datasets
+    from sft.manager import get_plugins
+    from sft.tokenizer import load_tokenizer
+    from sft.train.run import training_arguments
+
+    def sampler_of(*overrides):
+        config = tiny_project("micro_batch_size=1", *overrides)
+        tokenizer = load_tokenizer(config)
+        prepared = prepare_datasets(config, tokenizer, get_plugins(), show_progress=False)
+        trainer = Trainer(
+            model=AutoModelForCausalLM.from_pretrained(config.base_model),
+            args=training_arguments(config, len(prepared.train), False, torch.float32),
+            train_dataset=prepared.train,
+            processing_class=tokenizer,
+        )
+        return trainer._get_train_sampler(), prepared.train
+
+    assert not isinstance(sampler_of()[0], LengthGroupedSampler)
+    sampler, data = sampler_of("group_by_length=true")
+    assert isinstance(sampler, LengthGroupedSampler)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(data)))
+    lengths = [len(data[i]["input_ids"]) for i in order]
+    # 24 samples, batches of 1: megabatches of 6 (24 // 4), each sorted longest first
+    for start in range(0, len(lengths), 6):
+        group = lengths[start : start + 6]
+        assert group == sorted(group, reverse=True), lengths
+    assert lengths != sorted(lengths, reverse=True)  # still shuffled across megabatches
+
+
+def test_group_by_length_with_packing_is_a_warning(tiny_project):
+    config = tiny_project("group_by_length=true", "sample_packing=true")
+    (warning,) = [w for w in config.warnings if w.path == "group_by_length"]
+    assert "no effect with sample_packing = true" in warning.message
