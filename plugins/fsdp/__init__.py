@@ -143,13 +143,16 @@ def check(config: Config) -> list[Problem]:
     if settings.activation_checkpointing and config.adapter:
         # peft finds the adapter's weights by module name, and FSDP's checkpoint wrapper renames
         # the layers (`_checkpoint_wrapped_module`): the final save would write an empty
-        # adapter_model.safetensors (seen with peft 0.21, accelerate 1.15).
+        # adapter_model.safetensors (seen with peft 0.21, accelerate 1.15). transformers'
+        # layer-wise checkpointing saves the same activation memory without renaming anything.
         problems.append(
             Problem(
                 "fsdp_config.activation_checkpointing",
-                "with an adapter, FSDP's activation checkpointing hides the adapter's weights "
-                "from peft's save: the saved adapter would be empty",
-                hint="use gradient_checkpointing = true instead (it works with FSDP and adapters)",
+                "with an adapter it runs as gradient_checkpointing (transformers' per-layer "
+                "recomputation, the same memory saving): FSDP's own wrapper would rename the "
+                "layers and hide the adapter's weights from peft's save",
+                hint="set gradient_checkpointing = true instead to silence this",
+                warning=True,
             )
         )
     elif settings.activation_checkpointing and config.gradient_checkpointing:
@@ -208,7 +211,27 @@ def training_args(config: Config, model: Any) -> dict[str, Any]:
                     "FSDP (the model lists no _no_split_modules)\n  fix: set "
                     "fsdp_config.transformer_layer_cls_to_wrap, e.g. 'LlamaDecoderLayer'"
                 )
-    return {"fsdp": True, "fsdp_config": settings.fsdp_config(layers)}
+    fsdp_config = settings.fsdp_config(layers)
+    if _checkpoints_layers_itself(config):
+        fsdp_config["activation_checkpointing"] = False  # done by sft_patch_model instead
+    return {"fsdp": True, "fsdp_config": fsdp_config}
+
+
+def _checkpoints_layers_itself(config: Config) -> bool:
+    """FSDP's activation checkpointing asked for beside an adapter: transformers' layer-wise
+    gradient checkpointing stands in (see `check`)."""
+    return bool(
+        selected(config)
+        and config.adapter
+        and settings_of(config).activation_checkpointing
+        and not config.gradient_checkpointing
+    )
+
+
+@hookimpl
+def sft_patch_model(model: Any, config: Config) -> None:
+    if _checkpoints_layers_itself(config):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def available() -> tuple[bool, str]:

@@ -347,9 +347,10 @@ activation_checkpointing = true
     assert "optimizer (line 3): adamw_8bit (bitsandbytes) cannot update FSDP2's sharded" in text
     assert "gradient_checkpointing (line 4): recomputes activations a second time" in text
     assert "[this machine]" not in text  # machine problems are skipped here (portable check)
-    text = _problems(plugins, 'adapter = "lora"\n[fsdp_config]\nactivation_checkpointing = true')
-    assert "fsdp_config.activation_checkpointing (line 4): with an adapter" in text
-    assert "saved adapter would be empty" in text
+    config = _config(plugins, 'adapter = "lora"\n[fsdp_config]\nactivation_checkpointing = true')
+    (warning,) = config.warnings
+    assert warning.path == "fsdp_config.activation_checkpointing" and warning.line == 4
+    assert "with an adapter it runs as gradient_checkpointing" in warning.message
 
 
 def test_cpu_only_machine_is_a_machine_problem(plugins, monkeypatch):
@@ -515,10 +516,25 @@ def _run_both(tiny_project, keys: tuple[str, ...], fsdp_keys: tuple[str, ...] = 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_lora_fsdp2_two_processes_save_what_one_process_saves(tiny_project):
-    keys = ("adapter=lora", "lora_target_linear=true", "gradient_checkpointing=true")
-    one, two, output = _run_both(tiny_project, keys)
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        ("gradient_checkpointing=true",),
+        # FSDP's own activation checkpointing beside an adapter: runs as transformers'
+        # layer-wise checkpointing, whose saved adapter is complete
+        ("fsdp_config.activation_checkpointing=true",),
+    ],
+    ids=["gradient_checkpointing", "fsdp_activation_checkpointing"],
+)
+def test_lora_fsdp2_two_processes_save_what_one_process_saves(tiny_project, recompute):
+    keys = ("adapter=lora", "lora_target_linear=true")
+    fsdp_only = recompute[0].startswith("fsdp_config")
+    one, two, output = _run_both(
+        tiny_project, keys if fsdp_only else (*keys, *recompute), recompute if fsdp_only else ()
+    )
     assert SHARDED.search(output), output[-3000:]  # FSDP2 really sharded the model
+    if fsdp_only:
+        assert "it runs as gradient_checkpointing" in output
     assert output.count("saved adapter to") == 1  # one process prints
     assert not (two / "model.safetensors").exists()
     saved = _weights(two / "adapter_model.safetensors")
