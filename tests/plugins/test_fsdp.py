@@ -670,7 +670,8 @@ def test_merge_sharded_command_errors_are_one_line_with_exit_4(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.distributed
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
-def test_qlora_fsdp2_trains_and_saves_an_adapter_on_cuda(tiny_project):
+@pytest.mark.parametrize("extra", [(), ("fsdp_config.activation_checkpointing=true",)])
+def test_qlora_fsdp2_trains_and_saves_an_adapter_on_cuda(tiny_project, extra):
     """One GPU is enough for the FSDP path (one process, launched by torchrun). Not run where
     there is no GPU."""
     from conftest import TINY_CONFIG
@@ -685,6 +686,7 @@ def test_qlora_fsdp2_trains_and_saves_an_adapter_on_cuda(tiny_project):
         "bf16=true",
         "lora_target_linear=true",
         "fsdp_version=2",
+        *extra,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
