@@ -92,7 +92,6 @@ def model_path(base_model: str) -> str:
 
 def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
     """The base model, patched by kernel plugins, resized for new tokens, ready for the adapter."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     check_hardware(config)
@@ -112,22 +111,13 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
     if config.revision_of_model:
         kwargs["revision"] = config.revision_of_model
     if config.load_in_4bit or config.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=config.load_in_4bit,
-            load_in_8bit=config.load_in_8bit,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            # fp32 training computes in bf16 on a GPU (its tensor cores), in fp32 on a CPU.
-            bnb_4bit_compute_dtype=(
-                torch.bfloat16 if dtype == torch.float32 and cuda_available() else dtype
-            ),
-        )
+        kwargs["quantization_config"] = bitsandbytes_config(config, dtype)
+    elif config.model_quantization_config:
+        kwargs["quantization_config"] = quantization_config(config)
     source = model_path(config.base_model)
     if config.rope_scaling or config.model_config:
         kwargs["config"] = adjusted_model_config(source, config)
-    if config.experts_implementation:
+    if config.experts_implementation not in (None, "scattermoe"):  # scattermoe: see checks
         kwargs["experts_implementation"] = config.experts_implementation
     model_class = transformers_class(config.model_type, "model_type") or AutoModelForCausalLM
     try:
@@ -138,11 +128,20 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
             "  fix: check the Hub id or path (a Hub id needs network access or a local cache)"
         ) from exc
     model.config.use_cache = False  # a cache disables the packed-sequence mask and wastes memory
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(kwargs.get("quantization_config"), "dequantize", False):
+        # Loaded dequantized (e.g. Mxfp4Config(dequantize=True)): the weights are plain, so the
+        # model trains and saves as an unquantized one.
+        quantizer.remove_quantization_config(model)
     if config.quantize_moe_experts:
         from sft.experts import quantize_expert_weights
 
+        bnb = kwargs["quantization_config"]
         quantize_expert_weights(
-            model, bits=4 if config.load_in_4bit else 8, quant_type="nf4", double_quant=True
+            model,
+            bits=4 if config.load_in_4bit else 8,
+            quant_type=bnb.bnb_4bit_quant_type,
+            double_quant=bnb.bnb_4bit_use_double_quant,
         )
     plugins.patch_model(model, config)
     _fit_vocabulary(model, tokenizer, config)
@@ -153,6 +152,84 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
         extra = {"offload": True} if config.offloads_activations else {}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
     return model
+
+
+def bitsandbytes_config(config: Config, dtype: Any) -> Any:
+    """load_in_4bit/8bit's BitsAndBytesConfig: the bnb_4bit_* keys, then bnb_config_kwargs."""
+    import inspect
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if config.bnb_4bit_compute_dtype:
+        compute = getattr(torch, config.bnb_4bit_compute_dtype)
+    else:  # fp32 training computes in bf16 on a GPU (its tensor cores), in fp32 on a CPU
+        compute = torch.bfloat16 if dtype == torch.float32 and cuda_available() else dtype
+    arguments: dict[str, Any] = {
+        "load_in_4bit": config.load_in_4bit,
+        "load_in_8bit": config.load_in_8bit,
+        "bnb_4bit_quant_type": config.bnb_4bit_quant_type,
+        "bnb_4bit_use_double_quant": config.bnb_4bit_use_double_quant,
+        "bnb_4bit_compute_dtype": compute,
+    }
+    extra = dict(config.bnb_config_kwargs or {})
+    known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(extra) - known)
+    if unknown or {"load_in_4bit", "load_in_8bit"} & set(extra):
+        raise ModelError(
+            f"bnb_config_kwargs: {', '.join(unknown) or 'load_in_4bit/load_in_8bit'} is not an "
+            "argument sft passes to BitsAndBytesConfig\n  fix: use its arguments "
+            f"({', '.join(sorted(known - {'load_in_4bit', 'load_in_8bit'}))}); set load_in_4bit "
+            "or load_in_8bit as keys of their own"
+        )
+    if isinstance(extra.get("bnb_4bit_compute_dtype"), str):
+        extra["bnb_4bit_compute_dtype"] = getattr(torch, extra["bnb_4bit_compute_dtype"])
+    try:
+        return BitsAndBytesConfig(**{**arguments, **extra})
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"bnb_config_kwargs: {exc}") from exc
+
+
+def quantization_config(config: Config) -> Any:
+    """The transformers quantization config `model_quantization_config` names."""
+    import transformers
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    name = config.model_quantization_config
+    cls = getattr(transformers, name or "", None)
+    if not (isinstance(cls, type) and issubclass(cls, QuantizationConfigMixin)):
+        raise ModelError(
+            f"model_quantization_config = {name!r} is not a quantization config class of the "
+            f"installed transformers {transformers.__version__}\n  fix: name one such as "
+            "Mxfp4Config, TorchAoConfig or HqqConfig"
+        )
+    if cls is transformers.BitsAndBytesConfig:
+        raise ModelError(
+            "model_quantization_config = 'BitsAndBytesConfig': sft loads bitsandbytes through "
+            "its own keys (they also prepare the model for training)\n  fix: set load_in_4bit "
+            "or load_in_8bit, with bnb_config_kwargs for further arguments"
+        )
+    import inspect
+
+    arguments = dict(config.model_quantization_config_kwargs or {})
+    takes = [
+        p.name
+        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    # A class that also takes **kwargs would silently drop a misspelt argument.
+    if unknown := sorted(set(arguments) - set(takes)):
+        raise ModelError(
+            f"model_quantization_config_kwargs: {name} takes no argument {', '.join(unknown)}\n"
+            f"  fix: use its arguments: {', '.join(takes)}"
+        )
+    try:
+        return cls(**arguments)
+    except (TypeError, ValueError, ImportError) as exc:
+        raise ModelError(
+            f"model_quantization_config = {name!r} with {arguments}: {exc}\n  fix: install what "
+            "it names, or check model_quantization_config_kwargs"
+        ) from exc
 
 
 def transformers_class(name: str | None, key: str) -> Any:

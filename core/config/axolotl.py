@@ -86,15 +86,6 @@ _QUANT: dict[str, Unsupported] = {
     "gptq_groupsize": U("an older GPTQ key (not in Axolotl's current schema): group size"),
     "gptq_model_v1": U("an older GPTQ key (not in Axolotl's current schema)"),
     "gptq_disable_exllama": U("turns off the ExLlama kernels of a GPTQ model"),
-    "bnb_config_kwargs": U("overrides the bitsandbytes 4-bit quantization config"),
-    "bnb_4bit_quant_type": U("bitsandbytes 4-bit data type; sft's load_in_4bit is always NF4"),
-    "bnb_4bit_use_double_quant": U("bitsandbytes double quantization of the 4-bit scales"),
-    "bnb_4bit_compute_dtype": U("dtype of bitsandbytes 4-bit matmuls"),
-    "model_quantization_config": U(
-        "loads the base model with a transformers quantization config (Mxfp4Config, ...)",
-        "use `load_in_4bit` or `load_in_8bit`",
-    ),
-    "model_quantization_config_kwargs": U("arguments of model_quantization_config"),
     "nvfp4_merge_aware": U("trains the adapter so it merges losslessly into an NVFP4 model"),
     "use_onebitllms": U("1.58-bit training of BitNet models with onebitllms"),
     "qat": U("quantization-aware training (torchao fake quantization)"),
@@ -270,14 +261,32 @@ _KERNELS: dict[str, Unsupported] = {
     "liger_rms_norm_gated": U(
         "Liger's gated RMSNorm kernel", "use `liger_rms_norm`", speed_only=True
     ),
-    "use_kernels": U("loads custom kernels from the Hugging Face kernels hub (e.g. MegaBlocks)"),
-    "use_scattermoe": U("ScatterMoE Triton kernels for MoE experts (kernels plugin)"),
-    "use_sonicmoe": U("SonicMoE kernels for MoE experts (kernels plugin)"),
+    "use_kernels": U(
+        "swaps in kernels from the Hugging Face kernels hub (e.g. MegaBlocks MoE, RMSNorm)",
+        "set `experts_implementation` (e.g. grouped_mm) for MoE models",
+        speed_only=True,
+    ),
+    "use_scattermoe": U(
+        "ScatterMoE Triton kernels for MoE experts (kernels plugin)",
+        "set `experts_implementation` (e.g. grouped_mm)",
+        speed_only=True,
+    ),
+    "use_sonicmoe": U(
+        "SonicMoE kernels for MoE experts (kernels plugin)",
+        "set `experts_implementation = 'sonicmoe'`",
+        speed_only=True,
+    ),
     "use_dsv4_kernels": U("fused Triton training kernels for DeepSeek-V4 (kernels plugin)"),
     "dsv4_fp4_grouped_mode": U("grouped FP4 path for NVFP4 MoE experts (kernels plugin)"),
-    "moe_kernels": U("grouped-GEMM Triton kernels for MoE layers (moe_kernels plugin)"),
-    "moe_group_size": U("GEMM group size of the moe_kernels plugin"),
-    "moe_persistent_kernel": U("persistent-kernel variant of the moe_kernels plugin"),
+    "moe_kernels": U(
+        "grouped-GEMM Triton kernels for MoE layers (moe_kernels plugin)",
+        "set `experts_implementation` (e.g. grouped_mm)",
+        speed_only=True,
+    ),
+    "moe_group_size": U("GEMM group size of the moe_kernels plugin", speed_only=True),
+    "moe_persistent_kernel": U(
+        "persistent-kernel variant of the moe_kernels plugin", speed_only=True
+    ),
     "llama4_linearized_experts": U("Llama 4: loads the MoE experts as linear layers"),
 }
 

@@ -45,8 +45,9 @@ RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         "Quantization & adapters",
-        "adapter unfrozen_parameters quantize_moe_experts",
-        "load_in_ lora_ peft_ loraplus_",
+        "adapter unfrozen_parameters quantize_moe_experts model_quantization_config "
+        "model_quantization_config_kwargs",
+        "load_in_ lora_ peft_ loraplus_ bnb_",
     ),
     _rule(
         DATASETS_TOPIC,

@@ -79,7 +79,62 @@ def ineffective_key_problems(config: Config, plugins: Any) -> list[Problem]:
         *_optimizer_problems(config, plugins),
         *_dataset_problems(config),
         *_sampling_problems(config),
+        *_quantization_problems(config),
     ]
+
+
+BNB_4BIT_KEYS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+
+
+def _quantization_problems(config: Config) -> list[Problem]:
+    problems = []
+    if config.experts_implementation == "scattermoe":
+        problems.append(
+            Problem(
+                "experts_implementation",
+                "'scattermoe' is Axolotl's own ScatterMoE kernels: sft computes the experts with "
+                "transformers' default implementation, the same result (only speed differs)",
+                hint="set grouped_mm (or leave the key out) to silence this",
+                warning=True,
+            )
+        )
+    if config.model_quantization_config and (config.load_in_4bit or config.load_in_8bit):
+        flag = "load_in_4bit" if config.load_in_4bit else "load_in_8bit"
+        problems.append(
+            Problem(
+                "model_quantization_config",
+                f"conflicts with {flag}: the model loads with one quantization config",
+                hint=f"remove one of model_quantization_config and {flag}",
+            )
+        )
+    if is_set(config, "model_quantization_config_kwargs") and not config.model_quantization_config:
+        problems.append(
+            Problem(
+                "model_quantization_config_kwargs",
+                "has no effect: model_quantization_config is not set",
+                hint="set model_quantization_config (e.g. 'Mxfp4Config'), or remove this",
+                warning=True,
+            )
+        )
+    unused = [k for k in (*BNB_4BIT_KEYS, "bnb_config_kwargs") if is_set(config, k)]
+    if not config.load_in_4bit:
+        unused = [k for k in unused if k == "bnb_config_kwargs" and not config.load_in_8bit] + [
+            k for k in unused if k != "bnb_config_kwargs"
+        ]
+        for name in unused:
+            needs = (
+                "load_in_4bit or load_in_8bit" if name == "bnb_config_kwargs" else "load_in_4bit"
+            )
+            problems.append(
+                Problem(
+                    name,
+                    f"has no effect: it configures bitsandbytes quantization, and {needs} is "
+                    "not set",
+                    hint=f"set {needs}, or remove {name}",
+                    warning=True,
+                )
+            )
+    return problems
 
 
 def _sampling_problems(config: Config) -> list[Problem]:

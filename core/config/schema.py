@@ -216,6 +216,31 @@ class Config(_Sections):
         doc="Load the base model in 4-bit NF4 (bitsandbytes; CUDA, or CPU with bitsandbytes "
         ">= 0.48); for QLoRA.",
     )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = key(
+        "nf4", doc="4-bit data type of load_in_4bit (and of quantize_moe_experts): nf4 or fp4."
+    )
+    bnb_4bit_use_double_quant: bool = key(
+        True, doc="Quantize load_in_4bit's scales too (about 0.4 bits a weight less)."
+    )
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] | None = key(
+        None,
+        doc="dtype of load_in_4bit's matmuls (default: bf16 on a GPU for float32 training, "
+        "else the training dtype).",
+    )
+    bnb_config_kwargs: dict[str, Any] | None = key(
+        None,
+        doc="More BitsAndBytesConfig arguments for load_in_4bit/8bit (e.g. "
+        "{llm_int8_skip_modules = ['lm_head']}); they override the bnb_4bit_* keys.",
+    )
+    model_quantization_config: str | None = key(
+        None,
+        doc="A transformers quantization config class to load the model with, by name (e.g. "
+        "Mxfp4Config), built from model_quantization_config_kwargs (e.g. {dequantize = true} "
+        "loads gpt-oss's MXFP4 weights as bf16).",
+    )
+    model_quantization_config_kwargs: dict[str, Any] | None = key(
+        None, doc="Arguments of model_quantization_config's class."
+    )
     quantize_moe_experts: bool = key(
         False,
         doc="Also quantize the fused 3-D MoE expert weights (which load_in_4bit/8bit leave in the "
@@ -548,11 +573,12 @@ class Config(_Sections):
     )
     pad_to_sequence_len: bool = key(False, doc="Pad every batch to sequence_len (static shapes).")
     experts_implementation: (
-        Literal["eager", "batched_mm", "grouped_mm", "deepgemm", "sonicmoe"] | None
+        Literal["eager", "batched_mm", "grouped_mm", "deepgemm", "sonicmoe", "scattermoe"] | None
     ) = key(
         None,
         doc="How transformers computes the experts of MoE models: grouped_mm (its default where "
-        "the GPU supports it), batched_mm, eager, deepgemm or sonicmoe. No effect on dense models.",
+        "the GPU supports it), batched_mm, eager, deepgemm or sonicmoe. No effect on dense models. "
+        "Axolotl's scattermoe (its own kernels) runs as transformers' default, with a warning.",
     )
     attn_implementation: str | None = key(
         None,

@@ -213,7 +213,7 @@ datasets:
     type: alpaca
 """
 
-MOE_SCATTERMOE = MOE + "use_scattermoe: true\n"
+MOE_EXPERT_PARALLEL = MOE + "expert_parallel_size: 2\n"
 
 DPO = """
 base_model: meta-llama/Llama-3.2-1B-Instruct
@@ -260,7 +260,7 @@ CASES = {
     ),
     "fsdp2-lora-regex": (FSDP2_LORA, 0, ["warning: fsdp_config.sync_module_states"]),
     "moe": (MOE, 0, []),
-    "moe-scattermoe": (MOE_SCATTERMOE, 4, ["use_scattermoe` — "]),
+    "moe-expert-parallel": (MOE_EXPERT_PARALLEL, 4, ["expert_parallel_size` — "]),
     "dpo": (DPO, 4, ["rl` — "]),
     "multimodal": (MULTIMODAL, 4, ["processor_type` — "]),
     "mistral-common": (MISTRAL_COMMON, 4, ["tokenizer_use_mistral_common` — "]),

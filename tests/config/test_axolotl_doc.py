@@ -34,9 +34,9 @@ def test_keys_that_change_nothing_say_so_on_the_page(plugins):
     speed = text.split("## Accepted, no effect: speed only")[1].split("\n## ")[0]
     assert "| `lora_qkv_kernel` | Axolotl's fused Triton LoRA kernel" in speed
     assert "| `flash_attn_rms_norm` | Flash-attn's RMSNorm kernel; for the speed, use" in speed
-    assert "`use_scattermoe`" not in speed
+    assert "`expert_parallel_size`" not in speed
     assert "| `lora_mlp_kernel` | accepted, no effect: speed only |" in text
-    assert "| `use_scattermoe` | refused |" in text
+    assert "| `expert_parallel_size` | refused |" in text
     assert "| `quantize_moe_experts` | supported |" in text
     assert (
         "| `eval_max_new_tokens` | refused; no effect (a warning) while `eval_table_size` / "

@@ -42,10 +42,11 @@ def test_each_refused_key_has_one_topic():
 
 
 def test_a_refused_key_names_itself_and_what_it_does(plugins):
-    problem = only_problem("use_scattermoe: true\n")
-    assert problem.path == "use_scattermoe" and problem.line == 5
+    problem = only_problem("expert_parallel_size: 2\n")
+    assert problem.path == "expert_parallel_size" and problem.line == 5
     assert problem.message == (
-        f"Axolotl's `use_scattermoe` — {axolotl.UNSUPPORTED_ROOT_KEYS['use_scattermoe'].what} "
+        f"Axolotl's `expert_parallel_size` — "
+        f"{axolotl.UNSUPPORTED_ROOT_KEYS['expert_parallel_size'].what} "
         "— is not supported by sft"
     )
     assert problem.hint == "remove it (or leave it blank)"
@@ -82,10 +83,10 @@ def test_a_refused_dataset_key_is_named_at_its_entry(plugins):
 
 def test_several_refused_keys_are_reported_together(plugins):
     with pytest.raises(ConfigError) as error:
-        load_yaml("fp8: true\nuse_scattermoe: true\ntrackio_project_name: demo\n")
+        load_yaml("fp8: true\nexpert_parallel_size: 2\ntrackio_project_name: demo\n")
     assert [p.path for p in error.value.problems] == [
         "fp8",
-        "use_scattermoe",
+        "expert_parallel_size",
         "trackio_project_name",
     ]
 
@@ -98,7 +99,7 @@ def test_blank_null_false_and_empty_values_of_refused_keys_are_accepted(plugins)
             """\
             use_sonicmoe: false
             gptq_disable_exllama: false
-            model_quantization_config_kwargs: {}
+            accelerator_config: {}
             rl:
             trackio_project_name:
             use_scattermoe: null
@@ -178,7 +179,7 @@ def test_the_speed_only_keys_are_the_kernel_choices():
         "liger_rms_norm_gated",
     }
     # These change what is trained or its numbers: never speed only.
-    assert not {"quantize_moe_experts", "use_scattermoe", "fp8", "tiled_mlp"} & set(SPEED_ONLY)
+    assert not {"expert_parallel_size", "fp8", "tiled_mlp", "qat"} & set(SPEED_ONLY)
 
 
 def test_warnings_do_not_hide_errors_and_errors_do_not_include_warnings(plugins):

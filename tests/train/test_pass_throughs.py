@@ -377,7 +377,22 @@ def test_the_experts_implementations_are_those_of_transformers():
 
     hint = typing.get_type_hints(Config)["experts_implementation"]
     (literal, _) = typing.get_args(hint)
-    assert set(typing.get_args(literal)) == {"eager", *ALL_EXPERTS_FUNCTIONS.keys()}
+    # plus Axolotl's scattermoe, which runs as transformers' default (a warning)
+    assert set(typing.get_args(literal)) == {"eager", "scattermoe", *ALL_EXPERTS_FUNCTIONS}
+
+
+def test_axolotls_scattermoe_runs_as_the_default_experts_implementation(tiny_project, tiny_moe):
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project(f"base_model={tiny_moe}", "experts_implementation=scattermoe")
+    (warning,) = [w for w in config.warnings if w.path == "experts_implementation"]
+    assert "transformers' default implementation" in warning.message
+    default = tiny_project(f"base_model={tiny_moe}")
+    tokenizer = load_tokenizer(config)
+    loaded = load_model(config, tokenizer, get_plugins()).config._experts_implementation
+    assert loaded == load_model(default, tokenizer, get_plugins()).config._experts_implementation
 
 
 def test_gradient_checkpointing_offload_is_activation_offloading(make_config):

@@ -167,3 +167,111 @@ def test_lora_on_quantized_experts_equals_lora_on_their_dequantized_weights(tiny
                 torch.testing.assert_close(grad, expected)
         for m in (quantized, reference):
             m.zero_grad()
+
+
+def test_bnb_keys_and_bnb_config_kwargs_reach_the_quantization_config(tiny_project):
+    from sft.model import bitsandbytes_config
+
+    config = tiny_project(
+        "adapter=qlora",
+        "load_in_4bit=true",
+        "bnb_4bit_quant_type=fp4",
+        "bnb_4bit_use_double_quant=false",
+        "bnb_4bit_compute_dtype=bfloat16",
+        "bnb_config_kwargs={llm_int8_skip_modules = ['lm_head', 'q_proj']}",
+    )
+    bnb = bitsandbytes_config(config, torch.float32)
+    assert (bnb.bnb_4bit_quant_type, bnb.bnb_4bit_use_double_quant) == ("fp4", False)
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    model = _loaded(config)
+    layer = model.model.layers[0].self_attn
+    assert type(layer.q_proj).__name__ == "Linear"  # skipped, as bnb_config_kwargs says
+    assert type(layer.k_proj).__name__ == "Linear4bit"
+    assert layer.k_proj.weight.quant_state.quant_type == "fp4"
+
+
+def test_bnb_config_kwargs_naming_no_argument_is_a_clear_error(tiny_project):
+    config = tiny_project(
+        "adapter=qlora", "load_in_4bit=true", "bnb_config_kwargs={bnb_4bit_typo = 1}"
+    )
+    with pytest.raises(ModelError, match="bnb_config_kwargs: bnb_4bit_typo is not an argument"):
+        _loaded(config)
+
+
+def test_bnb_keys_without_quantized_loading_are_warnings(tiny_project):
+    config = tiny_project("bnb_4bit_quant_type=fp4")
+    (warning,) = config.warnings
+    assert warning.path == "bnb_4bit_quant_type" and "load_in_4bit is not set" in warning.message
+
+
+def test_model_quantization_config_loads_gpt_oss_mxfp4_dequantized_and_trains(tiny_project):
+    """gpt-oss as Axolotl's examples load it: Mxfp4Config(dequantize=True); a full
+    fine-tune step, and the saved model loads back in plain transformers."""
+    from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM
+
+    from sft.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_project())
+    path = tiny_project.tmp_path / "gpt-oss"
+    GptOssForCausalLM(
+        GptOssConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = tiny_project(
+        f"base_model={path}",
+        "model_quantization_config=Mxfp4Config",
+        "model_quantization_config_kwargs={dequantize = true}",
+        "attn_implementation=eager",  # gpt-oss has no sdpa path in transformers
+        "max_steps=1",
+        "learning_rate=0.001",
+    )
+    result = train(config)
+    assert result.global_step == 1
+    trained = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    base = AutoModelForCausalLM.from_pretrained(path)
+    moved = [
+        (trained.state_dict()[name] - weight).abs().max().item()
+        for name, weight in base.state_dict().items()
+    ]
+    assert max(moved) > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model_quantization_config=AutoConfig"], "is not a quantization config class"),
+        (["model_quantization_config=BitsAndBytesConfig"], "set load_in_4bit or load_in_8bit"),
+        (
+            [
+                "model_quantization_config=Mxfp4Config",
+                "model_quantization_config_kwargs={dequantise = true}",
+            ],
+            "Mxfp4Config takes no argument dequantise",
+        ),
+        (
+            [
+                "model_quantization_config=TorchAoConfig",
+                "model_quantization_config_kwargs={quant_type = 'int4_weight_only'}",
+            ],
+            "TorchAoConfig requires torchao",
+        ),
+    ],
+)
+def test_model_quantization_config_mistakes_are_clear_errors(tiny_project, overrides, message):
+    with pytest.raises(ModelError, match=message.replace("(", r"\(")):
+        _loaded(tiny_project(*overrides))
+
+
+def test_model_quantization_config_conflicts_with_load_in_4bit(tiny_project):
+    with pytest.raises(ConfigError, match="conflicts with load_in_4bit"):
+        tiny_project("adapter=qlora", "load_in_4bit=true", "model_quantization_config=Mxfp4Config")
