@@ -40,6 +40,9 @@ class Unsupported:
     detected_by_name: str | None = None
     # Changes nothing in Axolotl either (why, as a clause): a live value is a warning.
     no_effect: str | None = None
+    # A dataset key Axolotl reads only for dataset types starting with one of these: on a
+    # dataset of another type it changes nothing (a warning).
+    only_for_types: tuple[str, ...] = ()
 
 
 U = Unsupported
@@ -406,6 +409,13 @@ UNSUPPORTED_ROOT_BY_TOPIC: dict[str, dict[str, Unsupported]] = {
     "RL & multimodal": _RL,
 }
 
+# Axolotl integrations (`plugins:` entries) that only pick faster kernels for the same
+# computation: set, each is a warning (sft trains the same model without it).
+SPEED_ONLY_INTEGRATIONS: dict[str, str] = {
+    "axolotl.integrations.kernels.KernelsPlugin": "Hugging Face kernels-hub, ScatterMoE and "
+    "SonicMoE kernels for MoE experts (use_kernels, use_scattermoe, use_sonicmoe)",
+}
+
 UNSUPPORTED_ROOT_KEYS: dict[str, Unsupported] = {
     name: entry for group in UNSUPPORTED_ROOT_BY_TOPIC.values() for name, entry in group.items()
 }
@@ -414,13 +424,19 @@ UNSUPPORTED_ROOT_KEYS: dict[str, Unsupported] = {
 UNSUPPORTED_DATASET_KEYS: dict[str, Unsupported] = {
     "preprocess_shards": Unsupported("prepares the dataset in N sequential chunks to save memory"),
     "conversation": Unsupported(
-        "FastChat conversation template of the old sharegpt format", "use `type: chat_template`"
+        "FastChat conversation template of the old sharegpt format",
+        "use `type: chat_template`",
+        only_for_types=("sharegpt",),
     ),
     "field_human": Unsupported(
-        "old sharegpt format: field of the human turns", "use `type: chat_template`"
+        "old sharegpt format: field of the human turns",
+        "use `type: chat_template`",
+        only_for_types=("sharegpt",),
     ),
     "field_model": Unsupported(
-        "old sharegpt format: field of the model turns", "use `type: chat_template`"
+        "old sharegpt format: field of the model turns",
+        "use `type: chat_template`",
+        only_for_types=("sharegpt",),
     ),
     "input_transform": Unsupported("a transform applied to rows before formatting"),
     "trust_remote_code": Unsupported("runs the Hub dataset's own loading code"),
@@ -498,6 +514,15 @@ def no_effect_message(
             "without it"
         )
         return message, silence + (f" (for the speed, {entry.instead})" if entry.instead else "")
+    kind = scope.get("type")
+    if entry.only_for_types and not (
+        isinstance(kind, str) and kind.startswith(entry.only_for_types)
+    ):
+        return (
+            f"has no effect: {named} Axolotl reads it only for type "
+            f"{' / '.join(entry.only_for_types)}, not {kind!r}",
+            silence,
+        )
     if entry.no_effect:
         return f"has no effect: {named} {entry.no_effect}", silence + (
             f"; {entry.instead}" if entry.instead else ""

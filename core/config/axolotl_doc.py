@@ -146,6 +146,9 @@ def status_of(entry: axolotl.Unsupported) -> str:
         return SPEED_ONLY
     if entry.no_effect:
         return f"accepted, no effect (a warning): {entry.no_effect}"
+    if entry.only_for_types:
+        kinds = " / ".join(f"`{kind}`" for kind in entry.only_for_types)
+        return f"refused with type {kinds}; no effect (a warning) with other types"
     if entry.only_with:
         keys = " / ".join(f"`{key}`" for key in entry.only_with)
         return f"refused; no effect (a warning) while {keys} are blank"
@@ -249,6 +252,10 @@ def axolotl_markdown(plugins: Any) -> str:
         "|---|---|",
     ]
     lines += [f"| `{path}` | `{plugin}` |" for path, plugin in integrations(plugins)]
+    lines += [
+        f"| `{path}` | none: speed only ({_cell(what)}), a warning |"
+        for path, what in axolotl.SPEED_ONLY_INTEGRATIONS.items()
+    ]
     for topic, rows in rows_by_topic(plugins).items():
         lines += ["", f"## {topic}", "", "| key | sft | notes |", "|---|---|---|"]
         lines += [f"| {row.key} | {row.status} | {row.notes} |" for row in rows]

@@ -295,8 +295,22 @@ def _axolotl_value_problems(config: Config, plugins: Any) -> list[Problem]:
         for owner, keys in plugins.config_keys()
         for path in getattr(keys, "axolotl_integrations", ())
     }
+    from sft.config.axolotl import SPEED_ONLY_INTEGRATIONS
+
     for index, path in enumerate(config.plugins or ()):
         if path in stand_ins:
+            continue
+        if path in SPEED_ONLY_INTEGRATIONS:
+            problems.append(
+                Problem(
+                    f"plugins[{index}]",
+                    f"has no effect in sft: Axolotl's {path.rsplit('.', 1)[-1]} — "
+                    f"{SPEED_ONLY_INTEGRATIONS[path]} — only changes speed; sft trains the same "
+                    "model without it",
+                    hint="remove it to silence this (for MoE speed, set experts_implementation)",
+                    warning=True,
+                )
+            )
             continue
         if path.startswith("axolotl."):
             message = (

@@ -405,3 +405,34 @@ def test_bfloat16_is_bf16(plugins):
     assert problems_of("bfloat16: true\nfp16: true\n")["fp16"] == (
         "conflicts with bfloat16 = true: choose one precision"
     )
+
+
+def test_sharegpt_only_dataset_keys_change_nothing_on_other_types(plugins):
+    config = load_config_text(
+        "base_model: unused\ndatasets:\n  - path: x.jsonl\n    type: alpaca\n"
+        "    conversation: qwen2\n",
+        "yaml",
+        machine_checks=False,
+    )
+    (warning,) = config.warnings
+    assert warning.path == "datasets[0].conversation"
+    assert "reads it only for type sharegpt, not 'alpaca'" in warning.message
+    with pytest.raises(ConfigError) as error:  # on a sharegpt dataset: refused, with the type
+        load_config_text(
+            "base_model: unused\ndatasets:\n  - path: x.jsonl\n    type: sharegpt\n"
+            "    conversation: chatml\n",
+            "yaml",
+            machine_checks=False,
+        )
+    assert "datasets[0].conversation" in {p.path for p in error.value.problems}
+
+
+def test_axolotls_kernels_integration_is_a_speed_only_warning(plugins):
+    config = load_yaml(
+        "plugins:\n  - axolotl.integrations.kernels.KernelsPlugin\nuse_kernels: true\n"
+    )
+    warnings = warnings_of(config)
+    assert (
+        "KernelsPlugin" in warnings["plugins[0]"] and "only changes speed" in warnings["plugins[0]"]
+    )
+    assert "only changes speed" in warnings["use_kernels"]

@@ -71,9 +71,11 @@ def test_rl_training_is_refused_as_such(plugins):
 
 def test_a_refused_dataset_key_is_named_at_its_entry(plugins):
     with pytest.raises(ConfigError) as error:
-        load_config_text(HEAD + "    field_human: from\n", "yaml")
-    (problem,) = error.value.problems
-    assert problem.path == "datasets[0].field_human" and problem.line == 5
+        load_config_text(
+            HEAD.replace("chat_template", "sharegpt") + "    field_human: from\n", "yaml"
+        )
+    problem = next(p for p in error.value.problems if p.path == "datasets[0].field_human")
+    assert problem.line == 5
     assert problem.message == (
         "Axolotl's dataset key `field_human` — old sharegpt format: field of the human turns — "
         "is not supported by sft"
