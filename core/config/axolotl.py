@@ -301,10 +301,6 @@ _EVAL: dict[str, Unsupported] = {
     "evaluation_strategy": U(
         "older name of eval_strategy", "use `eval_steps` or `evals_per_epoch`"
     ),
-    "early_stopping_patience": U("stops after N evaluations in a row without improvement"),
-    "metric_for_best_model": U("the metric that picks the best checkpoint"),
-    "greater_is_better": U("whether a larger metric_for_best_model is better"),
-    "load_best_model_at_end": U("loads the best checkpoint when training ends"),
     "eval_table_size": U("logs a table of sample predictions to W&B at evaluation"),
     "eval_max_new_tokens": U(
         "tokens generated for the eval_table_size / do_causal_lm_eval predictions",

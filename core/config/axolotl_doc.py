@@ -75,7 +75,11 @@ RULES: tuple[_Rule, ...] = (
         "attn_implementation plugins experts_implementation xformers_attention",
         "liger_ torch_compile chunked_cross_entropy cut_cross_entropy",
     ),
-    _rule("Evaluation", "", "eval"),
+    _rule(
+        "Evaluation",
+        "early_stopping_patience load_best_model_at_end metric_for_best_model greater_is_better",
+        "eval",
+    ),
     _rule(
         "Saving & hub",
         "output_dir overwrite_output_dir push_to_hub auto_resume_from_checkpoints",

@@ -75,6 +75,7 @@ def ineffective_key_problems(config: Config, plugins: Any) -> list[Problem]:
     return [
         *_adapter_problems(config),
         *_eval_problems(config),
+        *_best_model_problems(config),
         *_schedule_problems(config),
         *_optimizer_problems(config, plugins),
         *_dataset_problems(config),
@@ -231,6 +232,52 @@ def _same(value: Any, saved: Any) -> bool:
 
 
 # -- eval and schedule -------------------------------------------------------------------------
+
+
+def _best_model_problems(config: Config) -> list[Problem]:
+    problems = []
+    best = config.load_best_model_at_end or config.early_stopping_patience
+    has_eval = config.val_set_size > 0 or config.test_datasets
+    for name in ("early_stopping_patience", "load_best_model_at_end"):
+        if is_set(config, name) and not has_eval:
+            problems.append(
+                Problem(
+                    name,
+                    "needs evaluations to rank checkpoints, and there is no eval set",
+                    hint="set val_set_size (e.g. 0.05) or add [[test_datasets]]",
+                )
+            )
+    if best and config.checkpoint_strategy == "no":
+        problems.append(
+            Problem(
+                "save_strategy",
+                "no checkpoints are saved, so there is no best one to end with "
+                "(load_best_model_at_end / early_stopping_patience)",
+                hint="save checkpoints at evaluation steps (e.g. save_steps = eval_steps)",
+            )
+        )
+    if best and config.save_steps and config.eval_steps and config.save_steps % config.eval_steps:
+        problems.append(
+            Problem(
+                "save_steps",
+                f"{config.save_steps} is not a multiple of eval_steps ({config.eval_steps}): "
+                "the best checkpoint is chosen among the saved ones at evaluation steps",
+                hint=f"set save_steps to a multiple of {config.eval_steps}",
+            )
+        )
+    for name in ("metric_for_best_model", "greater_is_better"):
+        if is_set(config, name) and not best:
+            problems.append(
+                Problem(
+                    name,
+                    "has no effect: nothing picks a best checkpoint "
+                    "(load_best_model_at_end and early_stopping_patience are not set)",
+                    hint="set load_best_model_at_end = true or early_stopping_patience, or "
+                    f"remove {name}",
+                    warning=True,
+                )
+            )
+    return problems
 
 
 def _eval_problems(config: Config) -> list[Problem]:

@@ -357,6 +357,23 @@ class Config(_Sections):
     eval_batch_size: int | None = key(
         None, ge=1, doc="Eval batch size (default: micro_batch_size)."
     )
+    early_stopping_patience: int | None = key(
+        None,
+        ge=1,
+        doc="Stop after this many evaluations in a row without improving metric_for_best_model "
+        "(transformers' EarlyStoppingCallback); the best checkpoint is then the final model.",
+    )
+    load_best_model_at_end: bool = key(
+        False,
+        doc="End with the weights of the best checkpoint (by metric_for_best_model) instead of "
+        "the last step's; checkpoints must be saved at evaluation steps.",
+    )
+    metric_for_best_model: str | None = key(
+        None, doc="The eval metric that ranks checkpoints (default: loss, i.e. eval_loss)."
+    )
+    greater_is_better: bool | None = key(
+        None, doc="Whether a larger metric_for_best_model is better (default: false for loss)."
+    )
     gradient_accumulation_steps: int = key(
         1, ge=1, doc="Micro-batches accumulated per optimizer step."
     )

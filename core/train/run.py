@@ -156,6 +156,25 @@ def training_arguments(
         save_kwargs = {"save_strategy": "steps", "save_steps": 500}  # transformers' default
     else:
         save_kwargs = _schedule("save", config.save_steps, config.saves_per_epoch, per_epoch)
+    best = has_eval and (config.load_best_model_at_end or config.early_stopping_patience)
+    if best and save_kwargs.get("save_strategy") != eval_kwargs.get("eval_strategy"):
+        raise ModelError(
+            "load_best_model_at_end / early_stopping_patience pick the best of the checkpoints "
+            f"saved at evaluations, but evaluations run by {eval_kwargs['eval_strategy']} and "
+            f"checkpoints by {save_kwargs['save_strategy']}\n  fix: give both the same "
+            "schedule, e.g. eval_steps = save_steps (or evals_per_epoch = saves_per_epoch)"
+        )
+    if (
+        best
+        and "save_steps" in save_kwargs
+        and save_kwargs["save_steps"] % eval_kwargs["eval_steps"]
+    ):
+        raise ModelError(
+            f"checkpoints every {save_kwargs['save_steps']} steps are not saved at evaluations "
+            f"(every {eval_kwargs['eval_steps']} steps), which load_best_model_at_end / "
+            "early_stopping_patience choose among\n  fix: make the save interval a multiple of "
+            "the eval interval"
+        )
     from sft.data.streaming import dataloader_settings
     from sft.train.options import trainer_arguments
     from sft.train.tracking import report_to, run_name
@@ -196,11 +215,22 @@ def training_arguments(
         ddp_find_unused_parameters=bool(config.ddp_find_unused_parameters),
         ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None,
         **trainer_arguments(config),  # NEFTune, torch.compile, ... (sft.train.options)
+        load_best_model_at_end=bool(best),
+        metric_for_best_model=(config.metric_for_best_model or "loss") if best else None,
+        greater_is_better=config.greater_is_better if best else None,
         **eval_kwargs,
         **save_kwargs,
         **(engine or {}),
         **dataloader_settings(config),  # streaming: each process its own batches
     )
+
+
+def _early_stopping(config: Config, has_eval: bool) -> list[Any]:
+    if not (config.early_stopping_patience and has_eval):
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
 
 
 def pack_if_asked(config: Config, prepared: Any, plugins: Any, console: Any) -> tuple[Any, Any]:
@@ -404,6 +434,7 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
             *plugins.trainer_callbacks(config),
             *([make_apply_callback(plan, config, plugins, console)] if plan else []),
             *([watchdog.callback()] if watchdog else []),
+            *_early_stopping(config, eval_data is not None),
             *([hub.callback()] if hub is not None and config.hub_strategy != "end" else []),
             make_stop_callback(stop),  # last: a signal during another callback stops this step
         ],

@@ -285,6 +285,11 @@ def make_trainer_class() -> type:
                 shutil.rmtree(target, ignore_errors=True)
                 (staging / name).replace(target)
                 shutil.rmtree(staging, ignore_errors=True)
+                if self.state.best_model_checkpoint == str(staging / name):
+                    # The Trainer recorded the staging path (in its state and the checkpoint's
+                    # trainer_state.json): point both at where the checkpoint is now.
+                    self.state.best_model_checkpoint = str(target)
+                    self.state.save_to_json(str(target / "trainer_state.json"))
                 rotate_checkpoints(
                     output_dir=root,
                     save_total_limit=self.args.save_total_limit,

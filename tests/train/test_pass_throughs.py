@@ -557,3 +557,52 @@ def test_group_by_length_with_packing_is_a_warning(tiny_project):
     config = tiny_project("group_by_length=true", "sample_packing=true")
     (warning,) = [w for w in config.warnings if w.path == "group_by_length"]
     assert "no effect with sample_packing = true" in warning.message
+
+
+def test_early_stopping_stops_and_ends_with_the_best_checkpoint(tiny_project):
+    """A learning rate so high the eval loss gets worse after the first evaluation: training
+    stops `patience` evaluations later, and the final model is the best checkpoint's."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from sft.train.run import train
+
+    config = tiny_project(
+        "val_set_size=0.25",
+        "learning_rate=3.0",
+        "optimizer=sgd",
+        "eval_steps=1",
+        "save_steps=1",
+        "early_stopping_patience=2",
+        "max_steps=12",
+        "lr_scheduler=constant",
+    )
+    result = train(config)
+    out = Path(config.output_dir)
+    states = {
+        int(p.name.split("-")[1]): json.loads((p / "trainer_state.json").read_text())
+        for p in out.glob("checkpoint-*")
+    }
+    last = max(states)
+    history = [e for e in states[last]["log_history"] if "eval_loss" in e]
+    losses = [e["eval_loss"] for e in history]
+    best_step = history[losses.index(min(losses))]["step"]
+    assert result.global_step < 12  # stopped early
+    assert result.global_step == best_step + 2  # two evaluations without improvement
+    best = states[last]["best_model_checkpoint"]
+    assert best == str(out / f"checkpoint-{best_step}")  # not the staging directory
+    final = load_file(out / "model.safetensors")
+    kept = load_file(out / f"checkpoint-{best_step}" / "model.safetensors")
+    assert all(torch.equal(final[name], kept[name]) for name in final)
+
+
+def test_best_model_keys_need_an_eval_set_and_aligned_checkpoints(tiny_project):
+    with pytest.raises(ConfigError, match="there is no eval set"):
+        tiny_project("early_stopping_patience=2")
+    with pytest.raises(ConfigError, match="3 is not a multiple of eval_steps"):
+        tiny_project(
+            "val_set_size=0.25", "load_best_model_at_end=true", "eval_steps=2", "save_steps=3"
+        )
+    config = tiny_project("metric_for_best_model=loss")
+    assert [w.path for w in config.warnings] == ["metric_for_best_model"]
