@@ -91,7 +91,6 @@ _QUANT: dict[str, Unsupported] = {
     "gptq_disable_exllama": U("turns off the ExLlama kernels of a GPTQ model"),
     "nvfp4_merge_aware": U("trains the adapter so it merges losslessly into an NVFP4 model"),
     "use_onebitllms": U("1.58-bit training of BitNet models with onebitllms"),
-    "qat": U("quantization-aware training (torchao fake quantization)"),
     "ternary": U("ternary (1.58-bit) quantization-aware training (Axolotl's ternary plugin)"),
     "llmcompressor": U("fine-tunes a sparsified model keeping its sparsity (LLM Compressor)"),
     "lora_fan_in_fan_out": U(
@@ -187,10 +186,6 @@ _TRAINING: dict[str, Unsupported] = {
 # -- schedules -------------------------------------------------------------------------------
 _SCHEDULES: dict[str, Unsupported] = {
     "lr_quadratic_warmup": U("warms the learning rate up quadratically instead of linearly"),
-    "cosine_constant_lr_ratio": U(
-        "holds cosine's learning rate constant from this fraction of training",
-        "use `cosine_min_lr_ratio` for a floor",
-    ),
 }
 
 # -- precision & memory ----------------------------------------------------------------------

@@ -45,7 +45,7 @@ RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         "Quantization & adapters",
-        "adapter unfrozen_parameters quantize_moe_experts model_quantization_config "
+        "adapter unfrozen_parameters quantize_moe_experts qat model_quantization_config "
         "model_quantization_config_kwargs",
         "load_in_ lora_ peft_ loraplus_ bnb_",
     ),

@@ -407,6 +407,13 @@ class Config(_Sections):
         le=1.0,
         doc="Floor of cosine (and cosine_with_min_lr, rex) as a fraction of learning_rate.",
     )
+    cosine_constant_lr_ratio: float | None = key(
+        None,
+        ge=0.0,
+        le=1.0,
+        doc="With lr_scheduler = cosine and cosine_min_lr_ratio: reach the floor at this "
+        "fraction of training, then hold it (Axolotl's schedule; 0 or blank: off).",
+    )
     lr_div_factor: float | None = key(
         None, gt=0.0, doc="one_cycle: the schedule starts at learning_rate / this (default 25)."
     )

@@ -6,6 +6,7 @@ the schedule keys.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from sft.config.schema import Config
@@ -91,6 +92,17 @@ def schedule_problems(config: Config) -> list[Problem]:
                 else f"{name} takes no options: remove lr_scheduler_kwargs",
             )
         )
+    if config.cosine_constant_lr_ratio and not (name == "cosine" and config.cosine_min_lr_ratio):
+        problems.append(
+            Problem(
+                "cosine_constant_lr_ratio",
+                "has no effect: it shapes lr_scheduler = 'cosine' with a cosine_min_lr_ratio "
+                f"(here lr_scheduler = {name!r}, cosine_min_lr_ratio = "
+                f"{config.cosine_min_lr_ratio!r})",
+                hint="set lr_scheduler = 'cosine' and cosine_min_lr_ratio, or remove it",
+                warning=True,
+            )
+        )
     if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         floors = [k for k in ("min_lr", "min_lr_rate") if k in options]
         if len(floors) > 1:
@@ -160,6 +172,18 @@ def rex_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * z / (0.1 + 0.9 * z)
 
 
+def cosine_constant_factor(
+    step: int, *, warmup: int, total: int, floor: float, constant_ratio: float
+) -> float:
+    """Axolotl's cosine with a constant tail: linear warmup, cosine from 1 down to `floor` at
+    step `total * constant_ratio`, then `floor`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    end = int(total * constant_ratio)
+    progress = (min(step, end) - warmup) / max(1, end - warmup)
+    return max(0.0, (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))) + floor
+
+
 def _one_cycle(config: Config, optimizer: Any, total: int, warmup: int) -> Any:
     from torch.optim.lr_scheduler import OneCycleLR
 
@@ -189,6 +213,17 @@ def build_schedule(config: Config, optimizer: Any, total: int, warmup: int) -> A
             return LambdaLR(optimizer, factor)
         if name == "one_cycle":
             return _one_cycle(config, optimizer, total, warmup)
+        if name == "cosine" and config.cosine_min_lr_ratio and config.cosine_constant_lr_ratio:
+            from torch.optim.lr_scheduler import LambdaLR
+
+            factor = functools.partial(
+                cosine_constant_factor,
+                warmup=warmup,
+                total=total,
+                floor=config.cosine_min_lr_ratio,
+                constant_ratio=config.cosine_constant_lr_ratio,
+            )
+            return LambdaLR(optimizer, factor)
         from transformers import get_scheduler
 
         if name == "cosine" and config.cosine_min_lr_ratio is not None:
@@ -211,4 +246,10 @@ def build_schedule(config: Config, optimizer: Any, total: int, warmup: int) -> A
         ) from exc
 
 
-__all__ = ["SCHEDULE_OPTIONS", "build_schedule", "rex_factor", "schedule_problems"]
+__all__ = [
+    "SCHEDULE_OPTIONS",
+    "build_schedule",
+    "cosine_constant_factor",
+    "rex_factor",
+    "schedule_problems",
+]

@@ -124,9 +124,9 @@ def test_schedule_free_saves_its_averaged_weights(tiny_project):
 
 def test_an_uninstalled_optimizer_package_is_a_machine_problem(make_config):
     with pytest.raises(ConfigError) as error:
-        make_config('[[datasets]]\npath = "x"\n', "optimizer=adamw_torch_4bit")
+        make_config('[[datasets]]\npath = "x"\n', "optimizer=adamw_anyprecision")
     (problem,) = [p for p in error.value.problems if p.path == "optimizer"]
-    assert problem.machine and "torchao" in problem.message
+    assert problem.machine and "torchdistx" in problem.message
 
 
 # -- LoRA+ ------------------------------------------------------------------------------------------
@@ -606,3 +606,43 @@ def test_best_model_keys_need_an_eval_set_and_aligned_checkpoints(tiny_project):
         )
     config = tiny_project("metric_for_best_model=loss")
     assert [w.path for w in config.warnings] == ["metric_for_best_model"]
+
+
+def test_cosine_constant_lr_ratio_holds_the_floor_from_that_fraction(make_config):
+    from sft.train.schedule import build_schedule
+
+    config = make_config(
+        '[[datasets]]\npath = "x"\n',
+        "lr_scheduler=cosine",
+        "cosine_min_lr_ratio=0.1",
+        "cosine_constant_lr_ratio=0.6",
+        "learning_rate=1.0",
+        machine_checks=False,
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = build_schedule(config, optimizer, total=10, warmup=2)
+    lrs = []
+    for _ in range(11):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # warmup 0, 0.5; cosine from 1 (step 2) to the floor 0.1 at step int(10 * 0.6) = 6; then 0.1
+    expected = [0.0, 0.5] + [
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)
+    ]
+    expected += [0.1] * 5
+    assert lrs == pytest.approx(expected)
+
+
+def test_cosine_constant_lr_ratio_without_its_cosine_floor_is_a_warning(make_config):
+    config = make_config(
+        '[[datasets]]\npath = "x"\n',
+        "lr_scheduler=linear",
+        "cosine_constant_lr_ratio=0.5",
+        machine_checks=False,
+    )
+    assert [w.path for w in config.warnings] == ["cosine_constant_lr_ratio"]
+    zero = make_config(
+        '[[datasets]]\npath = "x"\n', "cosine_constant_lr_ratio=0", machine_checks=False
+    )
+    assert zero.warnings == ()  # 0 is "off", as in Axolotl

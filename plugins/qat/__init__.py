@@ -1,0 +1,251 @@
+"""`qat`: quantization-aware training with torchao's fake quantization (Axolotl's `qat` table).
+
+The linear layers (and with `quantize_embedding` the embeddings) compute with weights rounded to
+`weight_dtype` in groups of `group_size`, and activations rounded per token to
+`activation_dtype`, while the float weights train (straight-through gradients): the model learns
+weights that survive quantization. `fake_quant_after_n_steps` trains in full precision first.
+Before the final save the fake-quantized layers are swapped back to plain ones, so the saved model
+is an ordinary float model, ready for quantization with the same settings (e.g. torchao's
+Int8DynamicActivationInt4WeightConfig). Full fine-tunes only, as in Axolotl.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from sft import hookimpl
+from sft.components import ConfigKeys
+from sft.config.schema import Config, key
+from sft.errors import ModelError, Problem
+
+INT_DTYPES = tuple(f"int{bits}" for bits in range(1, 9))
+FIELDS = {
+    "weight_dtype": "int1 … int8: the weights' integer type",
+    "activation_dtype": "int1 … int8 or blank: the activations' integer type (per token)",
+    "group_size": "weights per quantization group (default 32)",
+    "quantize_embedding": "also fake-quantize the input embeddings (default false)",
+    "fake_quant_after_n_steps": "train in full precision for this many steps first",
+}
+
+
+@attrs.frozen
+class QatKeys:
+    qat: dict[str, Any] | None = key(
+        None,
+        doc="Quantization-aware training (torchao fake quantization of the linear layers): "
+        "{weight_dtype = 'int4', activation_dtype = 'int8', group_size = 32, quantize_embedding "
+        "= false, fake_quant_after_n_steps = N}; full fine-tunes only.",
+    )
+
+
+@attrs.frozen
+class QatSettings:
+    weight_dtype: str
+    activation_dtype: str | None = None
+    group_size: int = 32
+    quantize_embedding: bool = False
+    fake_quant_after_n_steps: int | None = None
+
+
+def settings_of(config: Config) -> QatSettings | None:
+    table = config.section(QatKeys).qat
+    if not table:
+        return None
+    return QatSettings(**{k: v for k, v in table.items() if v is not None and v != ""})
+
+
+def _table_problems(table: dict[str, Any]) -> list[Problem]:
+    from sft.registry import did_you_mean
+
+    problems = []
+    for name in table:
+        if name not in FIELDS:
+            guess = did_you_mean(name, list(FIELDS))
+            problems.append(
+                Problem(
+                    f"qat.{name}",
+                    "unknown key" + (f"; did you mean {guess!r}?" if guess else ""),
+                    hint="qat's keys: " + "; ".join(f"{k} ({v})" for k, v in FIELDS.items()),
+                )
+            )
+    for name in ("weight_dtype", "activation_dtype"):
+        value = table.get(name)
+        if value in (None, ""):
+            if name == "weight_dtype":
+                problems.append(Problem("qat.weight_dtype", "is required", hint="e.g. 'int4'"))
+            continue
+        if value not in INT_DTYPES:
+            floating = value in ("nvfp4", "mxfp4", "mxfp8", "float8")
+            problems.append(
+                Problem(
+                    f"qat.{name}",
+                    f"{value!r} is not supported by sft"
+                    + (" yet (torchao's floating-point QAT needs a GPU path sft has not tested)"
+                       if floating else ""),
+                    hint=f"one of {', '.join(INT_DTYPES)}",
+                )
+            )  # fmt: skip
+    for name, low in (("group_size", 1), ("fake_quant_after_n_steps", 0)):
+        value = table.get(name)
+        if value not in (None, "") and (not isinstance(value, int) or value < low):
+            problems.append(Problem(f"qat.{name}", f"expected an integer ≥ {low}, found {value!r}"))
+    embedding = table.get("quantize_embedding")
+    if embedding not in (None, "") and not isinstance(embedding, bool):
+        problems.append(
+            Problem("qat.quantize_embedding", f"expected true or false, found {embedding!r}")
+        )
+    return problems
+
+
+@hookimpl
+def sft_config_keys() -> Sequence[ConfigKeys]:
+    return [ConfigKeys(QatKeys)]
+
+
+@hookimpl
+def sft_validate_config(config: Config) -> Sequence[Problem]:
+    table = config.section(QatKeys).qat
+    if not table:
+        return []
+    problems = _table_problems(table)
+    if config.adapter:
+        problems.append(
+            Problem(
+                "qat",
+                "quantization-aware training trains the model's own weights through fake "
+                "quantization; it cannot be combined with an adapter (as in Axolotl)",
+                hint="remove adapter for a full fine-tune, or remove qat",
+            )
+        )
+    if config.load_in_4bit or config.load_in_8bit:
+        problems.append(
+            Problem("qat", "needs float weights to train; it conflicts with load_in_4bit/8bit")
+        )
+    from sft.hardware import installed
+
+    if not installed("torchao"):
+        problems.append(
+            Problem(
+                "qat",
+                "needs torchao, which is not installed",
+                hint="pip install torchao",
+                machine=True,
+            )
+        )
+    return problems
+
+
+def _fake_quantize_configs(settings: QatSettings) -> tuple[Any, Any]:
+    import torch
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    weights = IntxFakeQuantizeConfig(
+        getattr(torch, settings.weight_dtype), group_size=settings.group_size
+    )
+    activations = None
+    if settings.activation_dtype:
+        activations = IntxFakeQuantizeConfig(
+            getattr(torch, settings.activation_dtype), "per_token", is_symmetric=False
+        )
+    return activations, weights
+
+
+def _quiet_torchao_import() -> None:
+    import logging
+
+    # torchao built for another torch logs that its optional C++/CUDA kernels did not load;
+    # fake quantization is plain PyTorch and needs none of them.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+@hookimpl
+def sft_patch_model(model: Any, config: Config) -> None:
+    settings = settings_of(config)
+    if settings is None:
+        return
+    import torch
+
+    _quiet_torchao_import()
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    activations, weights = _fake_quantize_configs(settings)
+    head = model.get_output_embeddings()
+
+    def is_linear(module: Any, _name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module is not head
+
+    try:
+        quantize_(
+            model,
+            QATConfig(activation_config=activations, weight_config=weights, step="prepare"),
+            filter_fn=is_linear,
+        )
+        if settings.quantize_embedding:
+            quantize_(
+                model,
+                QATConfig(weight_config=weights, step="prepare"),
+                filter_fn=lambda module, _name: isinstance(module, torch.nn.Embedding),
+            )
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise ModelError(
+            f"qat: torchao cannot fake-quantize this model with {settings}: {exc}\n  fix: "
+            "choose a qat.group_size that divides the layers' input sizes (e.g. 32)"
+        ) from exc
+    if settings.fake_quant_after_n_steps:
+        set_fake_quant(model, enabled=False)
+
+
+def set_fake_quant(model: Any, enabled: bool) -> int:
+    """Turn every fake quantizer on or off; return how many there are."""
+    count = 0
+    for module in model.modules():
+        for name in ("weight_fake_quantizer", "activation_fake_quantizer"):
+            quantizer = getattr(module, name, None)
+            if quantizer is not None:
+                quantizer.enabled = enabled
+                count += 1
+    return count
+
+
+@hookimpl
+def sft_trainer_callbacks(config: Config) -> Sequence[Any]:
+    settings = settings_of(config)
+    if settings is None or not settings.fake_quant_after_n_steps:
+        return []
+    from transformers import TrainerCallback
+
+    start = settings.fake_quant_after_n_steps
+
+    class StartFakeQuantization(TrainerCallback):  # type: ignore[misc]
+        """Full precision for the first `start` steps, fake quantization from then on (also
+        after a resume past that step)."""
+
+        def on_step_begin(
+            self, args: Any, state: Any, control: Any, model: Any = None, **_: Any
+        ) -> None:
+            if model is not None:
+                set_fake_quant(model, enabled=state.global_step >= start)
+
+    return [StartFakeQuantization()]
+
+
+@hookimpl
+def sft_before_save(config: Config, model: Any, output_dir: str, trainer: Any) -> None:
+    """The trained float weights, in plain layers: what a quantizer then reads."""
+    if settings_of(config) is None:
+        return
+    _quiet_torchao_import()
+    import torch
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    target = trainer.model if trainer is not None else model
+    quantize_(
+        target,
+        QATConfig(step="convert"),  # no base config: only the swap back to plain layers
+        filter_fn=lambda module, _name: isinstance(module, (torch.nn.Linear, torch.nn.Embedding)),
+    )

@@ -1,0 +1,121 @@
+"""The qat plugin: torchao fake quantization while training, plain float layers when saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sft.errors import ConfigError
+
+pytest.importorskip("torchao", reason="torchao is not installed (pip install 'sft-train[qat]')")
+
+QAT = "qat={weight_dtype = 'int4', activation_dtype = 'int8', group_size = 32}"
+
+
+def _loaded(config):
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    return load_model(config, load_tokenizer(config), get_plugins())
+
+
+def _fake_quantized(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """Symmetric per-group integer rounding of `weight`, written out by hand."""
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // group_size, group_size)
+    top = 2 ** (bits - 1) - 1
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6) / ((2 * top + 1) / 2)
+    rounded = torch.clamp(torch.round(groups / scale), -top - 1, top) * scale
+    return rounded.reshape(rows, columns)
+
+
+def test_qat_fake_quantizes_the_linear_layers_but_not_the_head(tiny_project):
+    model = _loaded(tiny_project("qat={weight_dtype = 'int4', group_size = 32}"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "FakeQuantizedLinear"
+    assert type(model.lm_head).__name__ == "Linear"
+    assert type(model.model.embed_tokens).__name__ == "Embedding"
+    x = torch.randn(3, layer.in_features)
+    expected = x @ _fake_quantized(layer.weight.detach(), 32, 4).T
+    torch.testing.assert_close(layer(x), expected, atol=2e-2, rtol=2e-2)
+    assert (layer(x) - x @ layer.weight.T).abs().max() > 1e-3  # not the float layer
+
+
+def test_qat_trains_and_saves_a_plain_float_model(tiny_project):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sft.train.run import train
+
+    config = tiny_project(QAT, "max_steps=2", "learning_rate=0.001", "qat.quantize_embedding=true")
+    result = train(config)
+    assert result.global_step == 2
+    saved = load_file(result.output_dir / "model.safetensors")
+    base = load_file(tiny_project.tmp_path / "tiny" / "model.safetensors")
+    assert set(saved) == set(base)  # plain layers: no fake-quantizer state
+    assert any(not torch.equal(saved[k], base[k]) for k in base)
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+
+
+def test_fake_quant_after_n_steps_trains_in_full_precision_first(tiny_project):
+    from sft.plugins.qat import set_fake_quant
+
+    model = _loaded(tiny_project(QAT, "qat.fake_quant_after_n_steps=1"))
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)  # off until the step comes
+    assert set_fake_quant(model, enabled=True) > 0
+    assert (layer(x) - x @ layer.weight.T).abs().max() > 1e-3
+
+    from sft.train.run import train
+
+    steps = []
+    original = set_fake_quant
+
+    def recording(model, enabled):
+        steps.append(enabled)
+        return original(model, enabled)
+
+    import sft.plugins.qat
+
+    sft.plugins.qat.set_fake_quant = recording
+    try:
+        train(tiny_project(QAT, "qat.fake_quant_after_n_steps=1", "max_steps=3"))
+    finally:
+        sft.plugins.qat.set_fake_quant = original
+    assert steps[-3:] == [False, True, True]  # step 0 in full precision, then fake-quantized
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path", "message"),
+    [
+        (
+            ["qat={weight_dtype = 'int4'}", "adapter=lora"],
+            "qat",
+            "cannot be combined with an adapter",
+        ),
+        (["qat={activation_dtype = 'int8'}"], "qat.weight_dtype", "is required"),
+        (
+            ["qat={weight_dtype = 'nvfp4'}"],
+            "qat.weight_dtype",
+            "'nvfp4' is not supported by sft yet",
+        ),
+        (
+            ["qat={weight_dtype = 'int4', grop_size = 32}"],
+            "qat.grop_size",
+            "did you mean 'group_size'",
+        ),
+        (
+            ["qat={weight_dtype = 'int4', group_size = 0}"],
+            "qat.group_size",
+            "expected an integer ≥ 1",
+        ),
+    ],
+)
+def test_qat_mistakes_are_named(tiny_project, overrides, path, message):
+    with pytest.raises(ConfigError) as error:
+        tiny_project(*overrides)
+    problems = {p.path: p.message for p in error.value.problems}
+    assert message in problems[path]
