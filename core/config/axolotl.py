@@ -226,8 +226,14 @@ _KERNELS: dict[str, Unsupported] = {
         "fuses part of the MLP into one operation (flash-attn patch)", speed_only=True
     ),
     "flash_optimum": U("BetterTransformer attention from optimum"),
-    "flex_attn_compile_kwargs": U("torch.compile options for flex attention"),
-    "gemma4_hybrid_attn_impl": U("Gemma 4: flash attention on sliding-window layers, sdpa else"),
+    "flex_attn_compile_kwargs": U(
+        "torch.compile options for the flex attention kernel", speed_only=True
+    ),
+    "gemma4_hybrid_attn_impl": U(
+        "Gemma 4: flash attention on sliding-window layers, sdpa on the others",
+        "set `attn_implementation`",
+        speed_only=True,
+    ),
     "fused_attn_kernel": U(
         "Axolotl's fused q/k RMSNorm + RoPE kernel for supported models", speed_only=True
     ),
