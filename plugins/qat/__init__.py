@@ -50,8 +50,8 @@ class QatSettings:
     fake_quant_after_n_steps: int | None = None
 
 
-def settings_of(config: Config) -> QatSettings | None:
-    table = config.section(QatKeys).qat
+def settings_of(config: Config | None) -> QatSettings | None:
+    table = config.section(QatKeys).qat if config is not None else None
     if not table:
         return None
     return QatSettings(**{k: v for k, v in table.items() if v is not None and v != ""})

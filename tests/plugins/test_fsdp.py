@@ -551,6 +551,30 @@ def test_lora_fsdp2_two_processes_save_what_one_process_saves(tiny_project, reco
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_qat_fsdp2_two_processes_save_what_one_process_saves(tiny_project):
+    """Quantization-aware training under FSDP2: the fake-quantized layers shard and train as
+    in one process, and the final save gathers plain float weights."""
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install 'sft-train[qat]')")
+    qat = ("qat={weight_dtype = 'int4', activation_dtype = 'int8', group_size = 32}",)
+    one, two, output = _run_both(tiny_project, qat)
+    assert SHARDED.search(output), output[-3000:]
+    base = _weights(tiny_project.tmp_path / "tiny" / "model.safetensors")
+    final, want = _weights(two / "model.safetensors"), _weights(one / "model.safetensors")
+    assert sorted(final) == sorted(want) == sorted(base)  # plain layers, gathered
+    # Rounding to int4/int8 turns fp32 differences of the two reductions into whole steps now
+    # and then: equal to 5e-3, while training moved the weights over 10 times more.
+    moved = 0
+    for name, tensor in want.items():
+        difference = (final[name] - tensor).norm()
+        assert difference <= 5e-3 * tensor.norm(), name
+        if not torch.equal(tensor, base[name]):
+            moved += 1
+            assert (tensor - base[name]).norm() > 10 * difference, name
+    assert moved > len(want) // 2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_full_fsdp2_sharded_checkpoints_merge_into_the_final_model(tiny_project, tmp_path):
     one, two, output = _run_both(
         tiny_project,
