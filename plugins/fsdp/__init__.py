@@ -126,8 +126,10 @@ def check(config: Config) -> list[Problem]:
         problems.append(
             Problem(
                 "quantize_moe_experts",
-                "FSDP with quantized expert weights (bitsandbytes parametrizations) is not "
-                "supported by sft yet: sharding them is untested",
+                "FSDP with quantized expert weights is not supported by sft yet: the final "
+                "save (torch's distributed state dict) cannot read the bitsandbytes "
+                "parametrization of a sharded expert weight (tried with 2 processes: training "
+                "runs, the save fails)",
                 hint="train on one GPU, or remove quantize_moe_experts",
             )
         )

@@ -722,3 +722,12 @@ def test_qlora_fsdp2_trains_and_saves_an_adapter_on_cuda(tiny_project, extra):
     saved = _weights(tmp / "out" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
     AutoPeftModelForCausalLM.from_pretrained(tmp / "out")
+
+
+def test_quantized_moe_experts_under_fsdp_are_refused_with_the_reason(plugins):
+    text = _problems(
+        plugins,
+        'adapter = "qlora"\nload_in_4bit = true\nquantize_moe_experts = true\nfsdp_version = 2',
+    )
+    assert "quantize_moe_experts (line 4): FSDP with quantized expert weights" in text
+    assert "the save fails" in text
