@@ -137,7 +137,8 @@ _DATA: dict[str, Unsupported] = {
     "push_dataset_to_hub": U("pushes the prepared dataset to the Hub"),
     "hf_use_auth_token": U(
         "uses your Hub token to load private datasets",
-        "log in with `hf auth login` or set HF_TOKEN, which sft uses",
+        "log in with `hf auth login` or set HF_TOKEN",
+        no_effect="the Hub library sft loads with already uses your login's token (or HF_TOKEN)",
     ),
     "curriculum_sampling": U("samples in dataset order for curriculum learning"),
     "is_preprocess": U("internal: set by `axolotl preprocess`", "use `sft preprocess`"),
