@@ -69,6 +69,25 @@ class _DeepSpeedCpuNotice(logging.Filter):
 _DEEPSPEED_CPU_NOTICE = _DeepSpeedCpuNotice()
 
 
+class _TorchaoImportNotice(logging.Filter):
+    """torchao, imported by peft whenever it is installed, logs that its optional compiled
+    kernels (built for another torch or for CUDA) did not load, and makes torch warn about how
+    it registers two enums: on every run, whether or not the run uses torchao. What sft uses of
+    torchao (QAT's fake quantization) is plain PyTorch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("Failed to load") and "torchao" in record.getMessage():
+            return False
+        if "is an Enum subclass" in message and record.args:
+            registered = record.args[0] if isinstance(record.args, tuple) else record.args
+            return not getattr(registered, "__module__", "").startswith("torchao")
+        return True
+
+
+_TORCHAO_IMPORT_NOTICE = _TorchaoImportNotice()
+
+
 def quiet_libraries(config: Config | None = None) -> None:
     """sft shows its own progress; library progress bars and chatter would interleave with it.
 
@@ -86,6 +105,8 @@ def quiet_libraries(config: Config | None = None) -> None:
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).addFilter(_TORCHAO_IMPORT_NOTICE)
     bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if config is not None and config.load_in_4bit:
         bnb_cpu.removeFilter(_CPU_KERNEL_NOTICE)
