@@ -52,7 +52,10 @@ _MODEL: dict[str, Unsupported] = {
     "base_model_config": U("loads the model config from another repo or path than base_model"),
     "base_model_ignore_patterns": U("file patterns skipped when downloading base_model"),
     "cls_model_config": U("names the transformers config class to load (e.g. Gemma3TextConfig)"),
-    "model_config_type": U("internal: set by Axolotl from the model config's model_type"),
+    "model_config_type": U(
+        "internal: set by Axolotl from the model config's model_type",
+        no_effect="Axolotl overwrites it with the model config's model_type, whatever it says",
+    ),
     "overrides_of_model_config": U(
         "overrides values of the model's config at load (the long name of model_config)",
         "use `model_config`",

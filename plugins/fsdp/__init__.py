@@ -138,7 +138,8 @@ def check(config: Config) -> list[Problem]:
             Problem(
                 "optimizer",
                 f"{config.optimizer} (bitsandbytes) cannot update FSDP2's sharded parameters "
-                "(its kernel gets a mix of DTensor and plain tensors)",
+                "(on CPU its kernel gets a mix of DTensor and plain tensors; a one-GPU FSDP2 "
+                "run with paged_adamw_8bit or adamw_bnb_8bit fails too)",
                 hint="use adamw_torch or adamw_torch_fused with FSDP2",
             )
         )

@@ -436,3 +436,8 @@ def test_axolotls_kernels_integration_is_a_speed_only_warning(plugins):
         "KernelsPlugin" in warnings["plugins[0]"] and "only changes speed" in warnings["plugins[0]"]
     )
     assert "only changes speed" in warnings["use_kernels"]
+
+
+def test_axolotls_internal_model_config_type_changes_nothing(plugins):
+    config = load_yaml("model_config_type: deepseek_v3\n")
+    assert "Axolotl overwrites it" in warnings_of(config)["model_config_type"]
