@@ -191,9 +191,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=args.overrides)  # every problem before launching
     if wants_launch(args):
         return launch(args, args.argv)
+    from sft.distributed import close_process_group
     from sft.train.run import train
 
-    train(config, console=_console())
+    try:
+        train(config, console=_console())
+    finally:
+        close_process_group()
     return 0
 
 
