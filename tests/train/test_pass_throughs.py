@@ -646,3 +646,33 @@ def test_cosine_constant_lr_ratio_without_its_cosine_floor_is_a_warning(make_con
         '[[datasets]]\npath = "x"\n', "cosine_constant_lr_ratio=0", machine_checks=False
     )
     assert zero.warnings == ()  # 0 is "off", as in Axolotl
+
+
+def test_greater_is_better_and_metric_for_best_model_decide_the_best_checkpoint(tiny_project):
+    """The same kind of unstable run with greater_is_better = true: the best checkpoint is the
+    one with the highest eval loss, and the run stops two evaluations after it."""
+    import json
+
+    from sft.train.run import train
+
+    config = tiny_project(
+        "val_set_size=0.25",
+        "learning_rate=3.0",
+        "optimizer=sgd",
+        "eval_steps=1",
+        "save_steps=1",
+        "early_stopping_patience=2",
+        "metric_for_best_model=eval_loss",
+        "greater_is_better=true",
+        "max_steps=12",
+        "lr_scheduler=constant",
+    )
+    result = train(config)
+    out = Path(config.output_dir)
+    last = json.loads((out / f"checkpoint-{result.global_step}" / "trainer_state.json").read_text())
+    history = [e for e in last["log_history"] if "eval_loss" in e]
+    losses = [e["eval_loss"] for e in history]
+    best_step = history[losses.index(max(losses))]["step"]  # max: larger is better here
+    assert losses.index(max(losses)) != losses.index(min(losses))  # the test tells them apart
+    assert last["best_model_checkpoint"] == str(out / f"checkpoint-{best_step}")
+    assert result.global_step == min(best_step + 2, 12)
