@@ -154,10 +154,17 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
     return model
 
 
-def bitsandbytes_config(config: Config, dtype: Any) -> Any:
-    """load_in_4bit/8bit's BitsAndBytesConfig: the bnb_4bit_* keys, then bnb_config_kwargs."""
+def named_arguments(cls: type) -> list[str]:
+    """The arguments a class's constructor names. Quantization configs also take **kwargs and
+    silently drop what they do not know, so a misspelt key is checked against these."""
     import inspect
 
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # not self
+    return [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def bitsandbytes_config(config: Config, dtype: Any) -> Any:
+    """load_in_4bit/8bit's BitsAndBytesConfig: the bnb_4bit_* keys, then bnb_config_kwargs."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -173,7 +180,7 @@ def bitsandbytes_config(config: Config, dtype: Any) -> Any:
         "bnb_4bit_compute_dtype": compute,
     }
     extra = dict(config.bnb_config_kwargs or {})
-    known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    known = set(named_arguments(BitsAndBytesConfig))
     unknown = sorted(set(extra) - known)
     if unknown or {"load_in_4bit", "load_in_8bit"} & set(extra):
         raise ModelError(
@@ -209,15 +216,8 @@ def quantization_config(config: Config) -> Any:
             "its own keys (they also prepare the model for training)\n  fix: set load_in_4bit "
             "or load_in_8bit, with bnb_config_kwargs for further arguments"
         )
-    import inspect
-
     arguments = dict(config.model_quantization_config_kwargs or {})
-    takes = [
-        p.name
-        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
-        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-    ]
-    # A class that also takes **kwargs would silently drop a misspelt argument.
+    takes = named_arguments(cls)
     if unknown := sorted(set(arguments) - set(takes)):
         raise ModelError(
             f"model_quantization_config_kwargs: {name} takes no argument {', '.join(unknown)}\n"
