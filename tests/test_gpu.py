@@ -24,9 +24,8 @@ def needs(module: str, install: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(False, reason="")
 
 
-@needs("flash_attn", "pip install 'sft-train[flash-attn]' --no-build-isolation")
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
-def test_flash_attention_2_packed_equals_unpacked_on_cuda(arch):
+def assert_packed_equals_unpacked(arch: str, attention: str, device: str = "cuda") -> None:
+    """Three samples packed into one row give each sample's logits alone (bf16 tolerance)."""
     import datasets
 
     from sft.data.packing import PackedDataset
@@ -35,8 +34,8 @@ def test_flash_attention_2_packed_equals_unpacked_on_cuda(arch):
 
     tokenizer = build_tokenizer(eos_token="</s>")
     model = build_model(
-        tokenizer, arch, attn_implementation="flash_attention_2", hidden_size=128, num_heads=4
-    ).to("cuda", torch.bfloat16)
+        tokenizer, arch, attn_implementation=attention, hidden_size=128, num_heads=4
+    ).to(device, torch.bfloat16)
     model.config.use_cache = False
     generator = torch.Generator().manual_seed(0)
     rows = [
@@ -47,14 +46,17 @@ def test_flash_attention_2_packed_equals_unpacked_on_cuda(arch):
         row["labels"] = list(row["input_ids"])
     with torch.no_grad():
         alone = [
-            model(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0].float()
+            model(input_ids=torch.tensor([r["input_ids"]], device=device)).logits[0].float()
             for r in rows
         ]
         batch = Collator(pad_id=0)(
             [PackedDataset(datasets.Dataset.from_list(rows), [[0, 1, 2]])[0]]
         )
         packed = (
-            model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda())
+            model(
+                input_ids=batch["input_ids"].to(device),
+                position_ids=batch["position_ids"].to(device),
+            )
             .logits[0]
             .float()
         )
@@ -63,6 +65,12 @@ def test_flash_attention_2_packed_equals_unpacked_on_cuda(arch):
         n = len(row["input_ids"])
         torch.testing.assert_close(packed[start : start + n], logits, atol=3e-2, rtol=3e-2)
         start += n
+
+
+@needs("flash_attn", "pip install 'sft-train[flash-attn]' --no-build-isolation")
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
+def test_flash_attention_2_packed_equals_unpacked_on_cuda(arch):
+    assert_packed_equals_unpacked(arch, "flash_attention_2")
 
 
 @needs("liger_kernel", "pip install 'sft-train[liger]'")
@@ -102,42 +110,7 @@ def _cuda_only() -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_flex_attention_packed_equals_unpacked_on_cuda(arch):
     _cuda_only()
-    import datasets
-
-    from sft.data.packing import PackedDataset
-    from sft.testing import build_model, build_tokenizer
-    from sft.train.trainer import Collator
-
-    tokenizer = build_tokenizer(eos_token="</s>")
-    model = build_model(
-        tokenizer, arch, attn_implementation="flex_attention", hidden_size=128, num_heads=4
-    ).to("cuda", torch.bfloat16)
-    model.config.use_cache = False
-    generator = torch.Generator().manual_seed(0)
-    rows = [
-        {"input_ids": torch.randint(5, 500, (n,), generator=generator).tolist()}
-        for n in (9, 31, 17)
-    ]
-    for row in rows:
-        row["labels"] = list(row["input_ids"])
-    with torch.no_grad():
-        alone = [
-            model(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0].float()
-            for r in rows
-        ]
-        batch = Collator(pad_id=0)(
-            [PackedDataset(datasets.Dataset.from_list(rows), [[0, 1, 2]])[0]]
-        )
-        packed = (
-            model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda())
-            .logits[0]
-            .float()
-        )
-    start = 0
-    for row, logits in zip(rows, alone, strict=True):
-        n = len(row["input_ids"])
-        torch.testing.assert_close(packed[start : start + n], logits, atol=3e-2, rtol=3e-2)
-        start += n
+    assert_packed_equals_unpacked(arch, "flex_attention")
 
 
 def test_flex_attention_trains_packed_on_cuda(tiny_project):

@@ -559,6 +559,20 @@ def test_group_by_length_with_packing_is_a_warning(tiny_project):
     assert "no effect with sample_packing = true" in warning.message
 
 
+# A learning rate so high that the eval loss moves up and down: evaluations and checkpoints
+# every step, stopping after 2 evaluations without improvement.
+UNSTABLE_EARLY_STOPPING = (
+    "val_set_size=0.25",
+    "learning_rate=3.0",
+    "optimizer=sgd",
+    "lr_scheduler=constant",
+    "eval_steps=1",
+    "save_steps=1",
+    "early_stopping_patience=2",
+    "max_steps=12",
+)
+
+
 def test_early_stopping_stops_and_ends_with_the_best_checkpoint(tiny_project):
     """A learning rate so high the eval loss gets worse after the first evaluation: training
     stops `patience` evaluations later, and the final model is the best checkpoint's."""
@@ -568,16 +582,7 @@ def test_early_stopping_stops_and_ends_with_the_best_checkpoint(tiny_project):
 
     from sft.train.run import train
 
-    config = tiny_project(
-        "val_set_size=0.25",
-        "learning_rate=3.0",
-        "optimizer=sgd",
-        "eval_steps=1",
-        "save_steps=1",
-        "early_stopping_patience=2",
-        "max_steps=12",
-        "lr_scheduler=constant",
-    )
+    config = tiny_project(*UNSTABLE_EARLY_STOPPING)
     result = train(config)
     out = Path(config.output_dir)
     states = {
@@ -656,16 +661,7 @@ def test_greater_is_better_and_metric_for_best_model_decide_the_best_checkpoint(
     from sft.train.run import train
 
     config = tiny_project(
-        "val_set_size=0.25",
-        "learning_rate=3.0",
-        "optimizer=sgd",
-        "eval_steps=1",
-        "save_steps=1",
-        "early_stopping_patience=2",
-        "metric_for_best_model=eval_loss",
-        "greater_is_better=true",
-        "max_steps=12",
-        "lr_scheduler=constant",
+        *UNSTABLE_EARLY_STOPPING, "metric_for_best_model=eval_loss", "greater_is_better=true"
     )
     result = train(config)
     out = Path(config.output_dir)
