@@ -373,12 +373,16 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
             )
         )
     if config.bf16 is True and config.fp16:
-        flag = "bfloat16" if config.bfloat16 else "bf16"
+        flag = "bfloat16" if config.bfloat16 is True else "bf16"
         problems.append(Problem("fp16", f"conflicts with {flag} = true: choose one precision"))
     if config.bfloat16 and config.bf16 is False:
         problems.append(
-            Problem("bfloat16", "conflicts with bf16 = false (bfloat16 = true is bf16 = true)")
+            Problem(
+                "bfloat16",
+                f"conflicts with bf16 = false (bfloat16 = {config.bfloat16!r} sets bf16 too)",
+            )
         )
+
     problems += _hardware_and_model_problems(config)
     problems += _output_dir_problems(config)
     problems += _dataset_path_problems(config)

@@ -162,11 +162,18 @@ def _sampling_problems(config: Config) -> list[Problem]:
 
 def _adapter_problems(config: Config) -> list[Problem]:
     if not config.adapter:
+        # `adapter:` written blank chooses a full fine-tune (Axolotl's examples keep their LoRA
+        # keys beside it): the keys are said to do nothing. With no `adapter` key at all, LoRA
+        # keys more likely mean a forgotten adapter, and a silent full fine-tune is refused.
+        chosen = config.given_blank("adapter")
         return [
             Problem(
                 name,
-                "has no effect: no adapter is set, so this is a full fine-tune",
+                "has no effect: adapter is blank, so this is a full fine-tune"
+                if chosen
+                else "has no effect: no adapter is set, so this is a full fine-tune",
                 hint=f"set adapter = 'lora' to train a LoRA adapter, or remove {name}",
+                warning=chosen,
             )
             for name in LORA_KEYS
             if is_set(config, name)

@@ -403,7 +403,10 @@ def _load(
         raise ConfigError(ctx.problems, source)
     config: Config = _build(Config, values, groups)
     object.__setattr__(config, "_source", source)
-    if config.bfloat16 and config.bf16 == "auto":
+    object.__setattr__(
+        config, "_blank", frozenset(k for k, v in data.items() if v is None or v == "")
+    )
+    if config.bfloat16 is True and config.bf16 == "auto":
         object.__setattr__(config, "bf16", True)  # Axolotl: bf16 = bf16 or bfloat16
 
     from sft.config.checks import check_config

@@ -202,8 +202,9 @@ class Config(_Sections):
     bf16: bool | Literal["auto"] = key(
         "auto", doc="Train in bfloat16: true, false, or auto (when the hardware supports it)."
     )
-    bfloat16: bool = key(
-        False, doc="Axolotl's other name for bf16 = true (it turns bf16 on for it as well)."
+    bfloat16: bool | Literal["auto"] = key(
+        False,
+        doc="Axolotl's other name for bf16: true turns bf16 on, 'auto' is bf16 = 'auto'.",
     )
     fp16: bool = key(False, doc="Train in float16 with loss scaling (GPUs without bf16).")
     tf32: bool = key(False, doc="Allow TF32 matmuls on Ampere+ GPUs.")
@@ -627,11 +628,19 @@ class Config(_Sections):
     )
     _source: str | None = attrs.field(default=None, repr=False, eq=False, alias="_source")
     _warnings: tuple[Any, ...] = attrs.field(default=(), repr=False, eq=False, alias="_warnings")
+    _blank: frozenset[str] = attrs.field(
+        default=frozenset(), repr=False, eq=False, alias="_blank"
+    )
 
     @property
     def source(self) -> str | None:
         """The file this config was loaded from."""
         return self._source
+
+    def given_blank(self, name: str) -> bool:
+        """Whether the file wrote this root key with no value (`adapter:` in YAML): present,
+        so chosen, yet the default."""
+        return name in self._blank
 
     @property
     def warnings(self) -> tuple[Any, ...]:

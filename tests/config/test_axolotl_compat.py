@@ -400,8 +400,12 @@ def test_bfloat16_is_bf16(plugins):
     assert load_yaml("bfloat16: true\nbf16: true\n").bf16 is True
     assert load_yaml("bfloat16: false\n").bf16 == "auto"
     assert problems_of("bfloat16: true\nbf16: false\n") == {
-        "bfloat16": "conflicts with bf16 = false (bfloat16 = true is bf16 = true)"
+        "bfloat16": "conflicts with bf16 = false (bfloat16 = True sets bf16 too)"
     }
+    # Axolotl's archived examples write `bfloat16: auto`: bf16 = 'auto', whatever the machine
+    assert load_yaml("bfloat16: auto\n").bf16 == "auto"
+    assert load_yaml("bfloat16: auto\nbf16: true\n").bf16 is True
+    assert "bfloat16" in problems_of("bfloat16: auto\nbf16: false\n")
     assert problems_of("bfloat16: true\nfp16: true\n")["fp16"] == (
         "conflicts with bfloat16 = true: choose one precision"
     )

@@ -10,6 +10,7 @@ import pytest
 from sft.errors import ConfigError
 
 DATA = '[[datasets]]\npath = "org/data"\ntype = "alpaca"\n'
+DATA_YAML = "datasets:\n  - path: org/data\n    type: alpaca\n"
 
 
 def problems_of(make_config, text: str, *overrides: str) -> list:
@@ -46,6 +47,23 @@ def test_a_lora_key_without_an_adapter_is_an_error_not_a_silent_full_finetune(ma
     assert "has no effect: no adapter is set" in problem.message
     assert problem.line == 2 and "adapter = 'lora'" in problem.hint
     make_config(f"adapter = 'lora'\n{setting}\n{DATA}")  # with the adapter: fine
+
+
+def test_lora_keys_beside_a_blank_adapter_warn_that_the_run_is_a_full_finetune(plugins):
+    # `adapter:` written blank (Axolotl's full fine-tune examples) chooses no adapter: the LoRA
+    # keys left beside it are said to do nothing, and the config loads as a full fine-tune.
+    from sft.config import load_config_text
+
+    text = f"base_model: m\nadapter:\nlora_r: 16\nlora_target_linear: true\n{DATA_YAML}"
+    config = load_config_text(text, "yaml", machine_checks=False)
+    assert config.adapter is None
+    said = {w.path: w.message for w in config.warnings}
+    assert said == {
+        "lora_r": "has no effect: adapter is blank, so this is a full fine-tune",
+        "lora_target_linear": "has no effect: adapter is blank, so this is a full fine-tune",
+    }
+    with pytest.raises(ConfigError, match="no adapter is set"):  # no adapter key at all
+        load_config_text(text.replace("adapter:\n", ""), "yaml", machine_checks=False)
 
 
 def test_lora_keys_left_at_their_defaults_or_blank_are_not_set(make_config):
