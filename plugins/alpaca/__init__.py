@@ -1,4 +1,6 @@
-"""`type = "alpaca"`: instruction / input / output rows in the Alpaca prompt format."""
+"""`type = "alpaca"`: instruction / input / output rows in the Alpaca prompt format, and
+`type = "alpaca:chat"` (also `alpaca_chat`), Axolotl's chat style of the same rows:
+`USER: {instruction}\n{input}\nASSISTANT:`."""
 
 from __future__ import annotations
 
@@ -32,18 +34,39 @@ class AlpacaKeys:
         None, doc="Alpaca: replaces the standard 'Below is an instruction...' preamble."
     )
     system_format: str = key("{system}\n\n", doc="Alpaca: how the preamble is written ({system}).")
-    format: str = key(
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        doc="Alpaca: prompt when the row has an input ({instruction}, {input}).",
+    format: str | None = key(
+        None,
+        doc="Alpaca: prompt when the row has an input ({instruction}, {input}); default "
+        "'### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n' "
+        "('USER: {instruction}\\n{input}\\nASSISTANT:' for alpaca:chat).",
     )
-    no_input_format: str = key(
-        "### Instruction:\n{instruction}\n\n### Response:\n",
-        doc="Alpaca: prompt when the input is empty ({instruction}).",
+    no_input_format: str | None = key(
+        None,
+        doc="Alpaca: prompt when the input is empty ({instruction}); default "
+        "'### Instruction:\\n{instruction}\\n\\n### Response:\\n' "
+        "('USER: {instruction}\\nASSISTANT:' for alpaca:chat).",
     )
+
+
+@attrs.frozen
+class PromptStyle:
+    format: str
+    no_input_format: str
+
+
+INSTRUCT = PromptStyle(
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    "### Instruction:\n{instruction}\n\n### Response:\n",
+)
+CHAT = PromptStyle("USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:")
+STYLES = {"alpaca": INSTRUCT, "alpaca:chat": CHAT, "alpaca_chat": CHAT}
 
 
 def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Rendered]:
     keys: AlpacaKeys = ds.section(AlpacaKeys)
+    style = STYLES[ds.type]
+    with_input = keys.format if keys.format is not None else style.format
+    no_input = keys.no_input_format if keys.no_input_format is not None else style.no_input_format
     eos = tokenizer.eos_token or ""
 
     def render(row: dict[str, Any]) -> Rendered:
@@ -56,7 +79,7 @@ def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]],
             )
         has_input = bool(raw_input and raw_input.strip())
         preamble = keys.system_prompt or (PREAMBLE_WITH_INPUT if has_input else PREAMBLE_NO_INPUT)
-        template = keys.format if has_input else keys.no_input_format
+        template = with_input if has_input else no_input
         prompt = keys.system_format.format(system=preamble) + template.format(
             instruction=instruction, input=raw_input or ""
         )
@@ -71,7 +94,7 @@ def sft_validate_config(config: Any) -> list[Problem]:
     problems = []
     for group in ("datasets", "test_datasets"):
         for index, ds in enumerate(getattr(config, group)):
-            if ds.type != "alpaca":
+            if ds.type not in STYLES:
                 continue
             keys = ds.section(AlpacaKeys)
             for name, text, fields in (
@@ -79,6 +102,8 @@ def sft_validate_config(config: Any) -> list[Problem]:
                 ("no_input_format", keys.no_input_format, {"instruction": "", "input": ""}),
                 ("system_format", keys.system_format, {"system": ""}),
             ):
+                if text is None:
+                    continue
                 try:
                     text.format(**fields)
                 except (KeyError, IndexError, ValueError) as exc:
@@ -104,3 +129,12 @@ def sft_register_prompt_strategies(register: Callable[[PromptStrategy], None]) -
             "alpaca", _factory, "instruction/input/output rows; trains the output and EOS"
         )
     )
+    for name in ("alpaca:chat", "alpaca_chat"):
+        register(
+            PromptStrategy(
+                name,
+                _factory,
+                "alpaca rows in Axolotl's chat style (USER: … ASSISTANT:); trains the output "
+                "and EOS",
+            )
+        )

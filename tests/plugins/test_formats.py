@@ -45,6 +45,36 @@ def test_alpaca_trains_exactly_the_output_and_eos(make_config, tokenizer, tmp_pa
     assert trained_text(tokenizer, second["input_ids"], second["labels"]) == "5</s>"
 
 
+@pytest.mark.parametrize("kind", ["alpaca:chat", "alpaca_chat"])
+def test_alpaca_chat_style_is_axolotls_user_assistant_prompt(make_config, tokenizer, tmp_path, kind):
+    write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Name a colour.", "input": "", "output": " Blue."},
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": " 5"},
+        ],
+    )
+    first, second = prepare(
+        make_config, tokenizer, f'[[datasets]]\npath = "{{tmp}}/a.jsonl"\ntype = "{kind}"\n'
+    ).train
+    assert masked_text(tokenizer, first["input_ids"], first["labels"]).endswith(
+        "completes the request.\n\nUSER: Name a colour.\nASSISTANT:"
+    )
+    assert masked_text(tokenizer, second["input_ids"], second["labels"]).endswith(
+        "USER: Add the numbers.\n2 and 3\nASSISTANT:"
+    )
+    assert trained_text(tokenizer, first["input_ids"], first["labels"]) == " Blue.</s>"
+    assert trained_text(tokenizer, second["input_ids"], second["labels"]) == " 5</s>"
+    # the row's own format keys still win over the style's
+    (row, _) = prepare(
+        make_config,
+        tokenizer,
+        f'[[datasets]]\npath = "{{tmp}}/a.jsonl"\ntype = "{kind}"\n'
+        'no_input_format = "Q: {instruction}\\nA:"\n',
+    ).train
+    assert masked_text(tokenizer, row["input_ids"], row["labels"]).endswith("Q: Name a colour.\nA:")
+
+
 def test_alpaca_custom_fields_and_system_prompt(make_config, tokenizer, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"q": "Hi?", "a": "Hello."}])
     prepared = prepare(
