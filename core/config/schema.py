@@ -628,9 +628,7 @@ class Config(_Sections):
     )
     _source: str | None = attrs.field(default=None, repr=False, eq=False, alias="_source")
     _warnings: tuple[Any, ...] = attrs.field(default=(), repr=False, eq=False, alias="_warnings")
-    _blank: frozenset[str] = attrs.field(
-        default=frozenset(), repr=False, eq=False, alias="_blank"
-    )
+    _blank: frozenset[str] = attrs.field(default=frozenset(), repr=False, eq=False, alias="_blank")
 
     @property
     def source(self) -> str | None:

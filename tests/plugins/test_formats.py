@@ -46,7 +46,9 @@ def test_alpaca_trains_exactly_the_output_and_eos(make_config, tokenizer, tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["alpaca:chat", "alpaca_chat"])
-def test_alpaca_chat_style_is_axolotls_user_assistant_prompt(make_config, tokenizer, tmp_path, kind):
+def test_alpaca_chat_style_is_axolotls_user_assistant_prompt(
+    make_config, tokenizer, tmp_path, kind
+):
     write_jsonl(
         tmp_path / "a.jsonl",
         [
