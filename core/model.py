@@ -115,7 +115,7 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
     elif config.model_quantization_config:
         kwargs["quantization_config"] = quantization_config(config)
     source = model_path(config.base_model)
-    if config.rope_scaling or config.model_config:
+    if config.rope_scaling or config.model_config or config.cls_model_config:
         kwargs["config"] = adjusted_model_config(source, config)
     if config.experts_implementation not in (None, "scattermoe"):  # scattermoe: see checks
         kwargs["experts_implementation"] = config.experts_implementation
@@ -233,9 +233,9 @@ def quantization_config(config: Config) -> Any:
 
 
 def transformers_class(name: str | None, key: str) -> Any:
-    """The transformers class a config key names (`model_type`, `tokenizer_type`); None for
-    the Auto classes' default."""
-    if name is None or name in ("AutoModelForCausalLM", "AutoTokenizer"):
+    """The transformers class a config key names (`model_type`, `tokenizer_type`,
+    `cls_model_config`); None for the Auto classes' default."""
+    if name is None or name in ("AutoModelForCausalLM", "AutoTokenizer", "AutoConfig"):
         return None
     import transformers
 
@@ -271,16 +271,19 @@ def rope_scaling_parameters(current: dict[str, Any], scaling: dict[str, Any]) ->
 
 
 def adjusted_model_config(source: str, config: Config) -> Any:
-    """The base model's config with `model_config` values and `rope_scaling` applied
-    (transformers 5 replaces the whole RoPE table when given `rope_scaling` alone, losing
-    rope_theta: so it is merged here)."""
+    """The base model's config, read by `cls_model_config` (AutoConfig by default), with
+    `model_config` values and `rope_scaling` applied (transformers 5 replaces the whole RoPE
+    table when given `rope_scaling` alone, losing rope_theta: so it is merged here)."""
     from transformers import AutoConfig
 
-    options: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    reader = transformers_class(config.cls_model_config, "cls_model_config") or AutoConfig
+    options: dict[str, Any] = {}
+    if reader is AutoConfig:
+        options["trust_remote_code"] = config.trust_remote_code
     if config.revision_of_model:
         options["revision"] = config.revision_of_model
     try:
-        model_config = AutoConfig.from_pretrained(source, **options)
+        model_config = reader.from_pretrained(source, **options)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load the config of base_model {config.base_model!r}: {exc}"

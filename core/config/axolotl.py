@@ -51,7 +51,6 @@ U = Unsupported
 _MODEL: dict[str, Unsupported] = {
     "base_model_config": U("loads the model config from another repo or path than base_model"),
     "base_model_ignore_patterns": U("file patterns skipped when downloading base_model"),
-    "cls_model_config": U("names the transformers config class to load (e.g. Gemma3TextConfig)"),
     "model_config_type": U(
         "internal: set by Axolotl from the model config's model_type",
         no_effect="Axolotl overwrites it with the model config's model_type, whatever it says",
@@ -300,12 +299,6 @@ _KERNELS: dict[str, Unsupported] = {
 
 # -- evaluation ------------------------------------------------------------------------------
 _EVAL: dict[str, Unsupported] = {
-    "eval_strategy": U(
-        "when to evaluate (no, steps, epoch)", "use `eval_steps` or `evals_per_epoch`"
-    ),
-    "evaluation_strategy": U(
-        "older name of eval_strategy", "use `eval_steps` or `evals_per_epoch`"
-    ),
     "eval_table_size": U("logs a table of sample predictions to W&B at evaluation"),
     "eval_max_new_tokens": U(
         "tokens generated for the eval_table_size / do_causal_lm_eval predictions",

@@ -272,6 +272,14 @@ def _axolotl_value_problems(config: Config, plugins: Any) -> list[Problem]:
                 hint="use AutoModelForCausalLM or the model's own …ForCausalLM class",
             )
         )
+    if config.cls_model_config and not config.cls_model_config.endswith("Config"):
+        problems.append(
+            Problem(
+                "cls_model_config",
+                f"{config.cls_model_config!r} is not a transformers config class",
+                hint="name a …Config class, e.g. LlamaConfig, or remove cls_model_config",
+            )
+        )
     if config.tokenizer_type and not config.tokenizer_type.endswith(("Tokenizer", "TokenizerFast")):
         problems.append(
             Problem(
@@ -342,6 +350,7 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
     ):
         if problem := _both(config, first, second):
             problems.append(problem)
+    problems += _evaluation_schedule_problems(config)
     if config.test_datasets and config.val_set_size:
         problems.append(
             Problem("val_set_size", "conflicts with test_datasets: use one eval source")
@@ -498,3 +507,50 @@ def _streaming_problems(config: Config) -> list[Problem]:
                 )
             )
     return problems
+
+
+def _evaluation_schedule_problems(config: Config) -> list[Problem]:
+    name = "eval_strategy" if config.eval_strategy is not None else "evaluation_strategy"
+    if (
+        config.eval_strategy is not None
+        and config.evaluation_strategy is not None
+        and config.eval_strategy != config.evaluation_strategy
+    ):
+        return [
+            Problem(
+                "evaluation_strategy",
+                f"conflicts with eval_strategy = {config.evaluation_schedule!r}: it is the older "
+                "name of the same key",
+                hint="keep only eval_strategy",
+            )
+        ]
+    schedule = config.evaluation_schedule
+    has_eval = config.val_set_size > 0 or bool(config.test_datasets)
+    if schedule == "no" and has_eval:
+        held = "val_set_size" if config.val_set_size > 0 else "test_datasets"
+        return [
+            Problem(
+                name,
+                f"'no' would never evaluate the eval set that {held} sets aside ({held} rows "
+                "are kept out of training for it)",
+                hint=f"remove {held} to train on every row, or remove {name} to evaluate",
+            )
+        ]
+    every = [k for k in ("eval_steps", "evals_per_epoch") if getattr(config, k) is not None]
+    if schedule == "epoch" and every:
+        return [
+            Problem(
+                name,
+                f"'epoch' conflicts with {every[0]}, which evaluates by steps",
+                hint=f"remove {every[0]} to evaluate each epoch, or set {name} = 'steps'",
+            )
+        ]
+    if schedule == "steps" and not every and has_eval:
+        return [
+            Problem(
+                name,
+                "'steps' needs eval_steps or evals_per_epoch to say which steps",
+                hint="set eval_steps (e.g. 50) or evals_per_epoch",
+            )
+        ]
+    return []

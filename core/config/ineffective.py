@@ -44,7 +44,14 @@ SAVED_ADAPTER_FIELDS = {
     "peft_use_dora": "use_dora",
     "peft_use_rslora": "use_rslora",
 }
-EVAL_KEYS = ("eval_steps", "evals_per_epoch", "eval_batch_size", "eval_sample_packing")
+EVAL_KEYS = (
+    "eval_steps",
+    "evals_per_epoch",
+    "eval_strategy",
+    "evaluation_strategy",
+    "eval_batch_size",
+    "eval_sample_packing",
+)
 # Schedules with a floor that `cosine_min_lr_ratio` sets, and schedules without warmup.
 MIN_LR_SCHEDULERS = ("cosine", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "rex")
 NO_WARMUP_SCHEDULERS = ("constant",)
@@ -296,6 +303,8 @@ def _eval_problems(config: Config) -> list[Problem]:
             continue
         if name == "eval_sample_packing" and not config.sample_packing:
             continue  # reported by the core checks: it needs sample_packing
+        if name.endswith("_strategy") and config.evaluation_schedule == "no":
+            continue  # 'no' without an eval set says what the run does
         problems.append(
             Problem(
                 name,

@@ -153,6 +153,11 @@ class Config(_Sections):
         doc="transformers class that loads base_model: AutoModelForCausalLM (the default) or the "
         "model's own causal-LM class, e.g. LlamaForCausalLM.",
     )
+    cls_model_config: str | None = key(
+        None,
+        doc="transformers config class that reads base_model's config.json instead of "
+        "AutoConfig, e.g. Gemma3TextConfig (the text-only config of a multimodal checkpoint).",
+    )
     tokenizer_type: str | None = key(
         None,
         doc="transformers class that loads the tokenizer: AutoTokenizer (the default) or a "
@@ -473,6 +478,16 @@ class Config(_Sections):
     evals_per_epoch: int | None = key(
         None, ge=1, doc="Evaluations per epoch (instead of eval_steps)."
     )
+    # YAML 1.1 reads an unquoted `no` as false: false means "no" here.
+    eval_strategy: Literal["steps", "epoch", "no", False] | None = key(
+        None,
+        doc="When the eval set is evaluated: steps (eval_steps or evals_per_epoch), epoch, or no "
+        "(only without an eval set). Default: steps when eval_steps or evals_per_epoch is set, "
+        "else each epoch.",
+    )
+    evaluation_strategy: Literal["steps", "epoch", "no", False] | None = key(
+        None, doc="transformers' older name for eval_strategy."
+    )
     save_steps: int | None = key(None, ge=1, doc="Save a checkpoint every this many steps.")
     # YAML 1.1 reads an unquoted `no` as false: false means "no" here.
     save_strategy: Literal["steps", "epoch", "no", False] | None = key(
@@ -649,6 +664,12 @@ class Config(_Sections):
     def checkpoint_strategy(self) -> str | None:
         """save_strategy, YAML's `no` (read as false) as "no"."""
         return "no" if self.save_strategy is False else self.save_strategy
+
+    @property
+    def evaluation_schedule(self) -> str | None:
+        """eval_strategy (or its older name evaluation_strategy), YAML's `no` as "no"."""
+        chosen = self.eval_strategy if self.eval_strategy is not None else self.evaluation_strategy
+        return "no" if chosen is False else chosen
 
     @property
     def offloads_activations(self) -> bool:

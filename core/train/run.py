@@ -168,7 +168,7 @@ def training_arguments(
         _schedule("eval", config.eval_steps, config.evals_per_epoch, per_epoch)
         if has_eval
         else {"eval_strategy": "no"}
-    )
+    )  # eval_strategy = 'epoch' / 'steps' agree with this: checked with the config
     if config.checkpoint_strategy in ("epoch", "no"):
         save_kwargs: dict[str, Any] = {"save_strategy": config.checkpoint_strategy}
     elif config.checkpoint_strategy == "steps" and not (

@@ -111,6 +111,27 @@ def test_model_and_tokenizer_load_with_the_classes_named(tiny_project):
     assert type(load_model(config, tokenizer, get_plugins())) is LlamaForCausalLM
 
 
+def test_cls_model_config_names_the_class_that_reads_the_config(tiny_project):
+    # the tiny model is a Llama checkpoint; read by MistralConfig, AutoModelForCausalLM builds
+    # the Mistral model for it (the weights share their names)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from sft.manager import get_plugins
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project("cls_model_config=MistralConfig")
+    model = load_model(config, load_tokenizer(config), get_plugins())
+    assert type(model.config) is MistralConfig and type(model) is MistralForCausalLM
+    with pytest.raises(ModelError, match="cls_model_config = 'NoSuchConfig': the installed"):
+        bad = tiny_project("cls_model_config=NoSuchConfig")
+        load_model(bad, load_tokenizer(bad), get_plugins())
+    assert (
+        "is not a transformers config class"
+        in problems_of("cls_model_config: LlamaForCausalLM\n")["cls_model_config"]
+    )
+
+
 def test_a_class_transformers_lacks_is_a_clear_error(tiny_project):
     from sft.tokenizer import load_tokenizer
 

@@ -115,6 +115,36 @@ def test_eval_keys_without_an_eval_set_are_warnings(make_config, setting):
     assert make_config(f"{setting}\nval_set_size = 0.1\n{DATA}").warnings == ()
 
 
+def test_eval_strategy_and_its_older_name(make_config, plugins):
+    from sft.train.run import training_arguments
+
+    val = "val_set_size = 0.25\n"
+    for name in ("eval_strategy", "evaluation_strategy"):
+        epoch = make_config(f"{name} = 'epoch'\n{val}{DATA}")
+        assert training_arguments(epoch, 8, True, None).eval_strategy == "epoch"
+        steps = make_config(f"{name} = 'steps'\neval_steps = 3\n{val}{DATA}")
+        args = training_arguments(steps, 8, True, None)
+        assert (args.eval_strategy, args.eval_steps) == ("steps", 3)
+        # 'no' without an eval set is what the run does anyway; with one, it is refused: the
+        # held-out rows would be lost to training and never evaluated
+        assert make_config(f"{name} = 'no'\n{DATA}").warnings == ()
+        problem = only(problems_of(make_config, f"{name} = 'no'\n{val}{DATA}"), name)
+        assert "never evaluate" in problem.message and "val_set_size" in problem.hint
+        problem = only(
+            problems_of(make_config, f"{name} = 'epoch'\neval_steps = 2\n{val}{DATA}"), name
+        )
+        assert "conflicts with eval_steps" in problem.message
+        problem = only(problems_of(make_config, f"{name} = 'steps'\n{val}{DATA}"), name)
+        assert "needs eval_steps or evals_per_epoch" in problem.message
+        (warning,) = make_config(f"{name} = 'epoch'\n{DATA}").warnings
+        assert warning.path == name and "there is no eval set" in warning.message
+    problem = only(
+        problems_of(make_config, f"eval_strategy = 'steps'\nevaluation_strategy = 'epoch'\n{DATA}"),
+        "evaluation_strategy",
+    )
+    assert "older name of the same key" in problem.message
+
+
 def test_eval_sample_packing_without_an_eval_set_is_a_warning(make_config):
     config = make_config(f"sample_packing = true\neval_sample_packing = true\n{DATA}")
     assert [w.path for w in config.warnings] == ["eval_sample_packing"]
