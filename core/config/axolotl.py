@@ -178,11 +178,6 @@ _TRAINING: dict[str, Unsupported] = {
     "lisa_n_layers": U("LISA: trains only this many randomly chosen layers at a time"),
     "lisa_step_interval": U("LISA: steps between switching the trained layers"),
     "lisa_layers_attribute": U("LISA: where the layers are in the model", default="model.layers"),
-    "use_dft": U("Dynamic Fine-Tuning: weights each token's loss by its probability"),
-    "use_dynamic_finetuning": U("Dynamic Fine-Tuning with chunked cross-entropy"),
-    "use_eaft": U("Entropy-Aware Focal Training loss (EAFT)"),
-    "eaft_alpha": U("EAFT: exponent of the entropy weighting", default=1.0),
-    "eaft_k": U("EAFT: top logits used to estimate the entropy", default=20),
     "router_aux_loss_coef": U("weight of the MoE router's load-balancing loss"),
 }
 

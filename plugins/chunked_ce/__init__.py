@@ -5,11 +5,21 @@ Works on CPU and GPU with any causal LM whose `forward` splits into the decoder 
 `base_model_prefix` attribute) and the output embeddings. The loss equals the plain path's
 (sum over trained tokens / `num_items_in_batch`), tested to 1e-5 in fp32 with its gradients.
 Generation and calls without labels go through the model's own forward.
+
+The token-weighted objectives Axolotl offers run on the same path, each token's cross-entropy
+times a weight computed without gradient:
+
+- `use_dft` (Dynamic Fine-Tuning, Axolotl's `use_dynamic_finetuning` too): the model's
+  probability of the label token, `p = exp(-CE)`.
+- `use_eaft` (Entropy-Aware Focal Training): the entropy of the softmax over the `eaft_k`
+  largest logits, to the power `eaft_alpha`.
+
+The eval loss is the weighted loss as well (as in Axolotl, whose loss function serves both).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -31,6 +41,21 @@ class ChunkedCEKeys:
     chunked_cross_entropy_chunk: int = key(
         1024, ge=16, doc="Tokens per chunk of the chunked cross-entropy."
     )
+    use_dft: bool = key(
+        False,
+        doc="Dynamic Fine-Tuning: each trained token's cross-entropy is weighted by the model's "
+        "probability of that token (no gradient through the weight).",
+    )
+    use_dynamic_finetuning: bool = key(
+        False, doc="Axolotl's other name for use_dft (its DFT on chunked cross-entropy)."
+    )
+    use_eaft: bool = key(
+        False,
+        doc="Entropy-Aware Focal Training: each trained token's cross-entropy is weighted by "
+        "the entropy of the model's top-eaft_k prediction, to the power eaft_alpha.",
+    )
+    eaft_alpha: float = key(1.0, gt=0.0, doc="EAFT: exponent of the entropy weight.")
+    eaft_k: int = key(20, ge=2, doc="EAFT: the largest logits whose softmax gives the entropy.")
     cut_cross_entropy: bool | None = key(
         None,
         doc="Axolotl's Cut Cross-Entropy: runs as chunked_cross_entropy (the same saving, no full "
@@ -41,19 +66,57 @@ class ChunkedCEKeys:
 CCE_INTEGRATION = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 
 
-def enabled(config: Config) -> bool:
-    """chunked_cross_entropy, or Axolotl's Cut Cross-Entropy asked for (its key, or its plugin
-    listed in `plugins`, where the key defaults to on as in Axolotl)."""
+# weight(logits [n, vocab] fp32, token cross-entropies [n]) -> [n], computed without gradient
+TokenWeight = Callable[[Any, Any], Any]
+
+
+def dft_weight(logits: Any, cross_entropy: Any) -> Any:
+    """DFT: the probability the model gives the label token."""
+    return (-cross_entropy).exp()
+
+
+def eaft_weight(alpha: float, k: int) -> TokenWeight:
+    """EAFT: the entropy of the softmax over the k largest logits, to the power alpha."""
+
+    def weight(logits: Any, cross_entropy: Any) -> Any:
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1).values
+        log_p = top.log_softmax(dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(dim=-1)
+        return entropy.clamp_min(0.0).pow(alpha)
+
+    return weight
+
+
+def token_weight(config: Config) -> TokenWeight | None:
     keys = config.section(ChunkedCEKeys)
-    if keys.chunked_cross_entropy or keys.cut_cross_entropy:
+    if keys.use_dft or keys.use_dynamic_finetuning:
+        return dft_weight
+    if keys.use_eaft:
+        return eaft_weight(keys.eaft_alpha, keys.eaft_k)
+    return None
+
+
+def enabled(config: Config) -> bool:
+    """chunked_cross_entropy, a token-weighted objective (DFT, EAFT), or Axolotl's Cut
+    Cross-Entropy asked for (its key, or its plugin listed in `plugins`, where the key defaults
+    to on as in Axolotl)."""
+    keys = config.section(ChunkedCEKeys)
+    if keys.chunked_cross_entropy or keys.cut_cross_entropy or token_weight(config):
         return True
     return CCE_INTEGRATION in (config.plugins or ()) and keys.cut_cross_entropy is None
 
 
 def chunked_loss(
-    hidden: Any, labels: Any, head: Any, chunk: int, softcap: float | None, num_items: Any = None
+    hidden: Any,
+    labels: Any,
+    head: Any,
+    chunk: int,
+    softcap: float | None,
+    num_items: Any = None,
+    weight: TokenWeight | None = None,
 ) -> Any:
-    """Sum of token cross-entropies over trained positions / (num_items or their count)."""
+    """Sum of token cross-entropies (each times `weight`'s, when given) over trained positions
+    / (num_items or their count)."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -67,7 +130,12 @@ def chunked_loss(
         logits = head(h).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, t, reduction="sum")
+        if weight is None:
+            return F.cross_entropy(logits, t, reduction="sum")
+        losses = F.cross_entropy(logits, t, reduction="none")
+        with torch.no_grad():
+            weights = weight(logits, losses)
+        return (losses * weights).sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, states.shape[0], chunk):
@@ -83,7 +151,7 @@ def chunked_loss(
     return total / count
 
 
-def patch(model: Any, chunk: int) -> None:
+def patch(model: Any, chunk: int, weight: TokenWeight | None = None) -> None:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     original = model.forward
@@ -104,6 +172,7 @@ def patch(model: Any, chunk: int) -> None:
             chunk,
             softcap,
             num_items_in_batch,
+            weight,
         )
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
@@ -123,19 +192,40 @@ REPLACES_LOSS = ("liger_fused_linear_cross_entropy",)
 @hookimpl
 def sft_validate_config(config: Config) -> Sequence[Problem]:
     keys = config.section(ChunkedCEKeys)
-    default_chunk = attrs.fields(ChunkedCEKeys).chunked_cross_entropy_chunk.default
+    fields = attrs.fields(ChunkedCEKeys)
+    problems = [
+        Problem(
+            name,
+            "has no effect: use_eaft is off",
+            hint=f"set use_eaft = true, or remove {name}",
+        )
+        for name in ("eaft_alpha", "eaft_k")
+        if not keys.use_eaft and getattr(keys, name) != getattr(fields, name).default
+    ]
+    dft = "use_dft" if keys.use_dft else "use_dynamic_finetuning"
+    if keys.use_eaft and (keys.use_dft or keys.use_dynamic_finetuning):
+        problems.append(
+            Problem("use_eaft", f"conflicts with {dft}: each weights the loss, choose one")
+        )
     if not enabled(config):
-        if keys.chunked_cross_entropy_chunk != default_chunk:
-            return [
+        if keys.chunked_cross_entropy_chunk != fields.chunked_cross_entropy_chunk.default:
+            problems.append(
                 Problem(
                     "chunked_cross_entropy_chunk",
                     "has no effect: chunked_cross_entropy is off",
                     hint="set chunked_cross_entropy = true, or remove chunked_cross_entropy_chunk",
                 )
-            ]
-        return []
-    switch = "chunked_cross_entropy" if keys.chunked_cross_entropy else "cut_cross_entropy"
-    problems = [
+            )
+        return problems
+    if keys.chunked_cross_entropy:
+        switch = "chunked_cross_entropy"
+    elif keys.use_eaft:
+        switch = "use_eaft"
+    elif token_weight(config):
+        switch = dft
+    else:
+        switch = "cut_cross_entropy"
+    problems += [
         Problem(
             switch,
             f"conflicts with {other}: both replace the LM head and loss, and only one can",
@@ -144,7 +234,7 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
         for other in REPLACES_LOSS
         if getattr(config, other, False)
     ]
-    if not keys.chunked_cross_entropy:
+    if switch == "cut_cross_entropy":
         problems.append(
             Problem(
                 switch,
@@ -160,4 +250,5 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
 @hookimpl
 def sft_patch_model(model: Any, config: Config) -> None:
     if enabled(config):
-        patch(model, config.section(ChunkedCEKeys).chunked_cross_entropy_chunk)
+        keys = config.section(ChunkedCEKeys)
+        patch(model, keys.chunked_cross_entropy_chunk, token_weight(config))

@@ -81,3 +81,87 @@ def test_chunk_size_is_bounded(plugins):
         load_config_text(
             'base_model = "m"\nchunked_cross_entropy_chunk = 2\n[[datasets]]\npath = "a"\n'
         )
+
+
+# -- token-weighted objectives: DFT and EAFT ------------------------------------------------------
+
+
+def reference_weighted_loss(logits, labels, num_items, kind, alpha=1.0, k=20):
+    """The objectives written out on the full logits tensor, as their papers define them."""
+    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    logits, targets = logits[keep], targets[keep]
+    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    if kind == "dft":
+        weights = logits.softmax(-1).gather(1, targets[:, None]).squeeze(1).detach()
+    else:
+        top = logits.detach().topk(k, dim=-1).values.softmax(-1)
+        weights = (-(top * top.log()).sum(-1)) ** alpha
+    return (losses * weights).sum() / num_items
+
+
+@pytest.mark.parametrize("kind", ["dft", "eaft"])
+def test_weighted_objectives_equal_their_definition_with_gradients(tokenizer, kind):
+    from sft.plugins.chunked_ce import dft_weight, eaft_weight
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 500, (2, 32), generator=generator)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    num_items = torch.tensor(44)
+
+    reference_model = build_model(tokenizer, seed=3)
+    logits = reference_model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    expected = reference_weighted_loss(logits, labels, num_items, kind, alpha=0.5, k=8)
+    expected.backward()
+
+    model = build_model(tokenizer, seed=3)
+    patch(model, chunk=5, weight=dft_weight if kind == "dft" else eaft_weight(0.5, 8))
+    loss = model(**batch, num_items_in_batch=num_items).loss
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for (name, param), (_, ref) in zip(
+        model.named_parameters(), reference_model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(param.grad, ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+    plain = build_model(tokenizer, seed=3)(**batch, num_items_in_batch=num_items).loss
+    assert abs(loss.item() - plain.item()) > 0.1  # the weight changes the loss
+
+
+def config_of(text: str):
+    return load_config_text('base_model = "m"\n' + text + '[[datasets]]\npath = "a"\n')
+
+
+def test_weighted_objective_keys(plugins):
+    from sft.errors import ConfigError
+    from sft.plugins.chunked_ce import dft_weight, enabled, token_weight
+
+    for name in ("use_dft", "use_dynamic_finetuning"):
+        config = config_of(f"{name} = true\n")
+        assert enabled(config) and token_weight(config) is dft_weight and config.warnings == ()
+    assert enabled(config_of("use_eaft = true\neaft_k = 5\n"))
+    with pytest.raises(ConfigError) as caught:
+        config_of("use_eaft = true\nuse_dft = true\n")
+    assert [p.message for p in caught.value.problems] == [
+        "conflicts with use_dft: each weights the loss, choose one"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        config_of("eaft_alpha = 2.0\neaft_k = 5\n")
+    assert {p.path: p.message for p in caught.value.problems} == {
+        "eaft_alpha": "has no effect: use_eaft is off",
+        "eaft_k": "has no effect: use_eaft is off",
+    }
+
+
+# The tiny random model's plain loss is about ln(vocab) ~ 6.2: DFT weights each token by p ~ 1/500,
+# EAFT by the entropy of 20 near-equal logits, ~ ln(20) ~ 3.
+@pytest.mark.parametrize(
+    "setting, low, high", [("use_dft=true", 0.0, 0.1), ("use_eaft=true", 15, 22)]
+)
+def test_training_runs_the_weighted_objective(tiny_project, setting, low, high):
+    from sft.train.run import train
+
+    result = train(tiny_project("max_steps=2", "adapter=lora", setting))
+    assert result.global_step == 2 and low < result.train_loss < high
