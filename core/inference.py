@@ -22,6 +22,7 @@ class Trained:
     base_model: str
     adapter: bool
     trust_remote_code: bool = False
+    mistral_common: bool = False  # tokenizer_use_mistral_common: its tekken.json is the tokenizer
 
 
 def locate(
@@ -42,10 +43,12 @@ def locate(
         config = load_config(path, overrides=overrides, machine_checks=False)
         directory = Path(config.output_dir)  # relative: from the working directory, as in run
         base, trust = config.base_model, config.trust_remote_code or trust_remote_code
+        mistral = config.tokenizer_use_mistral_common
     elif path.is_dir():
         directory = path
         resolved = read_resolved_config(path) or read_resolved_config(path.parent) or {}
         base, trust = resolved.get("base_model", ""), trust_remote_code
+        mistral = bool(resolved.get("tokenizer_use_mistral_common"))
     else:
         raise UsageError(f"{target}: no such config file or directory")
     adapter = (directory / "adapter_config.json").exists()
@@ -60,7 +63,7 @@ def locate(
             "naming its base model\n  fix: chat with the config file the adapter was trained "
             "with, or copy that run's sft_config.yaml beside the adapter"
         )
-    return Trained(directory, base, adapter, trust)
+    return Trained(directory, base, adapter, trust, mistral)
 
 
 def load_base(base_model: str, dtype: Any = None, trust_remote_code: bool = False) -> Any:
@@ -90,7 +93,12 @@ def load_trained(trained: Trained, base_only: bool = False) -> tuple[Any, Any]:
 def _load_trained(trained: Trained, base_only: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(trained.directory)
+    if trained.mistral_common:
+        from transformers.tokenization_mistral_common import MistralCommonBackend
+
+        tokenizer = MistralCommonBackend.from_pretrained(trained.directory)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(trained.directory)
     if base_only:
         model = load_base(trained.base_model, trust_remote_code=trained.trust_remote_code)
     elif trained.adapter:
@@ -182,7 +190,9 @@ def reply(
     import torch
     from transformers import TextIteratorStreamer
 
-    if not getattr(tokenizer, "chat_template", None):
+    # mistral-common encodes conversations itself: it has no Jinja template
+    own_encoder = type(tokenizer).__name__ == "MistralCommonBackend"
+    if not own_encoder and not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             "the tokenizer has no chat template\n  fix: train with chat_template = 'chatml' (or another) set"
         )

@@ -26,10 +26,34 @@ def _gguf_tokenizer_dir(name: str) -> Path:
     return model_dir.with_name(model_dir.name + "-tokenizer")
 
 
+def _mistral_common_tokenizer(name: str, config: Config) -> Any:
+    try:
+        from transformers.tokenization_mistral_common import MistralCommonBackend
+    except ImportError as exc:
+        raise ModelError(
+            f"tokenizer_use_mistral_common = true needs the mistral-common package ({exc})\n"
+            "  fix: pip install 'sft-train[mistral]'"
+        ) from None
+    revision = None if config.tokenizer_config else config.revision_of_model
+    try:
+        return MistralCommonBackend.from_pretrained(
+            name, **({"revision": revision} if revision else {})
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load the mistral-common tokenizer of {name!r}: {exc}\n"
+            "  fix: tokenizer_use_mistral_common needs Mistral's own tokenizer file (tekken.json "
+            "or tokenizer.model.v*) in base_model / tokenizer_config; remove the key for other "
+            "models"
+        ) from exc
+
+
 def load_tokenizer(config: Config, plugins: Any = None) -> Any:
     from transformers import AutoTokenizer
 
     name = config.tokenizer_config or config.base_model
+    if config.tokenizer_use_mistral_common:
+        return apply_token_config(_mistral_common_tokenizer(name, config), config, plugins)
     source, extra = model_source(name)
     if extra and (_gguf_tokenizer_dir(name) / "tokenizer_config.json").exists():
         source, extra = str(_gguf_tokenizer_dir(name)), {}  # converted once, loads in ~0.1 s
@@ -61,7 +85,9 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
 
 def apply_token_config(tokenizer: Any, config: Config, plugins: Any = None) -> Any:
     """Apply `special_tokens`, `tokens` and the plugins' tokenizer preparation."""
-    if not getattr(tokenizer, "is_fast", False):
+    # mistral-common encodes conversations itself (token ids, no offsets needed); its
+    # vocabulary is fixed, so special_tokens and tokens are refused with the config.
+    if not getattr(tokenizer, "is_fast", False) and not config.tokenizer_use_mistral_common:
         raise ModelError(
             "sft needs a fast (Rust) tokenizer for exact label masking; this one is slow",
         )

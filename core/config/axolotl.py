@@ -62,7 +62,6 @@ _MODEL: dict[str, Unsupported] = {
     "model_kwargs": U("extra keyword arguments for the model's from_pretrained"),
     "overrides_of_model_kwargs": U("extra keyword arguments for the model's from_pretrained"),
     "type_of_model": U("the internal name of model_type", "use `model_type`"),
-    "tokenizer_use_mistral_common": U("loads Mistral's mistral-common tokenizer"),
     "mean_resizing_embeddings": U("initialises new token embeddings from the mean of the others"),
     "shrink_embeddings": U("shrinks the embeddings to the tokenizer's vocabulary size"),
     "embeddings_skip_upcast": U("keeps the embeddings out of the float32 upcast under PEFT"),

@@ -272,6 +272,25 @@ def _axolotl_value_problems(config: Config, plugins: Any) -> list[Problem]:
                 hint="use AutoModelForCausalLM or the model's own …ForCausalLM class",
             )
         )
+    if config.tokenizer_use_mistral_common:
+        problems += [
+            Problem(
+                name,
+                "a mistral-common tokenizer has a fixed vocabulary: tokens cannot be added "
+                "or redefined",
+                hint=f"remove {name}, or tokenizer_use_mistral_common",
+            )
+            for name in ("special_tokens", "tokens", "tokenizer_type")
+            if getattr(config, name)
+        ]
+        if config.base_model.endswith(".gguf") and not config.tokenizer_config:
+            problems.append(
+                Problem(
+                    "tokenizer_use_mistral_common",
+                    "a GGUF file has no mistral-common tokenizer file (tekken.json)",
+                    hint="set tokenizer_config to the model's Hub id or directory",
+                )
+            )
     if config.cls_model_config and not config.cls_model_config.endswith("Config"):
         problems.append(
             Problem(

@@ -167,6 +167,12 @@ class Config(_Sections):
         True,
         doc="Load the fast (Rust) tokenizer; sft needs it for exact label masking (false is refused).",
     )
+    tokenizer_use_mistral_common: bool = key(
+        False,
+        doc="Load Mistral's own tokenizer (tekken.json / tokenizer.model.v*) through mistral-common "
+        "(extra `sft-train[mistral]`): chat_template datasets are then encoded by that library, "
+        "not by a Jinja template.",
+    )
     tokenizer_legacy: bool | None = key(
         None,
         doc="The `legacy` option of sentencepiece-based tokenizers (Llama, T5): how text after "

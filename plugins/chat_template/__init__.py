@@ -17,10 +17,11 @@ import attrs
 from sft import hookimpl
 from sft.components import ConfigKeys, PromptStrategy
 from sft.config.schema import key
-from sft.data.sample import Rendered, RowError
+from sft.data.sample import Rendered, RowError, Sample
 from sft.errors import ConfigError, Problem
 from sft.plugins.chat_template.layout import Policies, TurnLocator
 from sft.plugins.chat_template.messages import MessageReader
+from sft.plugins.chat_template.mistral import MistralChatStrategy, is_mistral_common
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 BUILTIN_TEMPLATES = (
@@ -269,6 +270,22 @@ def _mapping_problems(keys: ChatTemplateDatasetKeys, where: str) -> list[Problem
     ]
 
 
+def _reader(
+    keys: ChatTemplateDatasetKeys, root: ChatTemplateKeys, content_chunks: bool = False
+) -> MessageReader:
+    return MessageReader(
+        field_messages=keys.field_messages,
+        mappings=message_mappings(keys),
+        roles=keys.roles,
+        roles_to_train=keys.roles_to_train,
+        message_field_training=keys.message_field_training,
+        drop_system_message=keys.drop_system_message,
+        default_system_message=root.default_system_message,
+        field_tools=keys.field_tools,
+        content_chunks=content_chunks,
+    )
+
+
 class ChatTemplateStrategy:
     """One row → its rendered conversation and trainable spans."""
 
@@ -277,16 +294,7 @@ class ChatTemplateStrategy:
     ) -> None:
         self.template = template
         self.tokenizer = tokenizer
-        self.read = MessageReader(
-            field_messages=keys.field_messages,
-            mappings=message_mappings(keys),
-            roles=keys.roles,
-            roles_to_train=keys.roles_to_train,
-            message_field_training=keys.message_field_training,
-            drop_system_message=keys.drop_system_message,
-            default_system_message=root.default_system_message,
-            field_tools=keys.field_tools,
-        )
+        self.read = _reader(keys, root)
         eot_tokens = keys.eot_tokens or root.eot_tokens
         policies = Policies(
             eos=keys.train_on_eos,
@@ -338,9 +346,12 @@ class ChatTemplateStrategy:
         return self.locate(conversation.messages, conversation.trained, conversation.tools)
 
 
-def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Rendered]:
+def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Sample]:
     keys = ds.section(ChatTemplateDatasetKeys)
     root = config.section(ChatTemplateKeys)
+    if is_mistral_common(tokenizer):
+        reader = _reader(keys, root, content_chunks=True)
+        return MistralChatStrategy(reader, tokenizer, keys.train_on_eos)
     if keys.chat_template or keys.chat_template_jinja:
         template = resolve_template(
             keys.chat_template, keys.chat_template_jinja, tokenizer, "datasets[].chat_template"
@@ -422,6 +433,8 @@ def sft_validate_config(config: Any) -> list[Problem]:
                 keys.chat_template, keys.chat_template_jinja, f"{group}[{index}].chat_template"
             )
             problems += _mapping_problems(keys, f"{group}[{index}]")
+    if config.tokenizer_use_mistral_common:
+        problems += _mistral_common_problems(config)
     datasets = [*config.datasets, *config.test_datasets]
     if root.default_system_message and not any(ds.type == "chat_template" for ds in datasets):
         problems.append(
@@ -449,8 +462,61 @@ def sft_validate_config(config: Any) -> list[Problem]:
     return problems
 
 
+def _mistral_common_problems(config: Any) -> list[Problem]:
+    """What a mistral-common tokenizer cannot do: it has no Jinja template (conversations are
+    encoded by the library), it tokenizes text without character offsets (so only
+    chat_template datasets can be labelled), and it finds only assistant turns."""
+    root = config.section(ChatTemplateKeys)
+    why = "with tokenizer_use_mistral_common, mistral-common encodes the conversation itself"
+    problems = [
+        Problem(name, f"has no effect {why}", hint=f"remove {name}")
+        for name in ("chat_template", "chat_template_jinja")
+        if getattr(root, name) not in (None, "tokenizer_default")
+    ]
+    for group in ("datasets", "test_datasets"):
+        for index, ds in enumerate(getattr(config, group)):
+            where = f"{group}[{index}]"
+            if ds.type != "chat_template":
+                problems.append(
+                    Problem(
+                        f"{where}.type",
+                        f"{ds.type!r} renders text, and a mistral-common tokenizer cannot map "
+                        "tokens back to text to label them",
+                        hint="use type = 'chat_template' (conversations), or remove "
+                        "tokenizer_use_mistral_common",
+                    )
+                )
+                continue
+            keys = ds.section(ChatTemplateDatasetKeys)
+            problems += [
+                Problem(f"{where}.{name}", f"has no effect {why}", hint=f"remove {name}")
+                for name in ("chat_template", "chat_template_jinja", "eot_tokens", "train_on_eot")
+                if getattr(keys, name)
+            ]
+            if set(keys.roles_to_train) - {"assistant"}:
+                problems.append(
+                    Problem(
+                        f"{where}.roles_to_train",
+                        "with a mistral-common tokenizer only assistant turns can be trained",
+                        hint="roles_to_train = ['assistant']",
+                    )
+                )
+            if not keys.train_on_reasoning:
+                problems.append(
+                    Problem(
+                        f"{where}.train_on_reasoning",
+                        "false is not supported with a mistral-common tokenizer (its reasoning "
+                        "and answer tokens are told apart by the library only)",
+                        hint="remove train_on_reasoning",
+                    )
+                )
+    return problems
+
+
 @hookimpl
 def sft_prepare_tokenizer(tokenizer: Any, config: Any) -> None:
+    if is_mistral_common(tokenizer):
+        return  # mistral-common encodes conversations itself (no Jinja template)
     root = config.section(ChatTemplateKeys)
     if root.chat_template not in (None, "tokenizer_default") or root.chat_template_jinja:
         tokenizer.chat_template = resolve_template(

@@ -50,8 +50,12 @@ class MessageReader:
         drop_system_message: bool,
         default_system_message: str | None,
         field_tools: str,
+        content_chunks: bool = False,
     ) -> None:
         self.field_messages = field_messages
+        # content as a list of typed chunks ({"type": "text", "text": ...}, {"type": "thinking",
+        # ...}): passed through for encoders that read them (mistral-common)
+        self.content_chunks = content_chunks
         merged = {"role": "role", "content": "content", **(mappings or {})}
         self.role_field = merged.pop("role")
         self.content_field = merged.pop("content")
@@ -136,7 +140,7 @@ class MessageReader:
             )
         return role
 
-    def _content(self, message: dict[str, Any], where: str) -> str:
+    def _content(self, message: dict[str, Any], where: str) -> Any:
         """The message text. Absent or null only in a message that calls tools instead."""
         content = message.get(self.content_field)
         if content is None:
@@ -154,10 +158,22 @@ class MessageReader:
                 f"{where}.{self.content_field}",
                 key=MAPPINGS_KEY,
             )
+        if self.content_chunks and isinstance(content, list):
+            for index, chunk in enumerate(content):
+                if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
+                    raise RowError(
+                        "wrong type",
+                        f"{where}.{self.content_field}[{index}] should be a chunk object with a "
+                        "'type' (e.g. {'type': 'text', 'text': '...'})",
+                        f"{where}.{self.content_field}",
+                    )
+            return content
         if not isinstance(content, str):
+            expected = "a string or a list of chunks" if self.content_chunks else "a string"
             raise RowError(
                 "wrong type",
-                f"{where}.{self.content_field} should be a string, found {type(content).__name__}",
+                f"{where}.{self.content_field} should be {expected}, found "
+                f"{type(content).__name__}",
                 f"{where}.{self.content_field}",
             )
         return content

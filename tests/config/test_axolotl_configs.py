@@ -236,6 +236,14 @@ MISTRAL_COMMON = """
 base_model: mistralai/Magistral-Small-2506
 tokenizer_use_mistral_common: true
 datasets:
+  - path: Nanobit/text-think-2k-test
+    type: chat_template
+"""
+
+MISTRAL_COMMON_ALPACA = """
+base_model: mistralai/Magistral-Small-2506
+tokenizer_use_mistral_common: true
+datasets:
   - path: tatsu-lab/alpaca
     type: alpaca
 """
@@ -263,7 +271,12 @@ CASES = {
     "moe-expert-parallel": (MOE_EXPERT_PARALLEL, 4, ["expert_parallel_size` — "]),
     "dpo": (DPO, 4, ["rl` — "]),
     "multimodal": (MULTIMODAL, 4, ["processor_type` — "]),
-    "mistral-common": (MISTRAL_COMMON, 4, ["tokenizer_use_mistral_common` — "]),
+    "mistral-common": (MISTRAL_COMMON, 0, []),
+    "mistral-common-alpaca": (
+        MISTRAL_COMMON_ALPACA,
+        4,
+        ["'alpaca' renders text, and a mistral-common tokenizer cannot map tokens back"],
+    ),
     "unknown-integration": (UNKNOWN_INTEGRATION, 4, ["no installed sft plugin stands in for"]),
 }
 
