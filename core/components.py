@@ -112,6 +112,8 @@ class DistributedBackend:
       unsupported combinations); `Problem.machine` for what depends on this machine.
     - `available()`: (True, "") when the engine's runtime is importable here, else (False, "how
       to install it"), shown by `sft plugins list`.
+    - `model_kwargs(config)`: keywords the engine adds to the model's `from_pretrained` (e.g.
+      transformers' `distributed_config`, which shards the model while it loads).
     """
 
     name: str
@@ -120,3 +122,4 @@ class DistributedBackend:
     check: Callable[[Config], Sequence[Problem]] | None = None
     available: Callable[[], tuple[bool, str]] | None = None
     description: str = ""
+    model_kwargs: Callable[[Config], dict[str, Any]] | None = None

@@ -119,6 +119,11 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
         kwargs["config"] = adjusted_model_config(source, config)
     if config.experts_implementation not in (None, "scattermoe"):  # scattermoe: see checks
         kwargs["experts_implementation"] = config.experts_implementation
+    from sft.distributed import selected_backends
+
+    for engine in selected_backends(config, plugins):
+        if engine.model_kwargs is not None:
+            kwargs.update(engine.model_kwargs(config))
     model_class = transformers_class(config.model_type, "model_type") or AutoModelForCausalLM
     try:
         model = model_class.from_pretrained(source, **kwargs)

@@ -350,9 +350,6 @@ _DISTRIBUTED: dict[str, Unsupported] = {
     "context_parallel_size": U("splits each sequence across GPUs (context parallelism)"),
     "context_parallel": U("context-parallel settings (size, backend, ring implementation)"),
     "tensor_parallel_size": U("tensor parallelism (DeepSpeed AutoTP)"),
-    "dp_shard_size": U("devices to shard the model across (N-D parallelism)"),
-    "dp_replicate_size": U("devices to replicate the model across (N-D parallelism)"),
-    "expert_parallel_size": U("shards MoE experts across GPUs (expert_parallel plugin)"),
     "use_ray": U("runs training on Ray Train", "use `sft run --nnodes` for many nodes"),
     "ray_num_workers": U("Ray Train workers", default=1),
 }

@@ -90,7 +90,11 @@ RULES: tuple[_Rule, ...] = (
         "logging_steps use_tensorboard hf_mlflow_log_artifacts",
         "wandb_ use_wandb mlflow_ use_mlflow comet_ use_comet",
     ),
-    _rule("Distributed", "", "fsdp deepspeed ddp"),
+    _rule(
+        "Distributed",
+        "dp_shard_size dp_replicate_size expert_parallel_size",
+        "fsdp deepspeed ddp",
+    ),
     _rule("RL & multimodal"),
 )
 

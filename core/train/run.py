@@ -235,7 +235,9 @@ def training_arguments(
         # alike): DDP need not search the graph for unused ones, unless the user says so.
         ddp_find_unused_parameters=bool(config.ddp_find_unused_parameters),
         ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None,
-        **trainer_arguments(config),  # NEFTune, torch.compile, ... (sft.train.options)
+        # NEFTune, torch.compile, ... (sft.train.options); the engine's own settings win (an
+        # engine whose checkpoints can hold the model only sets save_only_model)
+        **{k: v for k, v in trainer_arguments(config).items() if k not in (engine or {})},
         load_best_model_at_end=bool(best),
         metric_for_best_model=(config.metric_for_best_model or "loss") if best else None,
         greater_is_better=config.greater_is_better if best else None,

@@ -26,6 +26,8 @@ from sft import hookimpl
 from sft.components import ConfigKeys, DistributedBackend
 from sft.config.schema import Config, key
 from sft.errors import ModelError, Problem
+from sft.plugins.fsdp import native
+from sft.plugins.fsdp.native import BNB_OPTIMIZERS
 from sft.plugins.fsdp.settings import FsdpSettings, is_on, resolve
 
 
@@ -54,29 +56,56 @@ class FsdpKeys:
     )
 
 
-# The bnb_optim plugin's optimizers: bitsandbytes kernels that take plain tensors only.
-BNB_OPTIMIZERS = (
-    "adamw_8bit",
-    "adamw_bnb_8bit",
-    "lion_8bit",
-    "paged_adamw_8bit",
-    "paged_adamw_32bit",
-)
-
-
 def _keys(config: Config) -> FsdpKeys:
     return config.section(FsdpKeys)
 
 
-def selected(config: Config) -> bool:
+def fsdp_keys_on(config: Config) -> bool:
     keys = _keys(config)
     return is_on(keys.fsdp, keys.fsdp_version, keys.fsdp_config)
 
 
+def native_selected(config: Config) -> bool:
+    """expert_parallel_size: transformers' native sharded loading (`native`)."""
+    return native.requested(config.section(native.ParallelKeys))
+
+
+def selected(config: Config) -> bool:
+    """accelerate's FSDP: the fsdp keys or the FSDP2 shard/replicate sizes, without expert
+    parallelism (which selects `native`, taking the fsdp keys with it)."""
+    parallel = config.section(native.ParallelKeys)
+    wanted = fsdp_keys_on(config) or native.data_parallel_requested(parallel)
+    return wanted and not native_selected(config)
+
+
 def settings_of(config: Config) -> FsdpSettings:
-    """The run's FSDP settings (the config was validated: no problem is left)."""
+    """The run's FSDP settings (the config was validated: no problem is left); FSDP2's
+    defaults when only the shard/replicate sizes turned it on."""
     keys = _keys(config)
     return resolve(keys.fsdp, keys.fsdp_version, keys.fsdp_config)[0]
+
+
+def _native_settings(config: Config) -> FsdpSettings | None:
+    return settings_of(config) if fsdp_keys_on(config) else None
+
+
+def native_model_kwargs(config: Config) -> dict[str, Any]:
+    keys = config.section(native.ParallelKeys)
+    return {"distributed_config": native.distributed_config(keys, _native_settings(config))}
+
+
+def native_training_args(config: Config, model: Any) -> dict[str, Any]:
+    """The Trainer trains the model transformers sharded as it loaded; its checkpoints can hold
+    the model only (see `native`)."""
+    if problem := native.layer_problem(_native_settings(config), model):
+        raise ModelError(problem)
+    if not native.experts_sharded(model):
+        raise ModelError(
+            f"expert_parallel_size: transformers sharded no expert weights of "
+            f"{config.base_model} (a dense model, or a MoE class without an expert plan)\n  fix: "
+            "remove expert_parallel_size (dp_shard_size shards a dense model)"
+        )
+    return {"save_only_model": True}
 
 
 def engine_runs_here() -> tuple[bool, str]:
@@ -93,6 +122,9 @@ def engine_runs_here() -> tuple[bool, str]:
 
 def _where(config: Config) -> str:
     keys = _keys(config)
+    parallel = config.section(native.ParallelKeys)
+    if not fsdp_keys_on(config) and native.data_parallel_requested(parallel):
+        return "dp_shard_size" if (parallel.dp_shard_size or 1) > 1 else "dp_replicate_size"
     if keys.fsdp_config is not None:
         return "fsdp_config"
     return "fsdp_version" if keys.fsdp_version is not None else "fsdp"
@@ -217,18 +249,23 @@ def training_args(config: Config, model: Any) -> dict[str, Any]:
     fsdp_config = settings.fsdp_config(layers)
     if _checkpoints_layers_itself(config):
         fsdp_config["activation_checkpointing"] = False  # done by sft_patch_model instead
-    return {"fsdp": True, "fsdp_config": fsdp_config}
+    args: dict[str, Any] = {"fsdp": True, "fsdp_config": fsdp_config}
+    parallel = config.section(native.ParallelKeys)
+    if native.data_parallel_requested(parallel):
+        args["parallelism_config"] = native.parallelism_config(
+            parallel, int(os.environ.get("WORLD_SIZE", "1"))
+        )
+    return args
 
 
 def _checkpoints_layers_itself(config: Config) -> bool:
-    """FSDP's activation checkpointing asked for beside an adapter: transformers' layer-wise
-    gradient checkpointing stands in (see `check`)."""
-    return bool(
-        selected(config)
-        and config.adapter
-        and settings_of(config).activation_checkpointing
-        and not config.gradient_checkpointing
-    )
+    """FSDP's activation checkpointing asked for beside an adapter, or with the native engine:
+    transformers' layer-wise gradient checkpointing stands in (see `check`)."""
+    if config.gradient_checkpointing or not fsdp_keys_on(config):
+        return False
+    if not settings_of(config).activation_checkpointing:
+        return False
+    return native_selected(config) or bool(config.adapter)
 
 
 @hookimpl
@@ -244,13 +281,29 @@ def available() -> tuple[bool, str]:
 
 @hookimpl
 def sft_config_keys() -> Sequence[ConfigKeys]:
-    return [ConfigKeys(FsdpKeys)]
+    return [
+        ConfigKeys(FsdpKeys),
+        ConfigKeys(native.ParallelKeys, axolotl_integrations=(native.EP_INTEGRATION,)),
+    ]
 
 
 @hookimpl
 def sft_validate_config(config: Config) -> Sequence[Problem]:
     keys = _keys(config)
-    return resolve(keys.fsdp, keys.fsdp_version, keys.fsdp_config)[1]
+    settings, found = resolve(keys.fsdp, keys.fsdp_version, keys.fsdp_config)
+    parallel = config.section(native.ParallelKeys)
+    if found:
+        return found
+    if native.data_parallel_requested(parallel) and fsdp_keys_on(config) and settings.version != 2:
+        found.append(
+            Problem(
+                "fsdp_version",
+                "dp_shard_size / dp_replicate_size shard with FSDP2 (accelerate's "
+                "ParallelismConfig); FSDP1 cannot",
+                hint="set fsdp_version = 2",
+            )
+        )
+    return found + native.problems(parallel, settings if fsdp_keys_on(config) else None, config)
 
 
 @hookimpl
@@ -264,6 +317,18 @@ def sft_register_distributed_backends(register: Callable[[DistributedBackend], N
             available=available,
             description="PyTorch FSDP2 (or FSDP1) via accelerate: parameters, gradients and "
             "optimizer state sharded across processes",
+        )
+    )
+    register(
+        DistributedBackend(
+            name="fsdp2_native",
+            selected=native_selected,
+            training_args=native_training_args,
+            model_kwargs=native_model_kwargs,
+            available=available,
+            description="transformers' native sharded loading (DistributedConfig), selected by "
+            "dp_shard_size / dp_replicate_size / expert_parallel_size: FSDP2, HSDP and expert "
+            "parallelism, on GPUs and CPUs",
         )
     )
 
