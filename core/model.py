@@ -24,6 +24,8 @@ def resolve_dtype(config: Config) -> Any:
     """The training dtype: `bf16 = auto` means bf16 where the GPU supports it, else fp32."""
     import torch
 
+    if config.float16:
+        return torch.float16  # pure float16 (Axolotl's float16): also on CPU
     if config.fp16:
         if not cuda_available():
             raise ModelError(

@@ -187,7 +187,6 @@ _SCHEDULES: dict[str, Unsupported] = {
 
 # -- precision & memory ----------------------------------------------------------------------
 _PRECISION: dict[str, Unsupported] = {
-    "float16": U("trains fully in float16 (no mixed precision)", "use `fp16` (mixed precision)"),
     "fp8": U("FP8 mixed-precision training (torchao)"),
     "fp8_enable_fsdp_float8_all_gather": U("FP8 all-gather of FSDP-sharded weights"),
     "max_memory": U("memory limit per device for placing the model at load"),

@@ -403,6 +403,16 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
     if config.bf16 is True and config.fp16:
         flag = "bfloat16" if config.bfloat16 is True else "bf16"
         problems.append(Problem("fp16", f"conflicts with {flag} = true: choose one precision"))
+    if config.float16:
+        problems += [
+            Problem(
+                "float16",
+                f"conflicts with {name} = true: float16 trains in pure float16, {name} in "
+                "mixed precision; choose one",
+            )
+            for name in ("fp16", "bf16")
+            if getattr(config, name) is True
+        ]
     if config.bfloat16 and config.bf16 is False:
         problems.append(
             Problem(

@@ -218,6 +218,12 @@ class Config(_Sections):
         doc="Axolotl's other name for bf16: true turns bf16 on, 'auto' is bf16 = 'auto'.",
     )
     fp16: bool = key(False, doc="Train in float16 with loss scaling (GPUs without bf16).")
+    float16: bool = key(
+        False,
+        doc="Axolotl's pure float16: the model loads and trains in float16 throughout (no "
+        "mixed precision, no loss scaling; an adapter stays float32, as peft keeps it). fp16 is "
+        "the mixed-precision way.",
+    )
     tf32: bool = key(False, doc="Allow TF32 matmuls on Ampere+ GPUs.")
     load_in_8bit: bool = key(
         False,

@@ -216,7 +216,7 @@ def training_arguments(
         seed=config.seed,
         data_seed=config.seed,
         bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
+        fp16=dtype == torch.float16 and not config.float16,  # float16: no AMP, no scaler
         tf32=config.tf32 or None,
         report_to=report_to(config),
         run_name=run_name(config),

@@ -672,3 +672,26 @@ def test_greater_is_better_and_metric_for_best_model_decide_the_best_checkpoint(
     assert losses.index(max(losses)) != losses.index(min(losses))  # the test tells them apart
     assert last["best_model_checkpoint"] == str(out / f"checkpoint-{best_step}")
     assert result.global_step == min(best_step + 2, 12)
+
+
+def test_float16_trains_in_pure_float16_without_a_loss_scaler(tiny_project):
+    import torch
+    from safetensors.torch import load_file
+
+    from sft.errors import ConfigError
+    from sft.model import resolve_dtype
+    from sft.train.run import train, training_arguments
+
+    config = tiny_project("float16=true", "max_steps=2")
+    assert resolve_dtype(config) is torch.float16
+    args = training_arguments(config, 8, False, torch.float16)
+    assert not args.fp16 and not args.bf16  # no autocast, no GradScaler
+    result = train(config)
+    assert result.global_step == 2 and result.train_loss == result.train_loss  # not NaN
+    saved = load_file(result.output_dir / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float16}
+    base = load_file(tiny_project.tmp_path / "tiny" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(saved[name].float(), base[name].half().float())  # it trained
+    with pytest.raises(ConfigError, match="float16 trains in pure float16"):
+        tiny_project("float16=true", "bf16=true")
