@@ -67,7 +67,7 @@ RULES: tuple[_Rule, ...] = (
     _rule("Schedules", "", "lr_ cosine_ warmup_"),
     _rule(
         "Precision & memory",
-        "bf16 bfloat16 fp16 tf32 activation_offloading",
+        "bf16 bfloat16 fp16 float16 tf32 activation_offloading",
         "gradient_checkpointing",
     ),
     _rule(
