@@ -82,8 +82,26 @@ def quantize_expert_weights(model: Any, *, bits: int, quant_type: str, double_qu
                     module, name, int8(row_stats, weight.shape, weight.dtype), unsafe=True
                 )
             count += 1
+        if int8 is None:
+            _keep_torch_state_dict_names(module)
     _fix_peft_stacked_lora_removal()
     return count
+
+
+def _keep_torch_state_dict_names(module: Any) -> None:
+    """Keep a 4-bit weight's state-dict entry as torch's parametrization writes it
+    (`parametrizations.<name>.original`, the packed data) instead of bitsandbytes' renaming
+    (`<name>`, `<name>.absmax`, ...): torch's distributed state dict (FSDP2 checkpoints and the
+    final save) resolves every key by getattr, and those names are not attributes
+    (`module.<name>` would even dequantize sharded data with unsharded statistics). Nothing
+    else reads them: a quantized model trains an adapter, whose files hold its own weights
+    only, and a resumed run quantizes the base weights again the same way."""
+    from bitsandbytes.nn.parametrize import _parametrized_state_dict_post_hook
+
+    hooks = module._state_dict_hooks
+    for handle, hook in list(hooks.items()):
+        if getattr(hook, "func", None) is _parametrized_state_dict_post_hook:
+            del hooks[handle]
 
 
 def full_target_parameters(model: Any, targets: tuple[str, ...]) -> list[str]:

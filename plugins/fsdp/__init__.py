@@ -154,17 +154,6 @@ def check(config: Config) -> list[Problem]:
                 hint="use load_in_4bit with adapter = 'qlora', or no quantization",
             )
         )
-    if config.quantize_moe_experts:
-        problems.append(
-            Problem(
-                "quantize_moe_experts",
-                "FSDP with quantized expert weights is not supported by sft yet: the final "
-                "save (torch's distributed state dict) cannot read the bitsandbytes "
-                "parametrization of a sharded expert weight (tried with 2 processes: training "
-                "runs, the save fails)",
-                hint="train on one GPU, or remove quantize_moe_experts",
-            )
-        )
     if settings.version == 2 and config.optimizer in BNB_OPTIMIZERS:
         problems.append(
             Problem(
