@@ -144,7 +144,6 @@ _DATA: dict[str, Unsupported] = {
     "curriculum_sampling": U("samples in dataset order for curriculum learning"),
     "is_preprocess": U("internal: set by `axolotl preprocess`", "use `sft preprocess`"),
     "preprocess_iterable": U("internal: preprocesses an iterable dataset"),
-    "min_sample_len": U("drops samples shorter than this many tokens"),
     "sample_packing_group_size": U("samples packed at a time", default=100_000),
     "sample_packing_eff_est": U("packing efficiency estimate taken from an earlier run"),
     "sample_packing_seq_len_multiplier": U("an older multipack key (not in current Axolotl)"),
@@ -181,9 +180,7 @@ _TRAINING: dict[str, Unsupported] = {
 }
 
 # -- schedules -------------------------------------------------------------------------------
-_SCHEDULES: dict[str, Unsupported] = {
-    "lr_quadratic_warmup": U("warms the learning rate up quadratically instead of linearly"),
-}
+_SCHEDULES: dict[str, Unsupported] = {}
 
 # -- precision & memory ----------------------------------------------------------------------
 _PRECISION: dict[str, Unsupported] = {

@@ -349,6 +349,11 @@ class Config(_Sections):
     excess_length_strategy: ExcessLength = key(
         "drop", doc="Samples longer than sequence_len: drop, truncate, or raise an error."
     )
+    min_sample_len: int | None = key(
+        None,
+        ge=1,
+        doc="Drop samples shorter than this many tokens (counted in the data summary).",
+    )
     invalid_rows: InvalidRows = key(
         "raise",
         doc="Malformed rows (missing field, wrong type, unknown role): raise an error naming the "
@@ -431,6 +436,11 @@ class Config(_Sections):
         le=1.0,
         doc="With lr_scheduler = cosine and cosine_min_lr_ratio: reach the floor at this "
         "fraction of training, then hold it (Axolotl's schedule; 0 or blank: off).",
+    )
+    lr_quadratic_warmup: bool = key(
+        False,
+        doc="With lr_scheduler = cosine: warm up along (step / warmup)² instead of linearly "
+        "(Axolotl's key); the cosine after it keeps cosine_min_lr_ratio's floor.",
     )
     lr_div_factor: float | None = key(
         None, gt=0.0, doc="one_cycle: the schedule starts at learning_rate / this (default 25)."

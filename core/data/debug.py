@@ -76,6 +76,7 @@ def debug_examples(config: Config, tokenizer: Any, plugins: Any, count: int) -> 
             else config.excess_length_strategy,
             invalid_rows="skip",
             train_on_inputs=config.train_on_inputs,
+            min_sample_len=config.min_sample_len or 0,
         )
         for index in range(min(count, len(raw.rows))):
             _, number = raw.where(index)

@@ -64,6 +64,7 @@ def tokenize_rows(
         excess_length_strategy=config.excess_length_strategy,
         invalid_rows=config.invalid_rows,
         train_on_inputs=config.train_on_inputs,
+        min_sample_len=config.min_sample_len or 0,
     )
     tasks = [(i, min(i + CHUNK_ROWS, len(raw.rows))) for i in range(0, len(raw.rows), CHUNK_ROWS)]
     total = ChunkResult()
@@ -203,6 +204,7 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 _RELEVANT_ROOT_KEYS = (
     "sequence_len",
     "excess_length_strategy",
+    "min_sample_len",
     "invalid_rows",
     "train_on_inputs",
     "val_set_size",

@@ -261,6 +261,7 @@ class StreamingDataset(IterableDataset):
             excess_length_strategy=config.excess_length_strategy,
             invalid_rows=config.invalid_rows,
             train_on_inputs=config.train_on_inputs,
+            min_sample_len=config.min_sample_len or 0,
         )
         self.renders = [build_render(ds, tokenizer, config, plugins) for ds in config.datasets]
         self.packer = plugins.packers().get(config.sample_packer) if config.sample_packing else None

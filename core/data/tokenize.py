@@ -23,6 +23,7 @@ class TokenizeOptions:
     excess_length_strategy: str
     invalid_rows: str
     train_on_inputs: bool
+    min_sample_len: int = 0
 
 
 MAX_REPORTED_ERRORS = 5
@@ -151,6 +152,9 @@ def _finish(
             out.dropped["longer than sequence_len"] += 1
             return
     for piece_ids, piece_labels in pieces:
+        if len(piece_ids) < opts.min_sample_len:
+            out.dropped["shorter than min_sample_len"] += 1
+            continue
         if opts.train_on_inputs and not explicit_labels:
             piece_labels = list(piece_ids)
         if all(label == IGNORE for label in piece_labels):

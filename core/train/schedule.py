@@ -103,6 +103,24 @@ def schedule_problems(config: Config) -> list[Problem]:
                 warning=True,
             )
         )
+    if config.lr_quadratic_warmup and name != "cosine":
+        problems.append(
+            Problem(
+                "lr_quadratic_warmup",
+                f"has no effect with lr_scheduler = {name!r}: it shapes the warmup of 'cosine' "
+                "(as in Axolotl)",
+                hint="set lr_scheduler = 'cosine', or remove lr_quadratic_warmup",
+                warning=True,
+            )
+        )
+    if config.lr_quadratic_warmup and name == "cosine" and "num_cycles" in options:
+        problems.append(
+            Problem(
+                "lr_quadratic_warmup",
+                "conflicts with lr_scheduler_kwargs.num_cycles: its cosine is a single half wave",
+                hint="remove one of them",
+            )
+        )
     if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         floors = [k for k in ("min_lr", "min_lr_rate") if k in options]
         if len(floors) > 1:
@@ -173,12 +191,19 @@ def rex_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
 
 
 def cosine_constant_factor(
-    step: int, *, warmup: int, total: int, floor: float, constant_ratio: float
+    step: int,
+    *,
+    warmup: int,
+    total: int,
+    floor: float,
+    constant_ratio: float = 1.0,
+    quadratic_warmup: bool = False,
 ) -> float:
-    """Axolotl's cosine with a constant tail: linear warmup, cosine from 1 down to `floor` at
-    step `total * constant_ratio`, then `floor`."""
+    """Axolotl's cosines: warmup (linear, or along (step / warmup)² with lr_quadratic_warmup),
+    cosine from 1 down to `floor` at step `total * constant_ratio`, then `floor`."""
     if step < warmup:
-        return step / max(1, warmup)
+        ramp = step / max(1, warmup)
+        return ramp * ramp if quadratic_warmup else ramp
     end = int(total * constant_ratio)
     progress = (min(step, end) - warmup) / max(1, end - warmup)
     return max(0.0, (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))) + floor
@@ -213,15 +238,17 @@ def build_schedule(config: Config, optimizer: Any, total: int, warmup: int) -> A
             return LambdaLR(optimizer, factor)
         if name == "one_cycle":
             return _one_cycle(config, optimizer, total, warmup)
-        if name == "cosine" and config.cosine_min_lr_ratio and config.cosine_constant_lr_ratio:
+        constant = bool(config.cosine_min_lr_ratio and config.cosine_constant_lr_ratio)
+        if name == "cosine" and (constant or config.lr_quadratic_warmup):
             from torch.optim.lr_scheduler import LambdaLR
 
             factor = functools.partial(
                 cosine_constant_factor,
                 warmup=warmup,
                 total=total,
-                floor=config.cosine_min_lr_ratio,
-                constant_ratio=config.cosine_constant_lr_ratio,
+                floor=config.cosine_min_lr_ratio or 0.0,
+                constant_ratio=config.cosine_constant_lr_ratio if constant else 1.0,
+                quadratic_warmup=config.lr_quadratic_warmup,
             )
             return LambdaLR(optimizer, factor)
         from transformers import get_scheduler

@@ -215,6 +215,31 @@ datasets:
 
 MOE_EXPERT_PARALLEL = MOE + "expert_parallel_size: 2\n"
 
+MOE_EXPERT_PARALLEL_BF16 = """
+base_model: Qwen/Qwen3-30B-A3B
+plugins:
+  - axolotl.integrations.expert_parallel.ExpertParallelPlugin
+expert_parallel_size: 2
+adapter: lora
+lora_target_modules: [q_proj, v_proj]
+datasets:
+  - path: tatsu-lab/alpaca
+    type: alpaca
+"""
+
+HSDP = """
+base_model: meta-llama/Llama-3.1-8B
+dp_shard_size: 8
+dp_replicate_size: 2
+fsdp_version: 2
+fsdp_config:
+  state_dict_type: SHARDED_STATE_DICT
+  transformer_layer_cls_to_wrap: LlamaDecoderLayer
+datasets:
+  - path: tatsu-lab/alpaca
+    type: alpaca
+"""
+
 DPO = """
 base_model: meta-llama/Llama-3.2-1B-Instruct
 rl: dpo
@@ -268,7 +293,17 @@ CASES = {
     ),
     "fsdp2-lora-regex": (FSDP2_LORA, 0, ["warning: fsdp_config.sync_module_states"]),
     "moe": (MOE, 0, []),
-    "moe-expert-parallel": (MOE_EXPERT_PARALLEL, 4, ["expert_parallel_size` — "]),
+    "moe-expert-parallel": (
+        MOE_EXPERT_PARALLEL,
+        4,
+        ["cannot be sharded by transformers' FSDP2 (expert_parallel_size)"],
+    ),
+    "moe-expert-parallel-bf16": (
+        MOE_EXPERT_PARALLEL_BF16,
+        0,
+        ["warning: expert_parallel_size", "cannot resume from them"],
+    ),
+    "hsdp": (HSDP, 0, []),
     "dpo": (DPO, 4, ["rl` — "]),
     "multimodal": (MULTIMODAL, 4, ["processor_type` — "]),
     "mistral-common": (MISTRAL_COMMON, 0, []),

@@ -36,7 +36,8 @@ def test_keys_that_change_nothing_say_so_on_the_page(plugins):
     assert "| `flash_attn_rms_norm` | Flash-attn's RMSNorm kernel; for the speed, use" in speed
     assert "`expert_parallel_size`" not in speed
     assert "| `lora_mlp_kernel` | accepted, no effect: speed only |" in text
-    assert "| `expert_parallel_size` | refused |" in text
+    assert "| `expert_parallel_size` | supported (plugin `fsdp`) |" in text
+    assert "| `context_parallel_size` | refused |" in text
     assert "| `quantize_moe_experts` | supported |" in text
     assert (
         "| `eval_max_new_tokens` | refused; no effect (a warning) while `eval_table_size` / "

@@ -42,11 +42,11 @@ def test_each_refused_key_has_one_topic():
 
 
 def test_a_refused_key_names_itself_and_what_it_does(plugins):
-    problem = only_problem("expert_parallel_size: 2\n")
-    assert problem.path == "expert_parallel_size" and problem.line == 5
+    problem = only_problem("context_parallel_size: 2\n")
+    assert problem.path == "context_parallel_size" and problem.line == 5
     assert problem.message == (
-        f"Axolotl's `expert_parallel_size` — "
-        f"{axolotl.UNSUPPORTED_ROOT_KEYS['expert_parallel_size'].what} "
+        f"Axolotl's `context_parallel_size` — "
+        f"{axolotl.UNSUPPORTED_ROOT_KEYS['context_parallel_size'].what} "
         "— is not supported by sft"
     )
     assert problem.hint == "remove it (or leave it blank)"
@@ -85,10 +85,10 @@ def test_a_refused_dataset_key_is_named_at_its_entry(plugins):
 
 def test_several_refused_keys_are_reported_together(plugins):
     with pytest.raises(ConfigError) as error:
-        load_yaml("fp8: true\nexpert_parallel_size: 2\ntrackio_project_name: demo\n")
+        load_yaml("fp8: true\ncontext_parallel_size: 2\ntrackio_project_name: demo\n")
     assert [p.path for p in error.value.problems] == [
         "fp8",
-        "expert_parallel_size",
+        "context_parallel_size",
         "trackio_project_name",
     ]
 
@@ -181,7 +181,7 @@ def test_the_speed_only_keys_are_the_kernel_choices():
         "liger_rms_norm_gated",
     }
     # These change what is trained or its numbers: never speed only.
-    assert not {"expert_parallel_size", "fp8", "tiled_mlp", "qat"} & set(SPEED_ONLY)
+    assert not {"context_parallel_size", "fp8", "tiled_mlp", "qat"} & set(SPEED_ONLY)
 
 
 def test_warnings_do_not_hide_errors_and_errors_do_not_include_warnings(plugins):

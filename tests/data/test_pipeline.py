@@ -37,6 +37,17 @@ def test_excess_length_strategies(make_config, tokenizer, tmp_path, strategy, ke
     assert all(len(r["input_ids"]) <= 160 for r in prepared.train)
 
 
+def test_min_sample_len_drops_short_samples_and_counts_them(make_config, tokenizer, tmp_path):
+    rows = [*alpaca_rows(2), {"instruction": "Explain.", "input": "", "output": "word " * 60}]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    lengths = sorted(len(r["input_ids"]) for r in prepare(make_config(ALPACA), tokenizer).train)
+    assert len(lengths) == 3
+    config = make_config(f"min_sample_len = {lengths[1] + 1}\n" + ALPACA)
+    prepared = prepare(config, tokenizer)
+    assert [len(r["input_ids"]) for r in prepared.train] == [lengths[2]]
+    assert prepared.summary.datasets[0].dropped == {"shorter than min_sample_len": 2}
+
+
 def test_excess_length_raise_names_the_row(make_config, tokenizer, tmp_path):
     write_jsonl(
         tmp_path / "a.jsonl", [*alpaca_rows(2), {"instruction": "x", "output": "la " * 200}]

@@ -639,6 +639,38 @@ def test_cosine_constant_lr_ratio_holds_the_floor_from_that_fraction(make_config
     assert lrs == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("floor", [None, 0.1])
+def test_lr_quadratic_warmup_ramps_along_the_square(make_config, floor):
+    from sft.train.schedule import build_schedule
+
+    config = make_config(
+        '[[datasets]]\npath = "x"\n',
+        "lr_quadratic_warmup=true",
+        "learning_rate=1.0",
+        *([f"cosine_min_lr_ratio={floor}"] if floor else []),
+        machine_checks=False,
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = build_schedule(config, optimizer, total=10, warmup=4)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    low = floor or 0.0
+    expected = [(s / 4) ** 2 for s in range(4)] + [
+        low + (1 - low) * 0.5 * (1 + math.cos(math.pi * (s - 4) / 6)) for s in range(4, 10)
+    ]
+    assert lrs == pytest.approx(expected)
+    linear = make_config(
+        '[[datasets]]\npath = "x"\n',
+        "lr_quadratic_warmup=true",
+        "lr_scheduler=linear",
+        machine_checks=False,
+    )
+    assert [w.path for w in linear.warnings] == ["lr_quadratic_warmup"]
+
+
 def test_cosine_constant_lr_ratio_without_its_cosine_floor_is_a_warning(make_config):
     config = make_config(
         '[[datasets]]\npath = "x"\n',
