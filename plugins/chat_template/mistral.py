@@ -20,6 +20,7 @@ fine-tuning request that does not end on an assistant turn).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,11 +37,16 @@ def is_mistral_common(tokenizer: Any) -> bool:
 def finetuning_tokenizer(tokenizer: Any) -> Any:
     """The same mistral-common tokenizer, validating requests for fine-tuning (a conversation
     that ends on an assistant turn) rather than for generation."""
+    return _finetuning_tokenizer(str(tokenizer.tokenizer.instruct_tokenizer.tokenizer.file_path))
+
+
+@functools.lru_cache(maxsize=4)
+def _finetuning_tokenizer(path: str) -> Any:
+    """Loaded once per file and process (a Tekken file is tens of MB of JSON)."""
     from mistral_common.protocol.instruct.validator import ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    path = tokenizer.tokenizer.instruct_tokenizer.tokenizer.file_path
-    return MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+    return MistralTokenizer.from_file(path, mode=ValidationMode.finetuning)
 
 
 def _openai_message(message: dict[str, Any]) -> dict[str, Any]:

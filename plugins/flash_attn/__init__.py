@@ -48,7 +48,7 @@ def _checker(name: str) -> Callable[[Config], Sequence[Problem]]:
                     machine=True,
                 )
             )
-        if config.bf16 is False and not config.fp16:
+        if config.bf16 is False and not (config.fp16 or config.float16):
             problems.append(
                 Problem(
                     key,

@@ -50,6 +50,9 @@ def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
     return {"v3": root / "v3", "v13": root / "v13"}
 
 
+LOADED: dict[Path, object] = {}  # a Tekken file is tens of MB of JSON: load each once
+
+
 def prepare(make_config, directory: Path, rows: list, extra: str = ""):
     write_jsonl(make_config.tmp_path / "chat.jsonl", rows)
     config = make_config(
@@ -59,7 +62,9 @@ def prepare(make_config, directory: Path, rows: list, extra: str = ""):
     )
     from sft.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(config)
+    if directory not in LOADED:
+        LOADED[directory] = load_tokenizer(config)
+    tokenizer = LOADED[directory]
     return tokenizer, prepare_datasets(config, tokenizer, show_progress=False).train
 
 

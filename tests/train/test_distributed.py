@@ -247,7 +247,7 @@ def test_plugins_list_shows_each_engine_and_whether_it_can_run_here(plugins, mon
     from sft.cli import plugin_rows
 
     rows = {row["name"]: row for row in plugin_rows(plugins)}
-    assert rows["fsdp"]["provides"]["distributed_backends"] == ["fsdp"]
+    assert rows["fsdp"]["provides"]["distributed_backends"] == ["fsdp", "fsdp2_native"]
     assert rows["deepspeed"]["provides"]["distributed_backends"] == ["deepspeed"]
     assert rows["fsdp"]["status"] == "ok"
     monkeypatch.setattr(deepspeed, "installed", lambda module: False)  # as without the package
