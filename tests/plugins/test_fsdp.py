@@ -456,7 +456,11 @@ def test_settings_default():
 # -- real 2-process runs (CPU, gloo) -------------------------------------------------------------------
 
 
-def _launch(config_path: Path, overrides: list[str], processes: int = 2) -> str:
+def _launch(
+    config_path: Path, overrides: list[str], processes: int = 2, harness: bool = True
+) -> str:
+    """`sft run` on `processes` CPU processes; through the harness that lets accelerate run
+    FSDP on a CPU, or as it is (`harness = False`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     sets = [part for item in overrides for part in ("--set", item)]
@@ -466,7 +470,7 @@ def _launch(config_path: Path, overrides: list[str], processes: int = 2) -> str:
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={processes}",
-        str(HARNESS),
+        *([str(HARNESS)] if harness else ["-m", "sft"]),
         "run",
         str(config_path),
         *sets,

@@ -6,27 +6,13 @@ sharding as it is (it runs on CPUs)."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
-from sft.config import load_config_text
+# the 2-process harness and weight comparisons of the fsdp plugin's tests
+from test_fsdp import SHARDED, SHARED, _assert_same_weights, _config, _launch, _weights
+
 from sft.errors import ConfigError, ModelError
 from sft.plugins.fsdp import native, native_selected, selected
-
-
-def _config(plugins, text: str):
-    body = (
-        'base_model = "unused"\n'
-        + text.strip("\n")
-        + '\n[[datasets]]\npath = "d.jsonl"\ntype = "chat_template"\n'
-    )
-    return load_config_text(body, source="c.toml", plugins=plugins, machine_checks=False)
 
 
 def _problems(plugins, text: str) -> dict[str, str]:
@@ -116,49 +102,6 @@ def test_one_plain_process_is_told_to_launch_several(plugins, monkeypatch):
 # -- real runs: 2 processes against 1 -------------------------------------------------------------
 
 
-HARNESS = Path(__file__).with_name("fsdp_cpu.py")
-
-
-def _launch(config_path: Path, overrides: list[str], processes: int, harness: bool) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    sets = [part for item in overrides for part in ("--set", item)]
-    program = [str(HARNESS)] if harness else ["-m", "sft"]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        *program,
-        "run",
-        str(config_path),
-        *sets,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
-    return output
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def _assert_same(got: dict, want: dict, base: dict | None = None) -> None:
-    assert sorted(got) == sorted(want)
-    for name, tensor in want.items():
-        difference = (got[name] - tensor).norm() / tensor.norm()
-        assert difference <= 1e-5, f"{name}: relative difference {difference:.2e}"
-        if base is not None and name in base:  # training moved it: the check is not vacuous
-            assert (tensor - base[name]).norm() > 1e3 * (got[name] - tensor).norm(), name
-
-
-SHARED = ("optimizer=sgd", "learning_rate=0.1", "max_steps=3")
-
-
 def _run_both(tiny_project, keys: tuple[str, ...], sizes: tuple[str, ...], processes: int = 2,
               harness: bool = True, base: str | None = None):  # fmt: skip
     """The same global batch: 1 plain process (micro batch = processes), then `processes`
@@ -177,9 +120,6 @@ def _run_both(tiny_project, keys: tuple[str, ...], sizes: tuple[str, ...], proce
     return tmp / "one", tmp / "many", _launch(path, list(many), processes, harness)
 
 
-SHARDED = re.compile(r"fsdp2: \d+ units, (\d+) of \1 parameters sharded")
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_hsdp_two_replicas_of_two_shards_saves_what_one_process_saves(tiny_project):
@@ -190,7 +130,7 @@ def test_hsdp_two_replicas_of_two_shards_saves_what_one_process_saves(tiny_proje
         tiny_project, keys, ("dp_replicate_size=2", "dp_shard_size=2"), processes=4
     )
     assert "engine: fsdp, 4 processes" in output and SHARDED.search(output), output[-3000:]
-    _assert_same(
+    _assert_same_weights(
         _weights(many / "adapter_model.safetensors"), _weights(one / "adapter_model.safetensors")
     )
 
@@ -203,4 +143,6 @@ def test_expert_parallel_moe_saves_what_one_process_saves(tiny_project, tiny_moe
     )
     assert "engine: fsdp2_native, 2 processes" in output, output[-3000:]
     base = _weights(tiny_moe / "model.safetensors")
-    _assert_same(_weights(many / "model.safetensors"), _weights(one / "model.safetensors"), base)
+    _assert_same_weights(
+        _weights(many / "model.safetensors"), _weights(one / "model.safetensors"), base
+    )
