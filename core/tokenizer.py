@@ -27,13 +27,16 @@ def _gguf_tokenizer_dir(name: str) -> Path:
 
 
 def _mistral_common_tokenizer(name: str, config: Config) -> Any:
-    try:
-        from transformers.tokenization_mistral_common import MistralCommonBackend
-    except ImportError as exc:
+    import importlib.util
+
+    # transformers' module imports without mistral-common; its class then fails deep inside
+    if importlib.util.find_spec("mistral_common") is None:
         raise ModelError(
-            f"tokenizer_use_mistral_common = true needs the mistral-common package ({exc})\n"
-            "  fix: pip install 'sft-train[mistral]'"
-        ) from None
+            "tokenizer_use_mistral_common = true needs the mistral-common package, which is "
+            "not installed\n  fix: pip install 'sft-train[mistral]'"
+        )
+    from transformers.tokenization_mistral_common import MistralCommonBackend
+
     revision = None if config.tokenizer_config else config.revision_of_model
     try:
         return MistralCommonBackend.from_pretrained(

@@ -163,6 +163,29 @@ def test_what_a_mistral_common_tokenizer_cannot_do_is_refused_with_the_config(ma
     assert "cannot map tokens back to text" in problems["datasets[1].type"]
 
 
+def test_a_missing_mistral_common_package_says_how_to_install_it(
+    make_config, tokenizer_dirs, monkeypatch
+):
+    import importlib.util
+
+    from sft.errors import ModelError
+    from sft.tokenizer import load_tokenizer
+
+    config = make_config(
+        f'tokenizer_config = "{tokenizer_dirs["v3"]}"\ntokenizer_use_mistral_common = true\n'
+        '[[datasets]]\npath = "a.jsonl"\ntype = "chat_template"\n',
+        machine_checks=False,
+    )
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "mistral_common" else find_spec(name, *args),
+    )
+    with pytest.raises(ModelError, match=r"pip install 'sft-train\[mistral\]'"):
+        load_tokenizer(config)
+
+
 def test_training_with_a_mistral_common_tokenizer(tiny_project, tokenizer_dirs):
     from transformers import LlamaConfig, LlamaForCausalLM
 
