@@ -160,6 +160,16 @@ def problems(keys: ParallelKeys, settings: FsdpSettings | None, config: Config) 
                 hint="set fsdp_version = 2",
             )
         )
+    if settings.cpu_ram_efficient_loading:
+        found.append(
+            Problem(
+                "fsdp_config.cpu_ram_efficient_loading",
+                f"has no effect with {where}: transformers' native sharding reads only each "
+                "process's shards while it loads, which is what this key asks for",
+                hint="remove cpu_ram_efficient_loading",
+                warning=True,
+            )
+        )
     if settings.state_dict_type != "FULL_STATE_DICT":
         found.append(
             Problem(

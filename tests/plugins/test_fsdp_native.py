@@ -59,6 +59,13 @@ def test_what_expert_parallelism_cannot_do_is_refused(plugins):
     # what it does to checkpoints is said up front
     (warning,) = _config(plugins, "expert_parallel_size = 2").warnings
     assert warning.path == "expert_parallel_size" and "cannot resume" in warning.message
+    said = _config(
+        plugins, "expert_parallel_size = 2\n[fsdp_config]\ncpu_ram_efficient_loading = true"
+    ).warnings
+    assert [w.path for w in said] == [
+        "expert_parallel_size",
+        "fsdp_config.cpu_ram_efficient_loading",
+    ]
 
 
 def test_fsdp1_cannot_take_the_shard_sizes(plugins):
