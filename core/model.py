@@ -150,6 +150,10 @@ def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
             quant_type=bnb.bnb_4bit_quant_type,
             double_quant=bnb.bnb_4bit_use_double_quant,
         )
+    if config.load_in_4bit:
+        from sft.bnb_cpu import fix_cpu_dequantize_if_needed
+
+        fix_cpu_dequantize_if_needed(model)
     plugins.patch_model(model, config)
     _fit_vocabulary(model, tokenizer, config)
     if config.gradient_checkpointing:

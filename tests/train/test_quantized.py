@@ -269,3 +269,22 @@ def test_model_quantization_config_mistakes_are_clear_errors(tiny_project, overr
 def test_model_quantization_config_conflicts_with_load_in_4bit(tiny_project):
     with pytest.raises(ConfigError, match="conflicts with load_in_4bit"):
         tiny_project("adapter=qlora", "load_in_4bit=true", "model_quantization_config=Mxfp4Config")
+
+
+def test_4bit_weights_whose_rows_split_a_block_dequantize_to_the_original_on_cpu():
+    # bitsandbytes' AVX-512 CPU kernel dequantizes per row: with rows of 96 values and blocks
+    # of 64, every row after the first came back with the wrong scales (error ~0.5).
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    from sft.bnb_cpu import fix_cpu_dequantize_if_needed, splits_blocks
+
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(
+        torch.randn(10, 96, generator=torch.Generator().manual_seed(0))
+    )
+    original = module.weight.detach().clone()
+    replace_parameter_4bit(module, "weight", quant_type="nf4", blocksize=64)
+    assert splits_blocks(module.parametrizations.weight[0].quant_state.shape, 64)
+    fix_cpu_dequantize_if_needed(module)
+    error = (module.weight - original).abs().max() / original.abs().max()
+    assert error < 0.15
