@@ -358,16 +358,25 @@ def plugin_rows(plugins: Any) -> list[dict[str, Any]]:
 
 
 def _unavailable(plugins: Any) -> dict[str, str]:
-    """{plugin: how to install what it needs} for engines whose runtime is missing here."""
-    found: dict[str, str] = {}
-    registry = plugins.distributed_backends()
-    for name, backend in registry.items():
-        if backend.available is None:
-            continue
-        ok, how = backend.available()
-        if not ok:
-            found[registry.owner(name)] = f"{name}: {how}"
-    return found
+    """{plugin: why, and how to install it} for kernels, attention backends and engines whose
+    runtime is missing here."""
+    found: dict[str, list[str]] = {}
+    for registry in (
+        plugins.kernels(),
+        plugins.attention_backends(),
+        plugins.distributed_backends(),
+    ):
+        for name, component in registry.items():
+            if getattr(component, "available", None) is None:
+                continue
+            owner = registry.owner(name)
+            try:
+                ok, how = component.available()
+            except Exception as exc:  # listing must not die of one plugin's bug
+                ok, how = False, f"its availability check raised {type(exc).__name__}: {exc}"
+            if not ok:
+                found.setdefault(owner, []).append(f"{name}: {how}")
+    return {owner: "; ".join(reasons) for owner, reasons in found.items()}
 
 
 def cmd_plugins_list(args: argparse.Namespace) -> int:

@@ -20,6 +20,10 @@ class ConfigKeys:
 
     cls: type
     scope: ConfigScope = "root"
+    # Dataset keys only: the `datasets[].type`s they apply to. None: the types this plugin
+    # registers (every type, if it registers none). A key set on a dataset of another type is
+    # an error that names the type it belongs to.
+    dataset_types: tuple[str, ...] | None = None
     # Axolotl integrations (`plugins:` entries, e.g. "axolotl.integrations.liger.LigerPlugin")
     # whose keys these are: a config listing one loads when this plugin is installed.
     axolotl_integrations: tuple[str, ...] = ()
@@ -30,9 +34,8 @@ class PromptStrategy:
     """A dataset format selected by `datasets[].type`.
 
     `factory(dataset_cfg, tokenizer, config)` returns a callable that turns one raw row into an
-    `sft.data.sample.Rendered` (text + trained character spans) or `Tokenized` (ids + labels); it
-    may return a list of them (one row → several samples) or raise `sft.data.sample.RowError`.
-    `columns` lists the row fields the strategy reads (for error messages and the cache key).
+    `sft.plugin.Rendered` (text + trained character spans) or `Tokenized` (ids + labels); it
+    may return a list of them (one row → several samples) or raise `sft.plugin.RowError`.
     """
 
     name: str
@@ -66,15 +69,26 @@ class AttentionBackend:
     check: Callable[[Config], Sequence[Problem]] | None = None
     aliases: tuple[str, ...] = ()
     description: str = ""
+    # (True, "") when it can run on this machine, else (False, "why, and how to install it"):
+    # shown by `sft plugins list`; `check` is what refuses a config.
+    available: Callable[[], tuple[bool, str]] | None = None
 
 
 @attrs.frozen
 class Kernel:
-    """A kernel set (liger, ...): `available()` says whether it can run here, and why not."""
+    """A kernel set (liger, ...) a plugin patches into the model in `sft_patch_model`.
+
+    - `available()`: (True, "") when it can run on this machine, else (False, "why, and how
+      to install it"); `sft plugins list` shows it.
+    - `enabled_by(config)`: the config keys that turn it on in this config (empty: not used).
+      A config that turns on an unavailable kernel is refused by `sft validate` (a machine
+      problem, skipped by `--portable`), naming those keys.
+    """
 
     name: str
     available: Callable[[], tuple[bool, str]]
     description: str = ""
+    enabled_by: Callable[[Config], Sequence[str]] | None = None
 
 
 @attrs.frozen
@@ -123,3 +137,24 @@ class DistributedBackend:
     available: Callable[[], tuple[bool, str]] | None = None
     description: str = ""
     model_kwargs: Callable[[Config], dict[str, Any]] | None = None
+
+
+@attrs.frozen
+class Objective:
+    """A training objective selected by `objective`: the loss a run minimises instead of the
+    model's own causal-LM loss (a distillation term, label smoothing, a preference loss).
+
+    `compute_loss(model, inputs, config, num_items_in_batch)` returns the loss of one
+    micro-batch, a scalar tensor (or `(loss, outputs)`), for training and evaluation alike.
+    `inputs` is the collated batch (`input_ids`, `labels` with `IGNORE_INDEX` for untrained
+    tokens, `attention_mask` or packed `position_ids`). Normalise as the model does, so that
+    gradient accumulation and several processes give the same gradient as one big batch: with
+    `num_items_in_batch` (the trained tokens of the whole accumulated step on all processes),
+    sum the per-token losses and divide by it; without it (evaluation), average over this
+    batch's trained tokens. `check(config)` returns the objective's config problems.
+    """
+
+    name: str
+    compute_loss: Callable[..., Any]
+    check: Callable[[Config], Sequence[Problem]] | None = None
+    description: str = ""

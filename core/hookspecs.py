@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         ConfigKeys,
         DistributedBackend,
         Kernel,
+        Objective,
         Optimizer,
         Packer,
         PromptStrategy,
@@ -46,8 +47,12 @@ def sft_config_keys() -> Sequence[ConfigKeys]:
     for keys of a `[[datasets]]` entry) and a frozen attrs class whose fields are the keys, with
     their types, defaults and a one-line doc (`sft.config.schema.key(...)`).
 
-    A key that no plugin and not the core declares is rejected as unknown (with a did-you-mean);
-    two owners declaring the same key is a plugin error naming both.
+    A key that no plugin and not the core declares is rejected as unknown (with a did-you-mean).
+    Dataset keys belong to the dataset types this plugin registers (or to
+    `ConfigKeys.dataset_types`): set on a dataset of another type, they are an error naming
+    the type they belong to. Two owners declaring the same key block only the configs that set
+    it (an error naming both); `sft plugins list` shows the conflict on both plugins. Prefix
+    third-party keys with the plugin's name (`dolly_context_heading`) to stay clear of others.
 
     :return: the key groups this plugin owns (empty when it owns none).
     """
@@ -92,8 +97,12 @@ def sft_register_prompt_strategies(register: Callable[[PromptStrategy], None]) -
     """Register dataset formats, selected by `datasets[].type`.
 
     Called once, when the prompt-strategy registry is first needed. Call `register(strategy)`
-    for each `sft.components.PromptStrategy` (a name and a factory
-    `factory(dataset_cfg, tokenizer, config) -> tokenize(row) -> {input_ids, labels}`).
+    for each `sft.plugin.PromptStrategy`: a name and a factory
+    `factory(dataset_cfg, tokenizer, config) -> render`, called once per dataset, where
+    `render(row)` returns an `sft.plugin.Rendered` (the text and the character spans to train;
+    the core tokenises and labels it), an `sft.plugin.Tokenized` (ids and labels), or a list
+    of them, and raises `sft.plugin.RowError` for a malformed row. Anything else is a plugin
+    error naming the strategy, its plugin and package, and the first row it happened on.
 
     :param register: adds one strategy; a name registered twice (by any plugins) is an error.
     """
@@ -101,7 +110,7 @@ def sft_register_prompt_strategies(register: Callable[[PromptStrategy], None]) -
 
 @hookspec
 def sft_register_packers(register: Callable[[Packer], None]) -> None:
-    """Register sample packers, selected when `sample_packing = true`.
+    """Register sample packers, selected by `sample_packer` when `sample_packing = true`.
 
     Called once, when the packer registry is first needed. A packer turns sequence lengths into
     bins (lists of row indices), each bin filling at most one packed sequence.
@@ -127,7 +136,10 @@ def sft_register_attention_backends(register: Callable[[AttentionBackend], None]
 def sft_register_kernels(register: Callable[[Kernel], None]) -> None:
     """Register kernel sets (e.g. liger), each enabled by config keys the plugin owns.
 
-    Called once, when the kernel registry is first needed.
+    Called once, when the kernel registry is first needed. The plugin patches the model in
+    `sft_patch_model`; the core uses the `sft.plugin.Kernel` record to refuse (at `sft
+    validate`) a config that turns on a kernel this machine cannot run, and `sft plugins
+    list` shows the kernel as "unavailable" with the reason and how to install it.
 
     :param register: adds one `sft.components.Kernel`.
     """
@@ -167,6 +179,19 @@ def sft_register_distributed_backends(register: Callable[[DistributedBackend], N
     settings it contributes.
 
     :param register: adds one backend.
+    """
+
+
+@hookspec
+def sft_register_objectives(register: Callable[[Objective], None]) -> None:
+    """Register training objectives, selected by `objective`.
+
+    Called once, when the objective registry is first needed. An `sft.plugin.Objective`
+    computes the loss of each micro-batch in place of the model's own causal-LM loss; only the
+    objective a config selects runs. This is how a training stage beyond SFT (distillation,
+    a preference loss built on TRL's losses) ships as a third-party plugin.
+
+    :param register: adds one objective.
     """
 
 

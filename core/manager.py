@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         AttentionBackend,
         DistributedBackend,
         Kernel,
+        Objective,
         Optimizer,
         Packer,
         PromptStrategy,
@@ -201,6 +202,14 @@ class SftPlugins:
             if record.status == "error"
         }
 
+    def describe(self, name: str) -> str:
+        """'plugin NAME, package DIST VERSION' for messages that blame a plugin."""
+        record = self.records.get(name)
+        if record is None:
+            return f"plugin {name}"
+        package = f"{record.package} {record.version}" if record.version else record.package
+        return f"plugin {name}, package {package or 'unknown'}"
+
     def failure_for(self, name: str) -> PluginError | None:
         record = self.records.get(name)
         if record is None or record.status != "error":
@@ -287,6 +296,9 @@ class SftPlugins:
     def distributed_backends(self) -> Registry[DistributedBackend]:
         return self.registry("distributed_backends")
 
+    def objectives(self) -> Registry[Objective]:
+        return self.registry("objectives")
+
     def config_keys(self, strict: bool = True) -> list[tuple[str, ConfigKeys]]:
         found = []
         for plugin, groups in self._each("sft_config_keys", strict=strict):
@@ -361,11 +373,37 @@ class SftPlugins:
             for conflict in registry.conflicts.values():
                 if conflict.plugin:
                     conflicts[conflict.plugin] = str(conflict)
+        claimants: dict[tuple[str, str], list[str]] = {}
         for plugin, keys in self.config_keys(strict=False):
             names = [field.name for field in attrs.fields(keys.cls)]
             label = "config keys" if keys.scope == "root" else "dataset keys"
             provided.setdefault(plugin, {}).setdefault(label, []).extend(names)
+            for name in names:
+                claimants.setdefault((keys.scope, name), []).append(plugin)
+        for (scope, name), claims in sorted(claimants.items()):
+            if (scope == "root" and name in _core_keys("root")) or (
+                scope == "dataset" and name in _core_keys("dataset")
+            ):
+                claims = ["core", *claims]
+            if len(claims) > 1:
+                claims = sorted(claims, key=lambda plugin: (plugin != "core", plugin))
+                message = (
+                    f"config key {name!r} is declared by both "
+                    f"{' and '.join(repr(c) for c in claims)}: a config that sets it is refused "
+                    "(configs that do not set it are unaffected)"
+                )
+                for plugin in claims:
+                    if plugin != "core":
+                        conflicts[plugin] = "; ".join(
+                            filter(None, [conflicts.get(plugin), message])
+                        )
         return provided, conflicts
+
+
+def _core_keys(scope: str) -> set[str]:
+    from sft.config.schema import Config, DatasetConfig
+
+    return set(attrs.fields_dict(Config if scope == "root" else DatasetConfig))
 
 
 _loaded: SftPlugins | None = None

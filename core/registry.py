@@ -31,6 +31,7 @@ KINDS: dict[str, Kind] = {
         Kind("kernels", "sft_register_kernels", "(plugin config keys)"),
         Kind("optimizers", "sft_register_optimizers", "optimizer"),
         Kind("distributed_backends", "sft_register_distributed_backends", "(plugin config keys)"),
+        Kind("objectives", "sft_register_objectives", "objective"),
     )
 }
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 __all__ = [
+    "CHATML_TEMPLATE",
     "MODEL_ARCHS",
     "TEMPLATE_END_OF_TURN",
     "TRAINING_CORPUS",
@@ -31,6 +32,14 @@ __all__ = [
     "template_special_tokens",
     "template_tokenizer_kwargs",
 ]
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+"""A minimal ChatML chat template (`<|im_start|>role\\n...<|im_end|>\\n`)."""
 
 TRAINING_CORPUS: tuple[str, ...] = (
     "The quick brown fox jumps over the lazy dog.",

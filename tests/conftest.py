@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sft.manager import SftPlugins, set_plugins
+from sft.manager import SftPlugins
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
-def plugins() -> Iterator[SftPlugins]:
-    """The installed plugins, freshly loaded (no SFT_* variables), as the process-wide set."""
-    loaded = SftPlugins.load(environ={})
-    set_plugins(loaded)
-    yield loaded
-    set_plugins(None)
+def plugins(sft_plugins: SftPlugins) -> SftPlugins:
+    """The installed plugins, freshly loaded (no SFT_* variables), as the process-wide set
+    (sft's own pytest fixture for plugin authors, under the name the suite uses)."""
+    return sft_plugins
 
 
 def make_distribution(

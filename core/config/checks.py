@@ -52,6 +52,9 @@ def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> N
     optimizers = plugins.optimizers()
     if optimizer not in optimizers:
         add(("optimizer",), optimizers.unknown_message(optimizer))
+    objective = values.get("objective")
+    if objective is not None and objective not in plugins.objectives():
+        add(("objective",), plugins.objectives().unknown_message(objective))
 
     aliases = [alias for alias in ATTENTION_ALIASES if values.get(alias)]
     backends_asked = {_family(ATTENTION_ALIASES[alias]) for alias in aliases}
@@ -357,6 +360,34 @@ def _axolotl_value_problems(config: Config, plugins: Any) -> list[Problem]:
     return problems
 
 
+def _kernel_problems(config: Config, plugins: Any) -> list[Problem]:
+    """A kernel the config turns on must be able to run on this machine."""
+    problems = []
+    kernels = plugins.kernels()
+    for name, kernel in kernels.items():
+        if kernel.enabled_by is None:
+            continue
+        owner = kernels.owner(name)
+        try:
+            keys = list(kernel.enabled_by(config))
+            ok, reason = kernel.available() if keys else (True, "")
+        except Exception as exc:  # the plugin's bug, named as such
+            raise PluginError(
+                f"plugin {owner!r}: kernel {name!r} raised {type(exc).__name__}: {exc}",
+                plugin=owner,
+            ) from exc
+        if not ok:
+            problems.append(
+                Problem(
+                    keys[0],
+                    f"kernel {name!r} (plugin {owner}) is unavailable on this machine: {reason}",
+                    hint=f"remove {', '.join(keys)} here",
+                    machine=True,
+                )
+            )
+    return problems
+
+
 def check_config(config: Config, plugins: Any) -> list[Problem]:
     """Cross-key rules of the core, and the selected components' own checks."""
     problems: list[Problem] = []
@@ -459,10 +490,12 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
                 hint=f"remove the {selected[1].name} keys (or the {selected[0].name} ones)",
             )
         )
+    objectives = plugins.objectives()
     for registry, component in (
         (plugins.attention_backends(), backend),
         (plugins.optimizers(), optimizer),
         *((engines, engine) for engine in selected),
+        *([(objectives, objectives.get(config.objective))] if config.objective else []),
     ):
         if component.check is None:
             continue
@@ -474,6 +507,7 @@ def check_config(config: Config, plugins: Any) -> list[Problem]:
                 f"plugin {owner!r}: the check of {component.name!r} raised {type(exc).__name__}: {exc}",
                 plugin=owner,
             ) from exc
+    problems += _kernel_problems(config, plugins)
     from sft.config.ineffective import ineffective_key_problems
     from sft.train.tracking import tracking_problems
 

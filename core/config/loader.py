@@ -233,6 +233,28 @@ def _groups(plugins: Any, scope: str) -> list[tuple[str, type]]:
     return groups
 
 
+def _dataset_group_types(plugins: Any) -> dict[type, tuple[str, tuple[str, ...]]]:
+    """Dataset key group → (owning plugin, the dataset types it applies to); absent: every type."""
+    if plugins is None:
+        return {}
+    strategies = plugins.prompt_strategies()
+    registered: dict[str, list[str]] = {}
+    for name, _ in strategies.items():
+        registered.setdefault(strategies.owner(name), []).append(name)
+    scoped: dict[type, tuple[str, tuple[str, ...]]] = {}
+    for plugin, keys in plugins.config_keys():
+        if keys.scope != "dataset":
+            continue
+        types = keys.dataset_types if keys.dataset_types is not None else registered.get(plugin)
+        if types:
+            scoped[keys.cls] = (plugin, tuple(types))
+    return scoped
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or value == ""
+
+
 def _structure_scope(
     data: dict[str, Any],
     groups: list[tuple[str, type]],
@@ -241,17 +263,23 @@ def _structure_scope(
     unsupported: Mapping[str, Any],
 ) -> dict[type, dict[str, Any]]:
     owners: dict[str, tuple[str, type, attrs.Attribute]] = {}  # type: ignore[type-arg]
+    claimants: dict[str, list[str]] = {}
     for plugin, cls in groups:
         for field in resolved_fields(cls):
-            if field.name in owners:
-                first = owners[field.name][0]
-                ctx.add(
-                    (*prefix, field.name),
-                    f"key is declared by both {first!r} and {plugin!r}",
-                    hint="two plugins cannot own the same key; disable one (SFT_DISABLE_PLUGINS)",
-                )
-                continue
-            owners[field.name] = (plugin, cls, field)
+            claimants.setdefault(field.name, []).append(plugin)
+            owners.setdefault(field.name, (plugin, cls, field))
+    # A key two plugins declare blocks only the configs that set it: which plugin would read
+    # the value is ambiguous there, and nowhere else.
+    for name, claims in claimants.items():
+        if len(claims) > 1 and not _is_blank(data.get(name)):
+            claims = sorted(claims, key=lambda plugin: (plugin != "core", plugin))
+            both = " and ".join(repr(plugin) for plugin in claims)
+            disable = next(plugin for plugin in claims if plugin != "core")
+            ctx.add(
+                (*prefix, name),
+                f"key is declared by both {both}, so it is ambiguous which one reads it",
+                hint=f"disable one of them (e.g. SFT_DISABLE_PLUGINS={disable}), or remove the key",
+            )
 
     for name, value in data.items():
         if not isinstance(name, str):
@@ -278,9 +306,10 @@ def _structure_scope(
     for name, (_, cls, field) in owners.items():
         path = (*prefix, name)
         value = data.get(name)
+        if len(claimants[name]) > 1:
+            continue  # reported above when set; every claimant reads its default
         if (
-            value is None
-            or value == ""  # absent or blank (`fp16:` in YAML): the default
+            _is_blank(value)  # absent or blank (`fp16:` in YAML): the default
             or (value == 0 and not prefix and name in axolotl.ZERO_IS_BLANK)  # Axolotl's "none"
         ):
             if field.default is attrs.NOTHING:
@@ -317,6 +346,10 @@ def _structure_datasets(
         return ()
     groups = _groups(plugins, "dataset")
     strategies = plugins.prompt_strategies() if plugins is not None else None
+    group_types = _dataset_group_types(plugins)
+    scoped = {
+        field.name: owner for cls, owner in group_types.items() for field in attrs.fields(cls)
+    }
     result = []
     for index, entry in enumerate(raw):
         entry_path = (*path, index)
@@ -334,11 +367,50 @@ def _structure_datasets(
             )
         elif kind is not None and strategies is not None and kind not in strategies:
             ctx.add((*entry_path, "type"), strategies.unknown_message(kind))
+        else:
+            _check_key_types(entry, kind, scoped, strategies, entry_path, ctx)
+        canonical = strategies.canonical(kind) if strategies and isinstance(kind, str) else kind
+        # A dataset carries the key groups of its own type only (and its resolved config lists
+        # only those): another type's keys are refused above.
+        own = [
+            (plugin, cls)
+            for plugin, cls in groups
+            if cls not in group_types
+            or canonical in group_types[cls][1]
+            or kind in group_types[cls][1]
+        ]
         try:
-            result.append(_build(DatasetConfig, values, groups))
+            result.append(_build(DatasetConfig, values, own))
         except (TypeError, ValueError):
             continue  # its problems are already recorded
     return tuple(result)
+
+
+def _check_key_types(
+    entry: dict[str, Any],
+    kind: str | None,
+    scoped: dict[str, tuple[str, tuple[str, ...]]],
+    strategies: Any,
+    path: KeyPath,
+    ctx: _Context,
+) -> None:
+    """Format keys belong to their dataset types: `field_instruction` on a chat_template
+    dataset would be accepted and never read."""
+    canonical = strategies.canonical(kind) if kind is not None and strategies else kind
+    for name, value in entry.items():
+        if name not in scoped or _is_blank(value):
+            continue
+        plugin, types = scoped[name]
+        if kind in types or canonical in types:
+            continue
+        names = ", ".join(repr(t) for t in types)
+        here = f"type {kind!r}" if kind is not None else "pre-tokenized rows (no type)"
+        ctx.add(
+            (*path, name),
+            f"belongs to dataset type {names} (plugin {plugin}), and this dataset has {here}: "
+            "it would have no effect",
+            hint=f"remove {name}, or set type = {types[0]!r} if that is the dataset's format",
+        )
 
 
 def _build(core: type, values: dict[type, dict[str, Any]], groups: list[tuple[str, type]]) -> Any:

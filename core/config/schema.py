@@ -414,6 +414,11 @@ class Config(_Sections):
     optimizer: str = key(
         "adamw_torch", doc="Optimizer, by registered name (see `sft plugins list`)."
     )
+    objective: str | None = key(
+        None,
+        doc="Training objective plugin, by registered name: the loss minimised instead of the "
+        "model's own causal-LM loss (omit for plain SFT).",
+    )
     lr_scheduler: LrScheduler = key(
         "cosine",
         doc="Learning-rate schedule after warmup: any transformers schedule (cosine, linear, "

@@ -7,9 +7,9 @@ from typing import Any
 import attrs
 
 from sft.config.schema import Config
-from sft.data.sample import Rendered
+from sft.data.sample import IGNORE_INDEX, Rendered
 from sft.data.sources import read_rows
-from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
+from sft.data.tokenize import TokenizeOptions, process_chunk
 from sft.paths import redact
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -32,13 +32,13 @@ def _check(
     eos: str | None,
 ) -> list[str]:
     problems = []
-    if all(label == IGNORE for label in labels):
+    if all(label == IGNORE_INDEX for label in labels):
         problems.append("no trainable token")
     for number, turn in enumerate(rendered.turns):
         if not turn.trainable:
             continue
         inside = [i for i, (s, e) in enumerate(offsets) if s < turn.end and e > turn.start]
-        if turn.end > turn.start and not any(labels[i] != IGNORE for i in inside):
+        if turn.end > turn.start and not any(labels[i] != IGNORE_INDEX for i in inside):
             problems.append(f"trainable turn {number} ({turn.role}) has no trained token")
         if turn.end_marker is not None:
             marker = [
@@ -46,7 +46,7 @@ def _check(
                 for i, (s, e) in enumerate(offsets)
                 if s < turn.end_marker[1] and e > turn.end_marker[0]
             ]
-            trained = any(labels[i] != IGNORE for i in marker)
+            trained = any(labels[i] != IGNORE_INDEX for i in marker)
             inside_span = any(
                 a <= turn.end_marker[0] and turn.end_marker[1] <= b for a, b in rendered.spans
             )
@@ -107,7 +107,7 @@ def debug_examples(config: Config, tokenizer: Any, plugins: Any, count: int) -> 
                 problems = _check(sample, ids, labels, offsets, tokenizer.eos_token)
             else:
                 ids, labels = list(sample.input_ids), list(sample.labels)
-                problems = ["no trainable token"] if all(x == IGNORE for x in labels) else []
+                problems = ["no trainable token"] if all(x == IGNORE_INDEX for x in labels) else []
             examples.append(Example(raw.name, number, ids, labels, problems))
     return examples
 
@@ -118,13 +118,13 @@ def render_example(example: Example, tokenizer: Any, console: Any, show_ids: boo
     plain = not console.is_terminal or console.no_color
     console.print(
         f"── {redact(example.dataset)}, row {example.row} ({len(example.input_ids)} tokens, "
-        f"{sum(1 for x in example.labels if x != IGNORE)} trained) ──",
+        f"{sum(1 for x in example.labels if x != IGNORE_INDEX)} trained) ──",
         style="bold",
     )
     text = Text()
     previous_trained = False
     for token_id, label in zip(example.input_ids, example.labels, strict=True):
-        trained = label != IGNORE
+        trained = label != IGNORE_INDEX
         piece = tokenizer.decode([token_id])
         if show_ids:
             piece += f"({token_id})"

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-IGNORE = -100
+from sft.data.sample import IGNORE_INDEX
 
 
 @attrs.frozen
@@ -59,7 +59,9 @@ class PackedDataset:
         positions: list[int] = []
         for ids, sample_labels in zip(rows["input_ids"], rows["labels"], strict=True):
             input_ids.extend(ids)
-            labels.append(IGNORE)  # never predict this sample's first token from the previous one
+            labels.append(
+                IGNORE_INDEX
+            )  # never predict this sample's first token from the previous one
             labels.extend(sample_labels[1:])
             positions.extend(range(len(ids)))
         return {"input_ids": input_ids, "labels": labels, "position_ids": positions}

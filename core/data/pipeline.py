@@ -16,10 +16,11 @@ import attrs
 import sft
 from sft.config.convert import to_dict
 from sft.config.schema import Config, DatasetConfig
+from sft.data.sample import RowError
 from sft.data.sources import RawRows, quick_fingerprint, read_rows
 from sft.data.summary import DatasetSummary, Summary
 from sft.data.tokenize import ChunkResult, TokenizeOptions, process_chunk
-from sft.errors import ConfigError, DataError, Problem
+from sft.errors import ConfigError, DataError, PluginError, Problem, SftError
 from sft.paths import redact
 
 CHUNK_ROWS = 256
@@ -104,6 +105,13 @@ def raise_row_problems(
     that is a config error on the key; otherwise a data error with the count and the first few
     rows, each with its file, row, field and reason.
     """
+    if result.contract is not None:
+        file, number = raw.where(result.contract.index)
+        raise PluginError(
+            f"{result.contract.message} for {file}, row {number} ({key_path}); expected "
+            "Rendered or Tokenized (sft.plugin), or a list of them. This is a bug in the "
+            "plugin: report it to its authors"
+        )
     rows = len(raw.rows)
     for key, count in result.blamed.items():
         if rows > 1 and count == rows:  # one row proves nothing about the key
@@ -184,11 +192,38 @@ def _strategy_for(ds: DatasetConfig) -> str:
     return ds.type or "pretokenized"
 
 
-def build_render(
-    ds: DatasetConfig, tokenizer: Any, config: Config, plugins: Any
-) -> Callable[[dict[str, Any]], Any]:
-    strategy = plugins.prompt_strategies().get(_strategy_for(ds))
-    return strategy.factory(ds, tokenizer, config)
+@attrs.frozen
+class StrategyRender:
+    """A prompt strategy's row renderer, with who made it (for errors that name the plugin)."""
+
+    render: Callable[[dict[str, Any]], Any]
+    strategy: str  # "prompt strategy 'alpaca' (plugin alpaca, package sft-train 0.1.0)"
+
+    def __call__(self, row: dict[str, Any]) -> Any:
+        return self.render(row)
+
+
+def build_render(ds: DatasetConfig, tokenizer: Any, config: Config, plugins: Any) -> StrategyRender:
+    registry = plugins.prompt_strategies()
+    name = _strategy_for(ds)
+    strategy = registry.get(name)
+    who = f"prompt strategy {name!r} ({plugins.describe(registry.owner(name))})"
+    try:
+        render = strategy.factory(ds, tokenizer, config)
+    except (SftError, RowError):
+        raise
+    except Exception as exc:  # the plugin's bug: say whose
+        raise PluginError(
+            f"{who}: its factory raised {type(exc).__name__}: {exc}",
+            plugin=registry.owner(name),
+        ) from exc
+    if not callable(render):
+        raise PluginError(
+            f"{who}: its factory returned {type(render).__name__}, not a callable "
+            "(row -> Rendered | Tokenized | list of them)",
+            plugin=registry.owner(name),
+        )
+    return StrategyRender(render, who)
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -8,6 +8,9 @@ import attrs
 
 Span = tuple[int, int]
 
+IGNORE_INDEX = -100
+"""The label of a token that is not trained (PyTorch cross-entropy's `ignore_index`)."""
+
 
 @attrs.frozen
 class Turn:
@@ -104,3 +107,36 @@ def merge_spans(spans: Sequence[Span]) -> tuple[Span, ...]:
         else:
             merged.append([start, end])
     return tuple((a, b) for a, b in merged)
+
+
+def contract_problem(produced: object) -> str | None:
+    """What is wrong with a prompt strategy's result for one row, or None when it keeps the
+    contract: a `Rendered` or `Tokenized`, or a list of them."""
+    samples = produced if isinstance(produced, list) else [produced]
+    for sample in samples:
+        if isinstance(sample, Rendered):
+            if not isinstance(sample.text, str):
+                return f"a Rendered whose text is {type(sample.text).__name__}, not str"
+            for span in sample.spans:
+                if (
+                    not isinstance(span, tuple)
+                    or len(span) != 2
+                    or not all(isinstance(edge, int) for edge in span)
+                    or not 0 <= span[0] <= span[1] <= len(sample.text)
+                ):
+                    return (
+                        f"a Rendered with span {span!r}, which is not a (start, end) pair of "
+                        f"character offsets within its text (0..{len(sample.text)})"
+                    )
+        elif isinstance(sample, Tokenized):
+            if len(sample.input_ids) != len(sample.labels):
+                return (
+                    f"a Tokenized with {len(sample.input_ids)} input_ids and "
+                    f"{len(sample.labels)} labels (they must be the same length)"
+                )
+        else:
+            found = type(sample).__name__
+            if isinstance(sample, dict):
+                found += f" with keys {sorted(map(str, sample))}"
+            return found
+    return None

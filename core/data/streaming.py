@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset
 from sft.config.schema import Config, DatasetConfig
 from sft.data.packing import PackedDataset
 from sft.data.pipeline import Prepared, build_render, raise_row_problems
+from sft.data.sample import IGNORE_INDEX
 from sft.data.sources import (
     COMPRESSED,
     RawRows,
@@ -46,7 +47,7 @@ from sft.data.sources import (
     quick_fingerprint,
 )
 from sft.data.summary import DatasetSummary, Summary
-from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
+from sft.data.tokenize import TokenizeOptions, process_chunk
 from sft.errors import DataError
 from sft.paths import redact
 
@@ -379,7 +380,7 @@ class StreamingDataset(IterableDataset):
             stats.notes.update(result.notes)
             stats.tokens += sum(len(ids) for ids in result.input_ids)
             stats.trainable_tokens += sum(
-                sum(1 for label in labels if label != IGNORE) for labels in result.labels
+                sum(1 for label in labels if label != IGNORE_INDEX) for labels in result.labels
             )
             # Samples in row order, as the prepared path keeps them (`pipeline._collect`).
             for i in sorted(range(len(result.sources)), key=result.sources.__getitem__):

@@ -8,9 +8,9 @@ from typing import Any
 
 import attrs
 
+from sft.data.sample import IGNORE_INDEX
 from sft.paths import redact
 
-IGNORE = -100
 PERCENTILES = (50, 90, 99, 100)
 
 
@@ -42,7 +42,7 @@ class DatasetSummary:
         import numpy as np
 
         lengths = np.array([len(ids) for ids in input_ids] or [0])
-        trainable = sum(sum(1 for x in sample if x != IGNORE) for sample in labels)
+        trainable = sum(sum(1 for x in sample if x != IGNORE_INDEX) for sample in labels)
         return cls(
             name=name,
             strategy=strategy,

@@ -12,9 +12,7 @@ from typing import Any
 
 import attrs
 
-from sft.data.sample import Rendered, RowError, Tokenized
-
-IGNORE = -100
+from sft.data.sample import IGNORE_INDEX, Rendered, RowError, Tokenized, contract_problem
 
 
 @attrs.frozen
@@ -51,6 +49,8 @@ class ChunkResult:
     error_count: int = 0
     blamed: Counter[str] = attrs.field(factory=Counter)  # failed rows per config key to blame
     blamed_example: dict[str, RowProblem] = attrs.field(factory=dict)  # the first, per key
+    # The first row a prompt strategy broke its contract on (a plugin bug, not a data one).
+    contract: RowProblem | None = None
 
     def add_error(self, problem: RowProblem) -> None:
         self.error_count += 1
@@ -67,6 +67,7 @@ class ChunkResult:
         self.blamed.update(other.blamed)
         for key, problem in other.blamed_example.items():
             self.blamed_example.setdefault(key, problem)
+        self.contract = self.contract or other.contract
         self.error_count += other.error_count
         room = MAX_REPORTED_ERRORS - len(self.errors)
         self.errors.extend(other.errors[: max(0, room)])
@@ -78,7 +79,7 @@ def labels_from_spans(
     spans: Sequence[tuple[int, int]],
 ) -> list[int]:
     """Label each token overlapping a trainable character span with its id, others -100."""
-    labels = [IGNORE] * len(input_ids)
+    labels = [IGNORE_INDEX] * len(input_ids)
     if not spans:
         return labels
     span_index = 0
@@ -98,7 +99,7 @@ def labels_from_spans(
 def labels_from_encoding(encoding: Any, spans: Sequence[tuple[int, int]]) -> list[int]:
     """`labels_from_spans` through the Rust encoding's char → token map (O(spans), not O(tokens))."""
     ids = encoding.ids
-    labels = [IGNORE] * len(ids)
+    labels = [IGNORE_INDEX] * len(ids)
     for start, end in spans:
         first = encoding.char_to_token(start)
         last = encoding.char_to_token(end - 1)
@@ -157,7 +158,7 @@ def _finish(
             continue
         if opts.train_on_inputs and not explicit_labels:
             piece_labels = list(piece_ids)
-        if all(label == IGNORE for label in piece_labels):
+        if all(label == IGNORE_INDEX for label in piece_labels):
             out.dropped["no trainable tokens"] += 1
             continue
         out.input_ids.append(list(piece_ids))
@@ -222,6 +223,11 @@ def process_chunk(
         index = first_index + offset
         try:
             produced = render(row)
+            if broken := contract_problem(produced):
+                if out.contract is None:
+                    who = getattr(render, "strategy", "the prompt strategy")
+                    out.contract = RowProblem(index, "plugin contract", f"{who} returned {broken}")
+                continue
             check_text(produced, row)
         except RowError as exc:
             problem = RowProblem(index, exc.reason, exc.message, exc.field, exc.key)
@@ -234,12 +240,9 @@ def process_chunk(
                 out.dropped[exc.reason] += 1
             continue
         except Exception as exc:  # a strategy bug or a row it did not anticipate: name the row
+            who = getattr(render, "strategy", "the prompt strategy")
             out.add_error(
-                RowProblem(
-                    index,
-                    "strategy error",
-                    f"the prompt strategy failed: {type(exc).__name__}: {exc}",
-                )
+                RowProblem(index, "strategy error", f"{who} raised {type(exc).__name__}: {exc}")
             )
             continue
         for sample in produced if isinstance(produced, list) else [produced]:

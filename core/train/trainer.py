@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sft.config.schema import Config
-from sft.errors import ModelError
+from sft.data.sample import IGNORE_INDEX
+from sft.errors import ModelError, PluginError
 
 CHECKPOINT_PREFIX = "checkpoint-"
-IGNORE = -100
 
 
 class Collator:
@@ -42,7 +42,7 @@ class Collator:
         batch = len(features)
         packed = "position_ids" in features[0]
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
         if packed:
             positions = torch.zeros((batch, width), dtype=torch.long)
         else:
@@ -196,7 +196,41 @@ def make_trainer_class() -> type:
             # staged checkpoint; and what changed since the checkpoint being resumed.
             self.sft_checkpoint_record: Callable[[Path], None] | None = None
             self.sft_resume_changes = ""
+            objectives = plugins.objectives()
+            name = sft_config.objective
+            self.sft_objective = objectives.get(name) if name else None
+            self.sft_objective_owner = objectives.owner(name) if name else ""
             super().__init__(*args, **kwargs)
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: Any,
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            if self.sft_objective is None:
+                return super().compute_loss(
+                    model,
+                    inputs,
+                    return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch,
+                )
+            result = self.sft_objective.compute_loss(
+                model, inputs, self.sft_config, num_items_in_batch
+            )
+            loss, outputs = result if isinstance(result, tuple) else (result, None)
+            if not (hasattr(loss, "ndim") and loss.ndim == 0 and loss.is_floating_point()):
+                raise PluginError(
+                    f"objective {self.sft_objective.name!r} (plugin {self.sft_objective_owner}) "
+                    f"returned {type(loss).__name__}"
+                    + (f" of shape {tuple(loss.shape)}" if hasattr(loss, "shape") else "")
+                    + "; expected a scalar floating-point tensor (or (loss, outputs))",
+                    plugin=self.sft_objective_owner,
+                )
+            if return_outputs:
+                return loss, outputs if outputs is not None else {"loss": loss}
+            return loss
 
         def create_optimizer(self, model: Any = None) -> Any:
             if self.optimizer is None:

@@ -24,10 +24,8 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sft.data.sample import RowError, Tokenized
+from sft.data.sample import IGNORE_INDEX, RowError, Tokenized
 from sft.plugins.chat_template.messages import REASONING_FIELDS, Conversation, MessageReader
-
-IGNORE = -100
 
 
 def is_mistral_common(tokenizer: Any) -> bool:
@@ -102,7 +100,7 @@ class MistralChatStrategy:
             raise RowError("no assistant turn", "the conversation has no assistant turn")
         messages = messages[: assistants[-1] + 1]
         ids = self._encode(self.training, messages, conversation.tools)
-        labels = [IGNORE] * len(ids)
+        labels = [IGNORE_INDEX] * len(ids)
         searched = 0
         for order, index in enumerate(assistants):
             turn = self._turn_tokens(messages, index, conversation.tools)

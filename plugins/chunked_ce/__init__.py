@@ -27,9 +27,8 @@ import attrs
 from sft import hookimpl
 from sft.components import ConfigKeys
 from sft.config.schema import Config, key
+from sft.data.sample import IGNORE_INDEX
 from sft.errors import Problem
-
-IGNORE = -100
 
 
 @attrs.frozen
@@ -122,7 +121,7 @@ def chunked_loss(
     from torch.utils.checkpoint import checkpoint
 
     shifted = labels[:, 1:]
-    trained = shifted != IGNORE
+    trained = shifted != IGNORE_INDEX
     states = hidden[:, :-1][trained]
     targets = shifted[trained]
 

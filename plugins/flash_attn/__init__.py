@@ -24,6 +24,19 @@ INSTALL = {
 }
 
 
+def _availability(name: str) -> Callable[[], tuple[bool, str]]:
+    module, install = INSTALL[name]
+
+    def available() -> tuple[bool, str]:
+        if not installed(module):
+            return False, f"the {module} package is not installed ({install})"
+        if not cuda_present():
+            return False, "runs on CUDA GPUs only; no NVIDIA GPU is visible here"
+        return True, ""
+
+    return available
+
+
 def _checker(name: str) -> Callable[[Config], Sequence[Problem]]:
     module, install = INSTALL[name]
 
@@ -71,6 +84,7 @@ def sft_register_attention_backends(register: Callable[[AttentionBackend], None]
                 packing="varlen",
                 dtypes=("float16", "bfloat16"),
                 check=_checker(name),
+                available=_availability(name),
                 description=f"{name.replace('_', ' ')}: varlen kernels, packed rows without padding (CUDA)",
             )
         )

@@ -119,16 +119,6 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
     if not enabled:
         return []
     problems = []
-    ok, reason = available()
-    if not ok:
-        problems.append(
-            Problem(
-                enabled[0],
-                f"unavailable on this machine: {reason}",
-                hint=f"remove {', '.join(enabled)} here",
-                machine=True,
-            )
-        )
     if keys.liger_cross_entropy and keys.liger_fused_linear_cross_entropy:
         problems.append(
             Problem(
@@ -141,7 +131,12 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
 @hookimpl
 def sft_register_kernels(register: Callable[[Kernel], None]) -> None:
     register(
-        Kernel("liger", available, "Liger Triton kernels (RoPE, RMSNorm, GLU, CE, fused linear CE)")
+        Kernel(
+            "liger",
+            available,
+            "Liger Triton kernels (RoPE, RMSNorm, GLU, CE, fused linear CE)",
+            enabled_by=lambda config: _enabled(config.section(LigerKeys)),
+        )
     )
 
 

@@ -12,9 +12,7 @@ from typing import Any
 
 from sft import hookimpl
 from sft.components import PromptStrategy
-from sft.data.sample import RowError, Tokenized, require
-
-IGNORE = -100
+from sft.data.sample import IGNORE_INDEX, RowError, Tokenized, require
 
 
 def _int_list(row: dict[str, Any], field: str) -> list[int]:
@@ -45,7 +43,7 @@ def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]],
                 f"input_ids contains {bad}, outside the vocabulary (size {vocab})",
                 "input_ids",
             )
-        bad = next((x for x in labels if x != IGNORE and not 0 <= x < vocab), None)
+        bad = next((x for x in labels if x != IGNORE_INDEX and not 0 <= x < vocab), None)
         if bad is not None:
             raise RowError("bad token id", f"labels contains {bad}; use ids or -100", "labels")
         if mask is not None:

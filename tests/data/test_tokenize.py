@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from sft.data.tokenize import IGNORE, labels_from_encoding, labels_from_spans
+from sft.data.sample import IGNORE_INDEX
+from sft.data.tokenize import labels_from_encoding, labels_from_spans
 
 TEXT = 'Grüße 👋🏽 — 日本語 and plain words, {"json": [1, 2]}\n\n<|im_end|> end'
 
@@ -26,6 +27,6 @@ def test_fast_path_matches_the_reference_on_random_spans():
 
 def test_a_token_overlapping_a_span_edge_is_trained():
     ids, offsets = [1, 2, 3], [(0, 3), (3, 6), (6, 9)]
-    assert labels_from_spans(ids, offsets, [(4, 5)]) == [IGNORE, 2, IGNORE]
+    assert labels_from_spans(ids, offsets, [(4, 5)]) == [IGNORE_INDEX, 2, IGNORE_INDEX]
     assert labels_from_spans(ids, offsets, [(2, 7)]) == [1, 2, 3]
-    assert labels_from_spans([9, 1], [(0, 0), (0, 2)], [(0, 2)]) == [IGNORE, 1]  # added BOS
+    assert labels_from_spans([9, 1], [(0, 0), (0, 2)], [(0, 2)]) == [IGNORE_INDEX, 1]  # added BOS

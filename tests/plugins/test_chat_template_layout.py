@@ -22,7 +22,8 @@ from conftest import write_jsonl
 
 from sft.config import load_config_text
 from sft.data.pipeline import build_render, prepare_datasets
-from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
+from sft.data.sample import IGNORE_INDEX
+from sft.data.tokenize import TokenizeOptions, process_chunk
 from sft.errors import ConfigError, DataError
 from sft.plugins.chat_template import BUILTIN_TEMPLATES
 from sft.testing import TEMPLATE_END_OF_TURN, build_tokenizer, template_tokenizer_kwargs
@@ -95,14 +96,14 @@ def expected_labels(
     labels = []
     for token, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
         hit = any(a < end and start < b for start, end in trained if end > start)
-        labels.append(token if hit else IGNORE)
+        labels.append(token if hit else IGNORE_INDEX)
     return labels
 
 
 def runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
     out = []
     for trained, group in itertools.groupby(
-        zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE
+        zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX
     ):
         if trained:
             out.append(tokenizer.decode([token for token, _ in group]))
@@ -564,7 +565,7 @@ def test_random_conversations_match_the_generation_spans(plugins, template, fami
         text, spans = generation_spans(tokenizer, messages)
         for policy in ("turn", "none"):
             expected = expected_labels(tokenizer, text, spans, marker, policy)
-            if all(label == IGNORE for label in expected):
+            if all(label == IGNORE_INDEX for label in expected):
                 continue  # nothing to train: the row is dropped (tested elsewhere)
             ids, labels = labels_for(tokenizer, messages, train_on_eos=policy)
             assert labels == expected, (

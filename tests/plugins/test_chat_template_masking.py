@@ -19,7 +19,8 @@ import pytest
 
 from sft.config import load_config_text
 from sft.data.pipeline import build_render
-from sft.data.tokenize import IGNORE, TokenizeOptions, process_chunk
+from sft.data.sample import IGNORE_INDEX
+from sft.data.tokenize import TokenizeOptions, process_chunk
 from sft.testing import TEMPLATE_END_OF_TURN, build_tokenizer, template_tokenizer_kwargs
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "assets" / "chat_templates"
@@ -176,7 +177,7 @@ def expected_for_policy(
         for position, token in enumerate(ids):
             if token in marker_ids:
                 trained[position] = True
-    return [token if flag else IGNORE for token, flag in zip(ids, trained, strict=True)]
+    return [token if flag else IGNORE_INDEX for token, flag in zip(ids, trained, strict=True)]
 
 
 def marker_ids(tokenizer: Any, stem: str) -> set[int]:
@@ -203,7 +204,7 @@ def test_assistant_labels_match_the_generation_mask(plugins, stem, case, policy)
 def trained_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
     runs: list[str] = []
     for trained, group in itertools.groupby(
-        zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE
+        zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX
     ):
         if trained:
             runs.append(tokenizer.decode([token for token, _ in group]))
@@ -227,7 +228,7 @@ def test_trained_user_turns_train_their_content(plugins, stem, system):
     runs = trained_runs(tokenizer, ids, labels)
     assert [r.strip() for r in runs] == [TURNS[0]["content"], TURNS[2]["content"]]
     _, mask = ground_truth(tokenizer, messages, None)
-    assert not any(label != IGNORE and m for label, m in zip(labels, mask, strict=True))
+    assert not any(label != IGNORE_INDEX and m for label, m in zip(labels, mask, strict=True))
 
 
 @pytest.mark.parametrize("stem", STEMS)
@@ -240,7 +241,7 @@ def test_user_and_assistant_together(plugins, stem):
     for message in TURNS:
         assert message["content"].strip() in joined
     eot = tokenizer.convert_tokens_to_ids(TEMPLATE_END_OF_TURN[stem])
-    assert eot not in [label for label in labels if label != IGNORE]
+    assert eot not in [label for label in labels if label != IGNORE_INDEX]
 
 
 def test_pad_equal_to_eos_keeps_the_eos_labels(plugins):

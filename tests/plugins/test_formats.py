@@ -169,4 +169,7 @@ def test_a_strategy_that_crashes_names_the_row(make_config, tokenizer, tmp_path,
     write_jsonl(tmp_path / "f.jsonl", [{"text": "a"}])
     with pytest.raises(DataError) as error:
         prepare(make_config, tokenizer, '[[datasets]]\npath = "{tmp}/f.jsonl"\ntype = "fragile"\n')
-    assert error.value.row == 1 and "strategy failed: TypeError" in str(error.value)
+    assert error.value.row == 1
+    assert "prompt strategy 'fragile' (plugin fragile, package unknown) raised TypeError" in str(
+        error.value
+    )
