@@ -18,7 +18,7 @@ import pluggy
 
 from sft import hookspecs
 from sft.components import ConfigKeys
-from sft.errors import PluginError, Problem
+from sft.errors import PluginError, Problem, SftError
 from sft.registry import KINDS, Registry, did_you_mean
 
 if TYPE_CHECKING:
@@ -163,6 +163,21 @@ class SftPlugins:
             record.status = "error"
             record.error = f"implements hooks that sft does not define: {', '.join(details)}"
             return
+        wrappers = [
+            caller.name
+            for caller in self.manager.get_hookcallers(plugin) or []
+            for impl in caller.get_hookimpls()
+            if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper)
+        ]
+        if wrappers:
+            self.manager.unregister(plugin)
+            record.status = "error"
+            record.error = (
+                f"wraps {', '.join(wrappers)} (hookwrapper/wrapper = True): sft calls each "
+                "implementation on its own to name the plugin of any failure, so wrappers never "
+                "run; implement the hook plainly"
+            )
+            return
         if defaulted := _defaulted_hook_arguments(self.manager, plugin):
             self.manager.unregister(plugin)
             record.status = "error"
@@ -222,11 +237,15 @@ class SftPlugins:
 
     # -- calling -----------------------------------------------------------------------------
 
-    def _each(self, hook_name: str, strict: bool = True, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call every implementation of a hook separately, returning (plugin name, result).
+    def _each(
+        self, hook_name: str, strict: bool = True, first_result: bool = False, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook separately, in pluggy's order, returning
+        (plugin name, result); with `first_result`, stop at the first result that is not None.
 
         An implementation that raises is the plugin's bug: it is recorded against the plugin and
-        raised as a `PluginError` naming it (`strict`), or skipped (`sft plugins list`).
+        raised as a `PluginError` naming it (`strict`), or skipped (`sft plugins list`). An
+        `SftError` it raises (a clear error of its own) passes through unchanged.
         """
         caller = getattr(self.manager.hook, hook_name)
         results = []
@@ -235,16 +254,28 @@ class SftPlugins:
                 self.manager.trace.root.get("hook")(f"{hook_name} [{impl.plugin_name}]")
             try:
                 result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except SftError:
+                raise
             except Exception as exc:
                 error = self._record_failure(impl.plugin_name, hook_name, exc)
                 if strict:
                     raise error from exc
                 continue
+            if first_result and result is None:
+                continue
             results.append((impl.plugin_name, result))
+            if first_result:
+                break
         return results
 
-    def _record_failure(self, plugin: str, hook_name: str, exc: BaseException) -> PluginError:
-        message = f"{hook_name} raised {type(exc).__name__}: {exc}"
+    def _record_failure(
+        self,
+        plugin: str,
+        hook_name: str,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> PluginError:
+        message = message or f"{hook_name} raised {type(exc).__name__}: {exc}"
         record = self.records.get(plugin)
         if record is not None:
             record.status, record.error = "error", message
@@ -315,44 +346,78 @@ class SftPlugins:
                 found.append((plugin, keys))
         return found
 
+    def _returned(self, plugin: str, hook_name: str, result: Any, expected: str) -> PluginError:
+        """A hook implementation returned what its spec does not allow: the plugin's bug."""
+        found = f"{type(result).__name__} {result!r:.80}"
+        return self._record_failure(
+            plugin, hook_name, message=f"{hook_name} returned {found}; expected {expected}"
+        )
+
     def validate_config(self, config: Config) -> list[Problem]:
-        return [
-            p
-            for _, problems in self._each("sft_validate_config", config=config)
-            for p in problems or ()
-        ]
+        found = []
+        for plugin, problems in self._each("sft_validate_config", config=config):
+            if problems is None:
+                continue
+            if isinstance(problems, (str, bytes)) or not isinstance(problems, Iterable):
+                raise self._returned(plugin, "sft_validate_config", problems, "a list of Problem")
+            for problem in problems:
+                if not isinstance(problem, Problem):
+                    raise self._returned(
+                        plugin, "sft_validate_config", problem, "sft.plugin.Problem items"
+                    )
+                found.append(problem)
+        return found
 
     def prepare_tokenizer(self, tokenizer: Any, config: Config) -> None:
-        self.manager.hook.sft_prepare_tokenizer(tokenizer=tokenizer, config=config)
+        self._each("sft_prepare_tokenizer", tokenizer=tokenizer, config=config)
 
     def patch_model(self, model: Any, config: Config) -> None:
-        self.manager.hook.sft_patch_model(model=model, config=config)
+        self._each("sft_patch_model", model=model, config=config)
 
     def trainer_callbacks(self, config: Config) -> list[Any]:
-        return [
-            cb for group in self.manager.hook.sft_trainer_callbacks(config=config) for cb in group
-        ]
+        from transformers import TrainerCallback
+
+        found = []
+        for plugin, group in self._each("sft_trainer_callbacks", config=config):
+            for callback in group or ():
+                is_class = isinstance(callback, type) and issubclass(callback, TrainerCallback)
+                if not (is_class or isinstance(callback, TrainerCallback)):
+                    raise self._returned(
+                        plugin, "sft_trainer_callbacks", callback, "TrainerCallback instances"
+                    )
+                found.append(callback)
+        return found
 
     def train_start(self, config: Config, trainer: Any) -> None:
-        self.manager.hook.sft_train_start(config=config, trainer=trainer)
+        self._each("sft_train_start", config=config, trainer=trainer)
 
     def train_end(self, config: Config, trainer: Any, metrics: dict[str, float]) -> None:
-        self.manager.hook.sft_train_end(config=config, trainer=trainer, metrics=metrics)
+        self._each("sft_train_end", config=config, trainer=trainer, metrics=metrics)
 
     def before_save(self, config: Config, model: Any, output_dir: str, trainer: Any = None) -> None:
-        self.manager.hook.sft_before_save(
-            config=config, model=model, output_dir=output_dir, trainer=trainer
+        self._each(
+            "sft_before_save", config=config, model=model, output_dir=output_dir, trainer=trainer
         )
 
     def save_model(
         self, config: Config, model: Any, tokenizer: Any, output_dir: str, trainer: Any = None
     ) -> str | None:
-        return self.manager.hook.sft_save_model(
-            config=config, model=model, tokenizer=tokenizer, output_dir=output_dir, trainer=trainer
-        )
+        """The first implementation that saves (returns a description) wins (firstresult)."""
+        kwargs = {
+            "config": config,
+            "model": model,
+            "tokenizer": tokenizer,
+            "output_dir": output_dir,
+            "trainer": trainer,
+        }
+        for plugin, saved in self._each("sft_save_model", first_result=True, **kwargs):
+            if not isinstance(saved, str):
+                raise self._returned(plugin, "sft_save_model", saved, "a str or None")
+            return saved
+        return None
 
     def after_save(self, config: Config, output_dir: str) -> None:
-        self.manager.hook.sft_after_save(config=config, output_dir=output_dir)
+        self._each("sft_after_save", config=config, output_dir=output_dir)
 
     # -- introspection for `sft plugins list` -------------------------------------------------
 

@@ -6,6 +6,7 @@ import inspect
 import re
 
 import attrs
+import pytest
 from conftest import REPO
 
 from sft import hookimpl, hookspecs
@@ -13,7 +14,7 @@ from sft.components import ConfigKeys, DistributedBackend, Kernel, Packer, Promp
 from sft.config import load_config_text
 from sft.config.schema import key
 from sft.docgen import hooks_markdown
-from sft.errors import Problem
+from sft.errors import PluginError, Problem
 from sft.manager import SftPlugins, hook_names
 
 MINIMAL = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
@@ -147,6 +148,7 @@ def test_sft_register_optimizers():
 class Recorder:
     def __init__(self):
         self.calls: list[tuple] = []
+        self.callbacks: list = []
 
     @hookimpl
     def sft_prepare_tokenizer(self, tokenizer, config):
@@ -158,7 +160,7 @@ class Recorder:
 
     @hookimpl
     def sft_trainer_callbacks(self, config):
-        return ["callback"]
+        return self.callbacks
 
     @hookimpl
     def sft_train_start(self, config, trainer):
@@ -201,7 +203,19 @@ def test_sft_patch_model():
 
 
 def test_sft_trainer_callbacks():
-    assert fresh(Recorder()).trainer_callbacks(None) == ["callback"]
+    from transformers import TrainerCallback
+
+    recorder = Recorder()
+    recorder.callbacks = [TrainerCallback]
+    assert fresh(recorder).trainer_callbacks(None) == [TrainerCallback]
+    recorder.callbacks = ["not a callback"]
+    with pytest.raises(PluginError) as error:
+        fresh(recorder).trainer_callbacks(None)
+    message = str(error.value)
+    assert message == (
+        "plugin 'test0' (unknown package): sft_trainer_callbacks returned str 'not a callback'; "
+        "expected TrainerCallback instances"
+    )
 
 
 def test_sft_train_start():

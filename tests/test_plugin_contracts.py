@@ -242,3 +242,65 @@ def test_validate_refuses_a_kernel_the_machine_cannot_run_from_its_registry(make
     assert "kernel 'liger' (plugin liger) is unavailable on this machine: " in problem.message
     assert problem.hint == "remove liger_rms_norm here"
     assert make_config(text, machine_checks=False).liger_rms_norm is True  # --portable
+
+
+def test_a_hook_wrapper_is_refused_at_load_naming_the_hook():
+    from sft import hookimpl
+
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def sft_patch_model(self, model, config):
+            return (yield)
+
+    loaded = SftPlugins.load(environ={})
+    with pytest.raises(PluginError) as error:
+        loaded.register(Wrapping(), name="wrapping")
+    assert "wraps sft_patch_model (hookwrapper/wrapper = True)" in str(error.value)
+
+
+def test_a_plugin_failing_in_a_run_hook_is_named_and_its_own_errors_pass_through():
+    from sft import hookimpl
+    from sft.errors import ModelError
+
+    class Failing:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        @hookimpl
+        def sft_patch_model(self, model, config):
+            raise self.error
+
+    loaded = SftPlugins.load(environ={})
+    loaded.register(Failing(KeyError("layers")), name="failing")
+    with pytest.raises(PluginError) as error:
+        loaded.patch_model(model=None, config=None)
+    assert str(error.value) == (
+        "plugin 'failing' (unknown package): sft_patch_model raised KeyError: 'layers'"
+    )
+    clear = ModelError("this model has no layers\n  fix: use another model")
+    loaded = SftPlugins.load(environ={})
+    loaded.register(Failing(clear), name="failing")
+    with pytest.raises(ModelError) as passed:
+        loaded.patch_model(model=None, config=None)
+    assert passed.value is clear
+
+
+@pytest.mark.parametrize(
+    ("returned", "expected"),
+    [
+        ("fix it", "sft_validate_config returned str 'fix it'; expected a list of Problem"),
+        (["fix it"], "sft_validate_config returned str 'fix it'; expected sft.plugin.Problem"),
+    ],
+)
+def test_validate_config_results_must_be_problems(make_config, plugins, returned, expected):
+    from sft import hookimpl
+
+    class Validating:
+        @hookimpl
+        def sft_validate_config(self, config):
+            return returned
+
+    plugins.register(Validating(), name="validating")
+    with pytest.raises(PluginError) as error:
+        make_config('[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "completion"\n')
+    assert str(error.value).startswith("plugin 'validating' (unknown package): " + expected)
