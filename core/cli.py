@@ -433,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             target = parser
             if getattr(args, "command", None) == "plugins":
-                target = parser._subparsers._group_actions[0].choices["plugins"]  # type: ignore[union-attr]
+                target = parser._subparsers._group_actions[0].choices["plugins"]  # type: ignore[union-attr,index]
             target.print_help()
             return 0 if args.command is None else 4
         args.argv = raw  # the launcher hands the same arguments to each process

@@ -41,7 +41,8 @@ def _int8_parametrization() -> Any:
             self.dtype = dtype
 
         def forward(self, quantized: torch.Tensor) -> torch.Tensor:
-            rows = F.int8_vectorwise_dequant(quantized, self.row_stats)
+            row_stats: torch.Tensor = self.row_stats  # type: ignore[assignment]  # a buffer
+            rows = F.int8_vectorwise_dequant(quantized, row_stats)
             return rows.reshape(self.shape).to(self.dtype)
 
     return Int8RowParametrization
@@ -69,7 +70,10 @@ def quantize_expert_weights(model: Any, *, bits: int, quant_type: str, double_qu
                 continue
             if int8 is None:
                 replace_parameter_4bit(
-                    module, name, compress_statistics=double_quant, quant_type=quant_type
+                    module,
+                    name,
+                    compress_statistics=double_quant,
+                    quant_type=quant_type,  # type: ignore[arg-type]  # "nf4" or "fp4", from the config
                 )
             else:
                 import bitsandbytes.functional as F

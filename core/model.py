@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-from pathlib import Path
 from typing import Any
 
+from sft.classes import transformers_class
 from sft.config.schema import Config
 from sft.errors import ModelError
-from sft.fsutil import atomic_directory
-from sft.tokenizer import model_source
+from sft.gguf import materialise_gguf
 
 
 def cuda_available() -> bool:
@@ -55,40 +52,10 @@ def check_hardware(config: Config) -> None:
         )
 
 
-def gguf_cache_dir(path: Path) -> Path:
-    """Where a dequantised GGUF model is kept in transformers format (so later loads are fast)."""
-    stat = path.stat()
-    key = hashlib.sha256(
-        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
-    ).hexdigest()[:16]
-    root = Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
-    return root / "gguf" / f"{path.stem}-{key}"
-
-
-def _materialise_gguf(name: str) -> str:
-    """Dequantise a .gguf file once into a transformers directory; return that directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(name).expanduser()
-    target = gguf_cache_dir(path)
-    if (target / "config.json").exists():
-        return str(target)
-    source, extra = model_source(name)
-    model = AutoModelForCausalLM.from_pretrained(source, **extra)
-    if getattr(model, "hf_quantizer", None) is not None:
-        # transformers keeps a GGUF quantizer on the dequantised model that blocks saving/training.
-        model.hf_quantizer.remove_quantization_config(model)
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    with atomic_directory(target) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    return str(target)
-
-
 def model_path(base_model: str) -> str:
     """A path or Hub id from_pretrained can load (GGUF files dequantised and cached)."""
     if base_model.endswith(".gguf"):
-        return _materialise_gguf(base_model)
+        return materialise_gguf(base_model)
     return base_model
 
 
@@ -170,7 +137,7 @@ def named_arguments(cls: type) -> list[str]:
     silently drop what they do not know, so a misspelt key is checked against these."""
     import inspect
 
-    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # not self
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]  # not self
     return [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
 
@@ -241,23 +208,6 @@ def quantization_config(config: Config) -> Any:
             f"model_quantization_config = {name!r} with {arguments}: {exc}\n  fix: install what "
             "it names, or check model_quantization_config_kwargs"
         ) from exc
-
-
-def transformers_class(name: str | None, key: str) -> Any:
-    """The transformers class a config key names (`model_type`, `tokenizer_type`,
-    `cls_model_config`); None for the Auto classes' default."""
-    if name is None or name in ("AutoModelForCausalLM", "AutoTokenizer", "AutoConfig"):
-        return None
-    import transformers
-
-    cls = getattr(transformers, name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ModelError(
-            f"{key} = {name!r}: the installed transformers {transformers.__version__} has no "
-            f"such class\n  fix: remove {key} (the Auto class picks the model's own), or check "
-            "the spelling"
-        )
-    return cls
 
 
 def rope_scaling_parameters(current: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:

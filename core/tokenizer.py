@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from sft.classes import transformers_class
 from sft.config.schema import Config
 from sft.errors import ModelError
-
-
-def model_source(name: str) -> tuple[str, dict[str, Any]]:
-    """Split a `.gguf` file path into (directory, {"gguf_file": file name}) for from_pretrained."""
-    if name.endswith(".gguf"):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ModelError(f"GGUF file not found: {name}")
-        return str(path.parent), {"gguf_file": path.name}
-    return name, {}
-
-
-def _gguf_tokenizer_dir(name: str) -> Path:
-    from sft.model import gguf_cache_dir
-
-    model_dir = gguf_cache_dir(Path(name).expanduser())
-    return model_dir.with_name(model_dir.name + "-tokenizer")
+from sft.gguf import gguf_tokenizer_dir, model_source
 
 
 def _mistral_common_tokenizer(name: str, config: Config) -> Any:
@@ -58,10 +42,8 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
     if config.tokenizer_use_mistral_common:
         return apply_token_config(_mistral_common_tokenizer(name, config), config, plugins)
     source, extra = model_source(name)
-    if extra and (_gguf_tokenizer_dir(name) / "tokenizer_config.json").exists():
-        source, extra = str(_gguf_tokenizer_dir(name)), {}  # converted once, loads in ~0.1 s
-    from sft.model import transformers_class
-
+    if extra and (gguf_tokenizer_dir(name) / "tokenizer_config.json").exists():
+        source, extra = str(gguf_tokenizer_dir(name)), {}  # converted once, loads in ~0.1 s
     tokenizer_class = transformers_class(config.tokenizer_type, "tokenizer_type") or AutoTokenizer
     if config.tokenizer_legacy is not None:
         extra = {**extra, "legacy": config.tokenizer_legacy}
@@ -81,7 +63,7 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
     if extra:
         from sft.fsutil import atomic_directory
 
-        with atomic_directory(_gguf_tokenizer_dir(name)) as staging:
+        with atomic_directory(gguf_tokenizer_dir(name)) as staging:
             tokenizer.save_pretrained(staging)
     return apply_token_config(tokenizer, config, plugins)
 

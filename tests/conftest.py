@@ -107,9 +107,14 @@ def smollm2_gguf() -> Path:
 
 
 def shared_data(name: str) -> Path:
+    """A file of the shared data folder beside the checkout; a test without it is skipped,
+    or fails where SFT_REQUIRE_SHARED_DATA=1 (CI, which provides the folder)."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"{path} is not present (the shared data folder sits beside the checkout)")
+        reason = f"{path} is not present (the shared data folder sits beside the checkout)"
+        if os.environ.get("SFT_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(f"{reason}; SFT_REQUIRE_SHARED_DATA=1 requires it", pytrace=False)
+        pytest.skip(reason)
     return path
 
 

@@ -28,9 +28,9 @@ def assert_packed_equals_unpacked(arch: str, attention: str, device: str = "cuda
     """Three samples packed into one row give each sample's logits alone (bf16 tolerance)."""
     import datasets
 
+    from sft.data.collate import Collator
     from sft.data.packing import PackedDataset
     from sft.testing import build_model, build_tokenizer
-    from sft.train.trainer import Collator
 
     tokenizer = build_tokenizer(eos_token="</s>")
     model = build_model(

@@ -8,6 +8,7 @@ as "not supported yet" instead of being silently ignored.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
@@ -127,7 +128,7 @@ class DatasetConfig(_Sections):
         None, ge=1, doc="Split the dataset into this many contiguous pieces (with shards_idx)."
     )
     shards_idx: int | None = key(None, ge=0, doc="Which piece of `shards` to use (0-based).")
-    _sections: Mapping[type, Any] = attrs.field(
+    _sections: Mapping[builtins.type, Any] = attrs.field(
         factory=dict, repr=False, eq=False, alias="_sections"
     )
 

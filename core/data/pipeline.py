@@ -403,13 +403,13 @@ def prepare_datasets(
     # The cache key from file metadata first: a cache hit reads no data at all.
     quick = [quick_fingerprint(ds) for ds in entries] if root is not None else []
     if root is not None and all(f is not None for f in quick):
-        cache_dir = root / cache_key(config, tokenizer, quick, plugins)  # type: ignore[arg-type]
-        if use_cache and (cache_dir / "complete").exists():
-            return _load_cached(cache_dir)
+        quick_dir = root / cache_key(config, tokenizer, quick, plugins)  # type: ignore[arg-type]
+        if use_cache and (quick_dir / "complete").exists():
+            return _load_cached(quick_dir)
         if wait_for_cache is not None:  # the key is known: nothing to read
-            while not (cache_dir / "complete").exists():
-                wait_for_cache(cache_dir)
-            return _load_cached(cache_dir)
+            while not (quick_dir / "complete").exists():
+                wait_for_cache(quick_dir)
+            return _load_cached(quick_dir)
     raws = [_read(ds, config.invalid_rows) for ds in config.datasets]
     test_raws = [_read(ds, config.invalid_rows) for ds in config.test_datasets]
     fingerprints = [

@@ -201,7 +201,7 @@ class HubPush:
         """A TrainerCallback pushing each checkpoint as it is written (main process)."""
         from transformers import TrainerCallback
 
-        from sft.train.trainer import CHECKPOINT_PREFIX
+        from sft.train.output import CHECKPOINT_PREFIX
 
         push = self
 

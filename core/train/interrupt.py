@@ -25,7 +25,10 @@ from sft.config.schema import Config
 from sft.distributed import is_main_process
 from sft.errors import Interrupted
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report
+EXIT_CODES: dict[int, int] = {
+    signal.SIGINT: 130,
+    signal.SIGTERM: 143,
+}  # 128 + signal number, as shells report
 
 
 def _name(signum: int) -> str:

@@ -1,5 +1,9 @@
 """What the user sees during training: a live view (or one line per log), metrics JSONL, and a
-training-health monitor with the thresholds of the SFT reference."""
+training-health monitor with the thresholds of the SFT reference.
+
+Only the training path imports this module (`sft.train.run`, once the model is loaded): its
+callbacks subclass transformers' `TrainerCallback`, which pulls in torch and accelerate.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from transformers import TrainerCallback
 
 from sft.errors import ModelError
+from sft.train.output import latest_checkpoint
 
 GRAD_NORM_SPIKE = 100.0
 LOSS_NEAR_ZERO = 0.01
@@ -197,8 +203,6 @@ class LossWatchdog:
 
     def stopped(self, output_dir: Path, max_steps: int) -> LossDiverged:
         """The error that ends the run, saying what happened and what is kept."""
-        from sft.train.trainer import latest_checkpoint
-
         losses = ", ".join(
             f"step {step}: {loss:.4g}" for step, loss in self.above[-self.patience :]
         )
@@ -216,27 +220,29 @@ class LossWatchdog:
             "and check the data (`sft preprocess --debug`); or raise loss_watchdog_threshold"
         )
 
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
+    def callback(self) -> LossWatchdogCallback:
+        return LossWatchdogCallback(self)
 
-        watchdog = self
 
-        class LossWatchdogCallback(TrainerCallback):
-            def on_log(
-                self,
-                args: Any,
-                state: Any,
-                control: Any,
-                logs: dict[str, float] | None = None,
-                **kwargs: Any,
-            ) -> Any:
-                loss = (logs or {}).get("loss")
-                if loss is not None and watchdog.observe(state.global_step, float(loss)):
-                    control.should_training_stop = True
-                    control.should_save = False  # a diverged state is no checkpoint to keep
-                return control
+class LossWatchdogCallback(TrainerCallback):
+    """Feeds each logged loss to the watchdog; stops training (without a checkpoint) once it trips."""
 
-        return LossWatchdogCallback()
+    def __init__(self, watchdog: LossWatchdog) -> None:
+        self.watchdog = watchdog
+
+    def on_log(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        loss = (logs or {}).get("loss")
+        if loss is not None and self.watchdog.observe(state.global_step, float(loss)):
+            control.should_training_stop = True
+            control.should_save = False  # a diverged state is no checkpoint to keep
+        return control
 
 
 def format_seconds(seconds: float) -> str:
@@ -248,103 +254,101 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def make_callback(config: Any, output_dir: Path, console: Any, monitor: HealthMonitor) -> Any:
-    from transformers import TrainerCallback
+class SftProgress(TrainerCallback):
+    """Metrics JSONL (always), live view on a terminal or one line per log, health warnings."""
 
-    class SftProgress(TrainerCallback):
-        """Metrics JSONL (always), live view on a terminal or one line per log, health warnings."""
+    def __init__(self, output_dir: Path, console: Any, monitor: HealthMonitor) -> None:
+        self.output_dir = output_dir
+        self.console = console
+        self.monitor = monitor
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.start = time.time()
+        self.last_time = self.start
+        self.last_tokens = 0
+        self.live: Any = None
+        self.history: list[dict[str, Any]] = []
 
-        def __init__(self) -> None:
-            self.metrics_path = output_dir / "metrics.jsonl"
-            self.start = time.time()
-            self.last_time = self.start
-            self.last_tokens = 0
-            self.live: Any = None
-            self.history: list[dict[str, Any]] = []
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = self.last_time = time.time()
+        self.last_tokens = state.num_input_tokens_seen or 0
+        if not state.is_world_process_zero:
+            return  # one process writes the metrics and shows the progress
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.console.is_terminal:
+            from rich.live import Live
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.start = self.last_time = time.time()
-            self.last_tokens = state.num_input_tokens_seen or 0
-            if not state.is_world_process_zero:
-                return  # one process writes the metrics and shows the progress
-            output_dir.mkdir(parents=True, exist_ok=True)
-            if console.is_terminal:
-                from rich.live import Live
+            self.live = Live(console=self.console, refresh_per_second=4, transient=True)
+            self.live.start()
 
-                self.live = Live(console=console, refresh_per_second=4, transient=True)
-                self.live.start()
+    def on_log(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not logs or not state.is_world_process_zero:
+            return  # the logged values are already gathered over all processes
+        now = time.time()
+        tokens = state.num_input_tokens_seen or 0
+        record: dict[str, Any] = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            **logs,
+        }
+        if "loss" in logs:
+            elapsed = max(now - self.last_time, 1e-9)
+            record["tokens_per_second"] = round((tokens - self.last_tokens) / elapsed, 1)
+            self.last_time, self.last_tokens = now, tokens
+        record["time"] = round(now - self.start, 2)
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.history.append(record)
+        for warning in self.monitor.check(state.global_step, logs):
+            self._print(f"[yellow]warning[/] {warning.render()}")
+        if "loss" in logs or "eval_loss" in logs:
+            self._show(record, state)
 
-        def on_log(
-            self,
-            args: Any,
-            state: Any,
-            control: Any,
-            logs: dict[str, float] | None = None,
-            **kwargs: Any,
-        ) -> None:
-            if not logs or not state.is_world_process_zero:
-                return  # the logged values are already gathered over all processes
-            now = time.time()
-            tokens = state.num_input_tokens_seen or 0
-            record: dict[str, Any] = {
-                "step": state.global_step,
-                "epoch": round(state.epoch or 0.0, 4),
-                **logs,
-            }
-            if "loss" in logs:
-                elapsed = max(now - self.last_time, 1e-9)
-                record["tokens_per_second"] = round((tokens - self.last_tokens) / elapsed, 1)
-                self.last_time, self.last_tokens = now, tokens
-            record["time"] = round(now - self.start, 2)
-            with self.metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            self.history.append(record)
-            for warning in monitor.check(state.global_step, logs):
-                self._print(f"[yellow]warning[/] {warning.render()}")
-            if "loss" in logs or "eval_loss" in logs:
-                self._show(record, state)
+    def _show(self, record: dict[str, Any], state: Any) -> None:
+        done, total = state.global_step, state.max_steps or 1
+        elapsed = time.time() - self.start
+        eta = elapsed / max(done, 1) * (total - done)
+        parts = [f"step {done}/{total}"]
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.4f}")
+        if "eval_loss" in record:
+            parts.append(f"eval_loss {record['eval_loss']:.4f}")
+        if "learning_rate" in record:
+            parts.append(f"lr {record['learning_rate']:.2e}")
+        if "grad_norm" in record:
+            parts.append(f"grad_norm {record['grad_norm']:.3f}")
+        if "tokens_per_second" in record:
+            parts.append(f"{record['tokens_per_second']:.0f} tok/s")
+        parts.append(f"eta {format_seconds(eta)}")
+        line = " | ".join(parts)
+        if self.live is not None:
+            from rich.progress_bar import ProgressBar
+            from rich.table import Table
 
-        def _show(self, record: dict[str, Any], state: Any) -> None:
-            done, total = state.global_step, state.max_steps or 1
-            elapsed = time.time() - self.start
-            eta = elapsed / max(done, 1) * (total - done)
-            parts = [f"step {done}/{total}"]
-            if "loss" in record:
-                parts.append(f"loss {record['loss']:.4f}")
+            table = Table.grid(padding=(0, 1))
+            table.add_row(ProgressBar(total=total, completed=done, width=30), line)
+            self.live.update(table)
             if "eval_loss" in record:
-                parts.append(f"eval_loss {record['eval_loss']:.4f}")
-            if "learning_rate" in record:
-                parts.append(f"lr {record['learning_rate']:.2e}")
-            if "grad_norm" in record:
-                parts.append(f"grad_norm {record['grad_norm']:.3f}")
-            if "tokens_per_second" in record:
-                parts.append(f"{record['tokens_per_second']:.0f} tok/s")
-            parts.append(f"eta {format_seconds(eta)}")
-            line = " | ".join(parts)
-            if self.live is not None:
-                from rich.progress_bar import ProgressBar
-                from rich.table import Table
+                self.console.print(line)
+        else:
+            self.console.print(line, highlight=False)
 
-                table = Table.grid(padding=(0, 1))
-                table.add_row(ProgressBar(total=total, completed=done, width=30), line)
-                self.live.update(table)
-                if "eval_loss" in record:
-                    console.print(line)
-            else:
-                console.print(line, highlight=False)
+    def _print(self, text: str) -> None:
+        self.console.print(text)
 
-        def _print(self, text: str) -> None:
-            console.print(text)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.live is not None:
-                self.live.stop()
-                if self.history:
-                    last = next((r for r in reversed(self.history) if "loss" in r), None)
-                    if last:
-                        self._show(last, state)
-
-    return SftProgress()
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.live is not None:
+            self.live.stop()
+            if self.history:
+                last = next((r for r in reversed(self.history) if "loss" in r), None)
+                if last:
+                    self._show(last, state)
 
 
 def write_plot(history: list[dict[str, Any]], path: Path) -> bool:

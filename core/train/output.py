@@ -27,12 +27,26 @@ from sft.fsutil import MARKER, mark_directory, replace_sft_files, sft_files
 from sft.save import RESOLVED_CONFIG
 
 METRICS = "metrics.jsonl"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint. Checkpoints appear by an atomic rename, so each one is complete."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return max(found)[1] if found else None
 
 
 def refuse_stale_checkpoints(output_dir: Path) -> None:
     """A fresh run must not mix with an earlier run's checkpoints (rotation would delete its own)."""
-    from sft.train.trainer import latest_checkpoint
-
     found = latest_checkpoint(output_dir)
     if found is not None:
         raise ModelError(
@@ -77,8 +91,6 @@ def _problem(config: Config, message: str, hint: str) -> ConfigError:
 def claim_output_dir(config: Config, resuming: bool) -> OutputDir:
     """Check that this run may write into `output_dir` (see the module doc), then create and
     mark it. Raises before any data is prepared or any model loaded."""
-    from sft.train.trainer import latest_checkpoint
-
     path = Path(config.output_dir)
     if not is_main_process():  # rank 0 decides (and creates); the others follow or are stopped
         return OutputDir(path, [], {})

@@ -154,7 +154,7 @@ def _show(value: Any) -> str:
 def resume_point(config: Config, say: Callable[[str], None] = print) -> str | None:
     """The checkpoint this run resumes from: `resume_from_checkpoint`, or the newest one in
     output_dir with `auto_resume_from_checkpoints`; None for a fresh run."""
-    from sft.train.trainer import latest_checkpoint
+    from sft.train.output import latest_checkpoint
 
     if config.resume_from_checkpoint:
         path = Path(config.resume_from_checkpoint)

@@ -23,7 +23,7 @@ from sft.distributed import (
 )
 from sft.errors import DataError, ModelError
 from sft.train.interrupt import StopRequest, make_stop_callback
-from sft.train.output import claim_output_dir, release_output_dir
+from sft.train.output import claim_output_dir, latest_checkpoint, release_output_dir
 from sft.train.resume import (
     check_resume,
     data_fingerprint,
@@ -289,7 +289,6 @@ def _final_save(output_dir: Path) -> Iterator[None]:
         yield
     except Exception as exc:
         from sft.fsutil import storage_failure
-        from sft.train.trainer import latest_checkpoint
 
         reason = storage_failure(exc)
         if reason is None:
@@ -362,11 +361,10 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
         from sft.manager import get_plugins
 
         plugins = get_plugins()
+    from sft.data.collate import Collator, pad_id_of
     from sft.model import apply_adapter, check_hardware, count_parameters, load_model, resolve_dtype
     from sft.save import write_model_card, write_resolved_config
     from sft.tokenizer import load_tokenizer
-    from sft.train.monitor import HealthMonitor, LossWatchdog, make_callback, write_plot
-    from sft.train.trainer import Collator, make_trainer_class, pad_id_of, warmup_steps
 
     check_hardware(config)  # before anything slow
     quiet_libraries(config)
@@ -437,13 +435,17 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
     processes = f", {world_size()} processes" if world_size() > 1 else ""
     per = "streaming" if config.streaming else f"{per_epoch} per epoch"
     console.print(f"steps: {total_steps} ({per}{processes})")
+    # Imported here: these modules import transformers' Trainer (accelerate, peft), which
+    # would slow the checks before the model loads and print notices quiet_libraries hides.
+    from sft.train.monitor import HealthMonitor, LossWatchdog, SftProgress, write_plot
+    from sft.train.trainer import SftTrainer, warmup_steps
+
     monitor = HealthMonitor(
         lr_schedule=config.lr_scheduler, warmup=warmup_steps(config, total_steps)
     )
-    progress = make_callback(config, output_dir, console, monitor)
+    progress = SftProgress(output_dir, console, monitor)
     watchdog = LossWatchdog.from_config(config)
-    trainer_class = make_trainer_class()
-    trainer = trainer_class(
+    trainer = SftTrainer(
         model=model,
         args=args,
         train_dataset=train_data,

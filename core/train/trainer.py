@@ -1,5 +1,8 @@
 """The HF `Trainer` subclass: our optimizer registry, schedules, and atomic checkpoints.
 
+Only the training path imports this module (`sft.train.run` once the model is loaded, and the
+resume callback): it imports transformers' Trainer, which pulls in torch and accelerate.
+
 Loss normalisation: transformers' Trainer counts the trainable tokens of every micro-batch of
 an optimizer step (`num_items_in_batch`) and the causal-LM loss divides the summed token losses
 by that count, so the update is the mean over trainable tokens of the whole step whatever the
@@ -14,62 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
+
 from sft.config.schema import Config
-from sft.data.sample import IGNORE_INDEX
 from sft.errors import ModelError, PluginError
-
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-class Collator:
-    """Pads a batch to its longest row (or `sequence_len`): pad id for inputs, -100 for labels.
-
-    Plain samples get an `attention_mask`. Packed rows (with `position_ids`) get none: the
-    restarting positions keep their samples apart; the padded tail is one more segment
-    (positions from 0) that nothing real attends to. Labels are never derived from the pad id,
-    so a tokenizer whose pad token is its EOS still trains the real EOS tokens.
-    """
-
-    def __init__(self, pad_id: int, pad_to: int | None = None):
-        self.pad_id = pad_id
-        self.pad_to = pad_to
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        width = max(self.pad_to or 0, longest)
-        batch = len(features)
-        packed = "position_ids" in features[0]
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        if packed:
-            positions = torch.zeros((batch, width), dtype=torch.long)
-        else:
-            attention = torch.zeros((batch, width), dtype=torch.long)
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
-            labels[row, :n] = torch.as_tensor(feature["labels"])
-            if packed:
-                positions[row, :n] = torch.as_tensor(feature["position_ids"])
-                positions[row, n:] = torch.arange(width - n)
-            else:
-                attention[row, :n] = 1
-        out = {"input_ids": input_ids, "labels": labels}
-        if packed:
-            out["position_ids"] = positions
-        else:
-            out["attention_mask"] = attention
-        return out
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
+from sft.train.output import CHECKPOINT_PREFIX
+from sft.train.resume import loading_checkpoint
 
 LORAPLUS_EMBEDDING_LR = 1e-6  # Axolotl's and peft's default for loraplus_lr_embedding
 
@@ -86,14 +40,15 @@ def parameter_groups(
     """
     ratio = config.loraplus_lr_ratio if config is not None else None
     if not ratio:
-        decay, no_decay = [], []
+        matrices: list[Any] = []
+        vectors: list[Any] = []
         for _, parameter in model.named_parameters():
             if not parameter.requires_grad:
                 continue
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        groups = [{"params": decay, "weight_decay": weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+            (matrices if parameter.ndim >= 2 else vectors).append(parameter)
+        groups: list[dict[str, Any]] = [{"params": matrices, "weight_decay": weight_decay}]
+        if vectors:
+            groups.append({"params": vectors, "weight_decay": 0.0})
         return groups
     assert config is not None
     lr = config.learning_rate
@@ -140,21 +95,6 @@ def build_scheduler(config: Config, optimizer: Any, total_steps: int) -> Any:
     return build_schedule(config, optimizer, total_steps, warmup_steps(config, total_steps))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint. Checkpoints appear by an atomic rename, so each one is complete."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = [
-        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
-        for p in root.iterdir()
-        if p.is_dir()
-        and p.name.startswith(CHECKPOINT_PREFIX)
-        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    return max(found)[1] if found else None
-
-
 def _raise_storage_error(exc: Exception, checkpoint: Path, staging: Path) -> None:
     """A disk that is full (or read-only) while saving a checkpoint: a clear error naming it,
     and the partial checkpoint removed so it does not keep the disk full."""
@@ -179,157 +119,148 @@ def optimizer_mode(optimizer: Any, mode: str) -> None:
         switch()
 
 
-def make_trainer_class() -> type:
-    """Build the Trainer subclass (transformers is imported only when training)."""
-    from transformers import Trainer
-    from transformers.trainer_utils import rotate_checkpoints
+class SftTrainer(Trainer):
+    """transformers' Trainer with sft's optimizers, schedules, objectives and atomic checkpoints."""
 
-    from sft.train.resume import loading_checkpoint
+    def __init__(self, *args: Any, sft_config: Config, plugins: Any, **kwargs: Any) -> None:
+        self.sft_config = sft_config
+        self.sft_plugins = plugins
+        self._staging_dir: str | None = None
+        self.sft_pad_id = kwargs["data_collator"].pad_id
+        # Set by the run: writes sft's own record (config, data fingerprint) into each
+        # staged checkpoint; and what changed since the checkpoint being resumed.
+        self.sft_checkpoint_record: Callable[[Path], None] | None = None
+        self.sft_resume_changes = ""
+        objectives = plugins.objectives()
+        name = sft_config.objective
+        self.sft_objective = objectives.get(name) if name else None
+        self.sft_objective_owner = objectives.owner(name) if name else ""
+        super().__init__(*args, **kwargs)
 
-    class SftTrainer(Trainer):
-        def __init__(self, *args: Any, sft_config: Config, plugins: Any, **kwargs: Any) -> None:
-            self.sft_config = sft_config
-            self.sft_plugins = plugins
-            self._staging_dir: str | None = None
-            self.sft_pad_id = kwargs["data_collator"].pad_id
-            # Set by the run: writes sft's own record (config, data fingerprint) into each
-            # staged checkpoint; and what changed since the checkpoint being resumed.
-            self.sft_checkpoint_record: Callable[[Path], None] | None = None
-            self.sft_resume_changes = ""
-            objectives = plugins.objectives()
-            name = sft_config.objective
-            self.sft_objective = objectives.get(name) if name else None
-            self.sft_objective_owner = objectives.owner(name) if name else ""
-            super().__init__(*args, **kwargs)
-
-        def compute_loss(
-            self,
-            model: Any,
-            inputs: Any,
-            return_outputs: bool = False,
-            num_items_in_batch: Any = None,
-        ) -> Any:
-            if self.sft_objective is None:
-                return super().compute_loss(
-                    model,
-                    inputs,
-                    return_outputs=return_outputs,
-                    num_items_in_batch=num_items_in_batch,
-                )
-            result = self.sft_objective.compute_loss(
-                model, inputs, self.sft_config, num_items_in_batch
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: Any,
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        if self.sft_objective is None:
+            return super().compute_loss(
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
             )
-            loss, outputs = result if isinstance(result, tuple) else (result, None)
-            if not (hasattr(loss, "ndim") and loss.ndim == 0 and loss.is_floating_point()):
-                raise PluginError(
-                    f"objective {self.sft_objective.name!r} (plugin {self.sft_objective_owner}) "
-                    f"returned {type(loss).__name__}"
-                    + (f" of shape {tuple(loss.shape)}" if hasattr(loss, "shape") else "")
-                    + "; expected a scalar floating-point tensor (or (loss, outputs))",
-                    plugin=self.sft_objective_owner,
-                )
-            if return_outputs:
-                return loss, outputs if outputs is not None else {"loss": loss}
-            return loss
+        result = self.sft_objective.compute_loss(model, inputs, self.sft_config, num_items_in_batch)
+        loss, outputs = result if isinstance(result, tuple) else (result, None)
+        if not (hasattr(loss, "ndim") and loss.ndim == 0 and loss.is_floating_point()):
+            raise PluginError(
+                f"objective {self.sft_objective.name!r} (plugin {self.sft_objective_owner}) "
+                f"returned {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}" if hasattr(loss, "shape") else "")
+                + "; expected a scalar floating-point tensor (or (loss, outputs))",
+                plugin=self.sft_objective_owner,
+            )
+        if return_outputs:
+            return loss, outputs if outputs is not None else {"loss": loss}
+        return loss
 
-        def create_optimizer(self, model: Any = None) -> Any:
-            if self.optimizer is None:
-                target = self.model if model is None else model
-                spec = self.sft_plugins.optimizers().get(self.sft_config.optimizer)
-                self.optimizer = build_optimizer(spec, target, self.sft_config)
-            return self.optimizer
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None:
+            target = self.model if model is None else model
+            spec = self.sft_plugins.optimizers().get(self.sft_config.optimizer)
+            self.optimizer = build_optimizer(spec, target, self.sft_config)
+        return self.optimizer
 
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            result = super().train(*args, **kwargs)
-            optimizer_mode(self.optimizer, "eval")  # schedule-free: save the averaged weights
-            return result
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().train(*args, **kwargs)
+        optimizer_mode(self.optimizer, "eval")  # schedule-free: save the averaged weights
+        return result
 
-        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            if self.lr_scheduler is None:
-                self.lr_scheduler = build_scheduler(
-                    self.sft_config, optimizer or self.optimizer, num_training_steps
-                )
-                self._created_lr_scheduler = True
-            return self.lr_scheduler
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(
+                self.sft_config, optimizer or self.optimizer, num_training_steps
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
-        def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
-            # LOMO and layer-wise GaLore/APOLLO step each weight inside backward and free its
-            # gradient there: no gradient is left to measure, and a logged 0 would read as
-            # "nothing is learning".
-            from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # LOMO and layer-wise GaLore/APOLLO step each weight inside backward and free its
+        # gradient there: no gradient is left to measure, and a logged 0 would read as
+        # "nothing is learning".
+        from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            if self.accelerator.has_lomo_optimizer or isinstance(inner, LayerWiseDummyOptimizer):
-                return None
-            return super()._get_grad_norm(model, grad_norm=grad_norm)
-
-        def _track_num_input_tokens(self, inputs: Any) -> None:
-            # Packed rows carry no attention_mask (it would disable the packed-sequence mask):
-            # real tokens are all but each row's padded tail.
-            if "attention_mask" in inputs or "position_ids" not in inputs:
-                return super()._track_num_input_tokens(inputs)
-            import torch
-
-            ids = inputs["input_ids"]
-            pad = self.sft_pad_id
-            is_pad = (ids == pad).flip(-1).to(torch.int64)
-            real = torch.as_tensor(ids.numel(), device=ids.device) - is_pad.cumprod(-1).sum()
-            # Summed over all processes, like the Trainer's own count.
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum().item())
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if self.accelerator.has_lomo_optimizer or isinstance(inner, LayerWiseDummyOptimizer):
             return None
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
-        def _get_output_dir(self, trial: Any) -> str:
-            return self._staging_dir or super()._get_output_dir(trial)
+    def _track_num_input_tokens(self, inputs: Any) -> None:
+        # Packed rows carry no attention_mask (it would disable the packed-sequence mask):
+        # real tokens are all but each row's padded tail.
+        if "attention_mask" in inputs or "position_ids" not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        import torch
 
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            with loading_checkpoint(resume_from_checkpoint, self.sft_resume_changes):
-                super()._load_from_checkpoint(resume_from_checkpoint, model)
+        ids = inputs["input_ids"]
+        pad = self.sft_pad_id
+        is_pad = (ids == pad).flip(-1).to(torch.int64)
+        real = torch.as_tensor(ids.numel(), device=ids.device) - is_pad.cumprod(-1).sum()
+        # Summed over all processes, like the Trainer's own count.
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum().item())
+        return None
 
-        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-            with loading_checkpoint(checkpoint, self.sft_resume_changes):
-                super()._load_optimizer_and_scheduler(checkpoint)
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
 
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            # Write into a staging directory, then rename: a kill mid-save never leaves a
-            # `checkpoint-N` that resume would pick up half-written.
-            # Every process writes its part (sharded engines) into the same staging directory:
-            # it is emptied before anyone writes, and renamed once everyone is done. One run
-            # at a time uses an output_dir (`sft.train.output` holds a lock).
-            root = Path(super()._get_output_dir(trial))
-            name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            staging = root / ".staging"
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            self.accelerator.wait_for_everyone()
-            self._staging_dir = str(staging)
-            optimizer_mode(self.optimizer, "eval")  # schedule-free: checkpoint the averaged weights
-            try:
-                super()._save_checkpoint(model, trial)
-                if self.args.should_save and self.sft_checkpoint_record is not None:
-                    self.sft_checkpoint_record(staging / name)
-            except Exception as exc:
-                _raise_storage_error(exc, root / name, staging)
-                raise
-            finally:
-                self._staging_dir = None
-                optimizer_mode(self.optimizer, "train")
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                target = root / name
-                shutil.rmtree(target, ignore_errors=True)
-                (staging / name).replace(target)
-                shutil.rmtree(staging, ignore_errors=True)
-                if self.state.best_model_checkpoint == str(staging / name):
-                    # The Trainer recorded the staging path (in its state and the checkpoint's
-                    # trainer_state.json): point both at where the checkpoint is now.
-                    self.state.best_model_checkpoint = str(target)
-                    self.state.save_to_json(str(target / "trainer_state.json"))
-                rotate_checkpoints(
-                    output_dir=root,
-                    save_total_limit=self.args.save_total_limit,
-                    best_model_checkpoint=self.state.best_model_checkpoint,
-                    use_mtime=False,
-                )
-            self.accelerator.wait_for_everyone()  # checkpoint-N exists for every process now
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        with loading_checkpoint(resume_from_checkpoint, self.sft_resume_changes):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
-    return SftTrainer
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with loading_checkpoint(checkpoint, self.sft_resume_changes):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # Write into a staging directory, then rename: a kill mid-save never leaves a
+        # `checkpoint-N` that resume would pick up half-written.
+        # Every process writes its part (sharded engines) into the same staging directory:
+        # it is emptied before anyone writes, and renamed once everyone is done. One run
+        # at a time uses an output_dir (`sft.train.output` holds a lock).
+        root = Path(super()._get_output_dir(trial))
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        staging = root / ".staging"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = str(staging)
+        optimizer_mode(self.optimizer, "eval")  # schedule-free: checkpoint the averaged weights
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.sft_checkpoint_record is not None:
+                self.sft_checkpoint_record(staging / name)
+        except Exception as exc:
+            _raise_storage_error(exc, root / name, staging)
+            raise
+        finally:
+            self._staging_dir = None
+            optimizer_mode(self.optimizer, "train")
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = root / name
+            shutil.rmtree(target, ignore_errors=True)
+            (staging / name).replace(target)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint == str(staging / name):
+                # The Trainer recorded the staging path (in its state and the checkpoint's
+                # trainer_state.json): point both at where the checkpoint is now.
+                self.state.best_model_checkpoint = str(target)
+                self.state.save_to_json(str(target / "trainer_state.json"))
+            rotate_checkpoints(
+                output_dir=str(root),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()  # checkpoint-N exists for every process now

@@ -260,6 +260,6 @@ def distributed_config(keys: ParallelKeys, settings: FsdpSettings | None) -> Any
         )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistributedConfig(
-        **sizes(keys, world),
+        **sizes(keys, world),  # type: ignore[arg-type]  # the *_size keywords are ints
         fsdp_cpu_offload=bool(settings and settings.offload_params),
     )

@@ -15,7 +15,7 @@ import torch
 
 def _adamw_parameters(model: Any) -> set[int]:
     """Ids of the parameters Muon must not take: embeddings and the output head."""
-    ids = set()
+    ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             ids.update(id(p) for p in module.parameters())

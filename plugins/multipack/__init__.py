@@ -30,7 +30,7 @@ def first_fit(
     if decreasing:
         order = sorted(range(n), key=lengths.__getitem__, reverse=True)
     else:
-        order = range(n)
+        order = list(range(n))
     size = 1
     while size < n:  # at most n bins are ever opened
         size *= 2

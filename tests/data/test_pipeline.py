@@ -152,6 +152,50 @@ def test_cache_is_reused_without_tokenising_and_invalidated_by_changes(
     assert len(calls) == 3
 
 
+# A changed value for each root key the cache key reads: a key added to it needs one here.
+CACHE_KEY_CHANGES = {
+    "sequence_len": "sequence_len = 1024",
+    "excess_length_strategy": 'excess_length_strategy = "truncate"',
+    "min_sample_len": "min_sample_len = 2",
+    "invalid_rows": 'invalid_rows = "skip"',
+    "train_on_inputs": "train_on_inputs = true",
+    "val_set_size": "val_set_size = 0.5",
+    "seed": "seed = 7",
+    "shuffle_merged_datasets": "shuffle_merged_datasets = false",
+    "dataset_exact_deduplication": "dataset_exact_deduplication = true",
+    "special_tokens": 'special_tokens = { pad_token = "<pad>" }',
+    "tokens": 'tokens = ["<new>"]',
+    "tokenizer_type": 'tokenizer_type = "PreTrainedTokenizerFast"',
+    "tokenizer_legacy": "tokenizer_legacy = true",
+}
+
+
+def cache_key_of(make_config, tokenizer, plugins, root: str = "", dataset: str = "") -> str:
+    config = make_config(root + "\n" + ALPACA + dataset + "\n", machine_checks=False)
+    return pipeline.cache_key(config, tokenizer, ["data fingerprint"], plugins)
+
+
+def test_every_root_key_of_the_cache_key_is_changed_by_a_test():
+    assert set(CACHE_KEY_CHANGES) == set(pipeline._RELEVANT_ROOT_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("root", "dataset"),
+    [
+        *((line, "") for line in CACHE_KEY_CHANGES.values()),
+        ('default_system_message = "Be brief."', ""),  # a plugin's root key
+        ("", 'system_prompt = "Be brief."'),  # a plugin's dataset key
+    ],
+    ids=[*CACHE_KEY_CHANGES, "plugin root key", "plugin dataset key"],
+)
+def test_the_cache_key_changes_with_every_key_that_changes_the_data(
+    make_config, tokenizer, plugins, root, dataset
+):
+    before = cache_key_of(make_config, tokenizer, plugins)
+    assert cache_key_of(make_config, tokenizer, plugins) == before  # nothing else moves it
+    assert cache_key_of(make_config, tokenizer, plugins, root, dataset) != before
+
+
 def test_parallel_tokenising_gives_the_same_result(make_config, tokenizer, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", alpaca_rows(600))
     serial = prepare(make_config("dataset_num_proc = 1\n" + ALPACA), tokenizer)

@@ -155,7 +155,7 @@ def test_memory_stays_bounded_by_the_buffer(make_config, tokenizer, plugins, tmp
 def test_packed_rows_fit_and_hold_exactly_the_streamed_samples(
     make_config, tokenizer, plugins, tmp_path
 ):
-    from sft.train.trainer import Collator
+    from sft.data.collate import Collator
 
     write_jsonl(tmp_path / "a.jsonl", alpaca_rows(300))
     common = "sequence_len = 1024\nstreaming_multipack_buffer_size = 70\n"

@@ -49,6 +49,27 @@ def test_loss_and_gradients_equal_the_plain_path(tokenizer, arch, packed):
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_without_num_items_the_loss_is_the_mean_over_trained_tokens(tokenizer):
+    # The eval path passes no num_items_in_batch: divide by the trained positions, as plain
+    # cross-entropy with ignore_index does, never by all positions.
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 500, (2, 30), generator=generator)
+    labels = ids.clone()
+    labels[:, :20] = -100  # a third of the positions are trained
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    model = build_model(tokenizer, seed=3)
+    model.config.use_cache = False
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        expected = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        patch(model, chunk=7)
+        chunked = model(**batch)
+    assert chunked.logits is None  # the patched path ran
+    torch.testing.assert_close(chunked.loss, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_generation_and_label_free_calls_use_the_original_forward(tokenizer):
     model = build_model(tokenizer)
     reference = model(input_ids=torch.tensor([[5, 6, 7]])).logits

@@ -51,10 +51,14 @@ def test_random_lengths_pack_validly_and_densely():
 
 
 def test_packing_a_hundred_thousand_lengths_is_fast():
-    lengths = [random.Random(1).randint(20, 1500) for _ in range(100_000)]
+    rng = random.Random(1)
+    lengths = [rng.randint(20, 1500) for _ in range(100_000)]
     start = time.perf_counter()
-    first_fit(lengths, 2048, 200)
-    assert time.perf_counter() - start < 5  # ~1 s here; 1M lengths take ~7 s (see docs)
+    bins = first_fit(lengths, 2048, 200)
+    # ~0.3 s here: the bound leaves room for a loaded machine, not for a quadratic packer.
+    assert time.perf_counter() - start < 15
+    check_bins(bins, lengths, 2048, 200)
+    assert sum(lengths) / (len(bins) * 2048) > 0.99
 
 
 def test_packing_needs_a_backend_that_keeps_samples_apart(plugins):

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sft.data.collate import Collator
 from sft.data.packing import PackedDataset
 from sft.testing import MODEL_ARCHS, build_model, build_tokenizer
-from sft.train.trainer import Collator
 
 IGNORE = -100
 LENGTHS = [7, 13, 4, 21]
@@ -35,6 +35,11 @@ def samples(seed: int = 0) -> list[dict[str, list[int]]]:
         labels = [IGNORE if i < n // 3 else token for i, token in enumerate(ids)]  # a masked prompt
         out.append({"input_ids": ids, "labels": labels})
     return out
+
+
+def completion_samples(seed: int = 0) -> list[dict[str, list[int]]]:
+    """Completion-style samples: every label trained, the first one included."""
+    return [{"input_ids": row["input_ids"], "labels": row["input_ids"]} for row in samples(seed)]
 
 
 def model_for(tokenizer, arch: str, attention: str, dtype=torch.float32):
@@ -116,6 +121,19 @@ def test_padding_to_sequence_len_changes_nothing(tokenizer, attention):
         run_packed(model, rows, [[0, 1], [2, 3]], pad_to=64)[:2],
         atol=1e-5,
     )
+
+
+def test_completion_samples_never_train_one_sample_to_predict_the_next(tokenizer):
+    # The first label of a completion sample is trained: only packing can mask it, so that the
+    # last token of one sample is never trained to predict the first token of the next.
+    model = model_for(tokenizer, "llama", "sdpa")
+    rows = completion_samples(2)
+    packed = run_packed(model, rows, BINS)
+    labels = packed[2]["labels"]
+    starts = [(0, 0), (0, LENGTHS[0]), (0, LENGTHS[0] + LENGTHS[1]), (1, 0)]  # BINS' samples
+    assert [labels[row, column].item() for row, column in starts] == [IGNORE] * 4
+    assert (labels != IGNORE).sum().item() == sum(n - 1 for n in LENGTHS)
+    compare(run_one_by_one(model, rows), packed[:2], atol=1e-5)
 
 
 def test_samples_attend_across_a_boundary_without_the_position_restart(tokenizer):

@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY_CONFIG, make_distribution
 
 from sft import api, hookimpl
-from sft.train.trainer import latest_checkpoint
+from sft.train.output import latest_checkpoint
 
 # A plugin (its own distribution) that parks the run where the test wants to send a signal:
 # in the tokenizer hook (before training), or at the end of optimizer step PARK_AT_STEP until

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CONFIG, make_distribution
 
-from sft.train.trainer import latest_checkpoint
+from sft.train.output import latest_checkpoint
 
 # A plugin (installed as its own distribution) whose trainer callback parks the run right
 # after a chosen checkpoint is saved, so the test can kill it there.
@@ -50,6 +50,35 @@ def test_checkpoint_directories_appear_only_complete(tmp_path):
     (tmp_path / "checkpoint-x").mkdir()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_the_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    for step in (3, 10, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+def test_a_save_that_fails_midway_leaves_no_checkpoint_to_resume_from(
+    tiny_project, tmp_path, monkeypatch
+):
+    import transformers
+
+    from sft.train.run import train
+
+    original = transformers.Trainer._save_rng_state
+
+    def fail_at_step_2(self, output_dir):
+        if self.state.global_step == 2:  # the model and the optimizer are written by now
+            raise RuntimeError("injected failure mid-save")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", fail_at_step_2)
+    with pytest.raises(RuntimeError, match="injected failure mid-save"):
+        train(tiny_project("max_steps=2", "save_steps=1", "adapter=lora"))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert latest_checkpoint(out) == out / "checkpoint-1"
+    assert (out / "checkpoint-1" / "rng_state.pth").is_file()  # the complete one is kept
 
 
 @pytest.mark.slow

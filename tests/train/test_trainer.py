@@ -13,7 +13,7 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_removes_the_partia
     import transformers
 
     from sft.cli import main
-    from sft.train.trainer import latest_checkpoint
+    from sft.train.output import latest_checkpoint
 
     original = transformers.Trainer._save_rng_state
 

@@ -13,6 +13,7 @@ eager ones to float rounding.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -41,10 +42,9 @@ def enabled_keys(config: plugin.Config) -> list[str]:
 
 
 def available() -> tuple[bool, str]:
-    """TorchInductor's CPU backend writes C++ and builds it with the system's compiler."""
-    from torch._inductor import config as inductor
-
-    compiler = inductor.cpp.cxx[-1] or "g++"
+    """TorchInductor's CPU backend writes C++ and builds it with the system's compiler (`CXX`,
+    else g++). Checked without importing torch: `sft plugins list` must stay light."""
+    compiler = os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None:
         return False, f"TorchInductor needs a C++ compiler ({compiler}) on PATH (apt install g++)"
     return True, ""
