@@ -42,8 +42,10 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
     if config.tokenizer_use_mistral_common:
         return apply_token_config(_mistral_common_tokenizer(name, config), config, plugins)
     source, extra = model_source(name)
-    if extra and (gguf_tokenizer_dir(name) / "tokenizer_config.json").exists():
+    from_gguf = bool(extra)  # converted from the .gguf file below, then kept in transformers form
+    if from_gguf and (gguf_tokenizer_dir(name) / "tokenizer_config.json").exists():
         source, extra = str(gguf_tokenizer_dir(name)), {}  # converted once, loads in ~0.1 s
+        from_gguf = False
     tokenizer_class = transformers_class(config.tokenizer_type, "tokenizer_type") or AutoTokenizer
     if config.tokenizer_legacy is not None:
         extra = {**extra, "legacy": config.tokenizer_legacy}
@@ -60,7 +62,7 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
             "  fix: check base_model / tokenizer_config (a Hub id needs network access or a "
             "local cache; a directory needs tokenizer files)"
         ) from exc
-    if extra:
+    if from_gguf:
         from sft.fsutil import atomic_directory
 
         with atomic_directory(gguf_tokenizer_dir(name)) as staging:

@@ -478,11 +478,14 @@ def test_lora_target_parameters_adapts_fused_moe_expert_weights(tiny_project, ti
     assert expert_lora and all(p.grad is not None for p in expert_lora)
 
 
-def test_tokenizer_legacy_reaches_the_tokenizer(tiny_project):
+def test_tokenizer_legacy_reaches_the_tokenizer(tiny_project, monkeypatch):
     from sft.tokenizer import load_tokenizer
 
+    cache = tiny_project.tmp_path / "sft-cache"
+    monkeypatch.setenv("SFT_CACHE", str(cache))
     assert load_tokenizer(tiny_project("tokenizer_legacy=false")).init_kwargs["legacy"] is False
     assert "legacy" not in load_tokenizer(tiny_project()).init_kwargs
+    assert not cache.exists()  # not a GGUF model: nothing is converted or cached
 
 
 def test_loraplus_lr_embedding_sets_the_lr_of_lora_on_embeddings(tiny_project):
