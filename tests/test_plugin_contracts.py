@@ -304,3 +304,29 @@ def test_validate_config_results_must_be_problems(make_config, plugins, returned
     with pytest.raises(PluginError) as error:
         make_config('[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "completion"\n')
     assert str(error.value).startswith("plugin 'validating' (unknown package): " + expected)
+
+
+def test_dataset_keys_can_name_the_types_they_apply_to(make_config, plugins):
+    import attrs
+
+    from sft import hookimpl
+    from sft.components import ConfigKeys
+    from sft.config.schema import key
+
+    @attrs.frozen
+    class SourceKeys:
+        source_note: str = key("", doc="A note on where a completion text comes from.")
+
+    class Notes:
+        @hookimpl
+        def sft_config_keys(self):
+            return [ConfigKeys(SourceKeys, scope="dataset", dataset_types=("completion",))]
+
+    plugins.register(Notes(), name="notes")
+    entry = '[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "%s"\nsource_note = "web"\n'
+    config = make_config(entry % "completion", machine_checks=False)
+    assert config.datasets[0].section(SourceKeys).source_note == "web"
+    with pytest.raises(ConfigError) as error:
+        make_config(entry % "alpaca", machine_checks=False)
+    (problem,) = error.value.problems
+    assert problem.message.startswith("belongs to dataset type 'completion' (plugin notes)")
