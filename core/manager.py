@@ -445,10 +445,9 @@ class SftPlugins:
             provided.setdefault(plugin, {}).setdefault(label, []).extend(names)
             for name in names:
                 claimants.setdefault((keys.scope, name), []).append(plugin)
+        core_keys = {scope: _core_keys(scope) for scope in ("root", "dataset")}
         for (scope, name), claims in sorted(claimants.items()):
-            if (scope == "root" and name in _core_keys("root")) or (
-                scope == "dataset" and name in _core_keys("dataset")
-            ):
+            if name in core_keys[scope]:
                 claims = ["core", *claims]
             if len(claims) > 1:
                 claims = sorted(claims, key=lambda plugin: (plugin != "core", plugin))

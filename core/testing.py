@@ -29,6 +29,7 @@ __all__ = [
     "TRAINING_CORPUS",
     "build_model",
     "build_tokenizer",
+    "listed_plugins",
     "template_special_tokens",
     "template_tokenizer_kwargs",
 ]
@@ -383,3 +384,18 @@ def build_model(
     model = model.to(torch.float32)
     model.eval()
     return model
+
+
+def listed_plugins() -> dict[str, dict[str, Any]]:
+    """`sft plugins list --json`, run as a user would (a fresh process): rows by plugin name."""
+    import json
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "sft", "plugins", "list", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {row["name"]: row for row in json.loads(listed.stdout)}

@@ -358,6 +358,7 @@ def _structure_datasets(
             continue
         values = _structure_scope(entry, groups, entry_path, ctx, axolotl.UNSUPPORTED_DATASET_KEYS)
         kind = values[DatasetConfig].get("type")
+        kinds = {kind, strategies.canonical(kind) if strategies and isinstance(kind, str) else kind}
         if isinstance(kind, str) and kind.startswith("sharegpt"):
             ctx.add(
                 (*entry_path, "type"),
@@ -368,16 +369,13 @@ def _structure_datasets(
         elif kind is not None and strategies is not None and kind not in strategies:
             ctx.add((*entry_path, "type"), strategies.unknown_message(kind))
         else:
-            _check_key_types(entry, kind, scoped, strategies, entry_path, ctx)
-        canonical = strategies.canonical(kind) if strategies and isinstance(kind, str) else kind
+            _check_key_types(entry, kind, kinds, scoped, entry_path, ctx)
         # A dataset carries the key groups of its own type only (and its resolved config lists
         # only those): another type's keys are refused above.
         own = [
             (plugin, cls)
             for plugin, cls in groups
-            if cls not in group_types
-            or canonical in group_types[cls][1]
-            or kind in group_types[cls][1]
+            if cls not in group_types or kinds & set(group_types[cls][1])
         ]
         try:
             result.append(_build(DatasetConfig, values, own))
@@ -389,19 +387,18 @@ def _structure_datasets(
 def _check_key_types(
     entry: dict[str, Any],
     kind: str | None,
+    kinds: set[str | None],
     scoped: dict[str, tuple[str, tuple[str, ...]]],
-    strategies: Any,
     path: KeyPath,
     ctx: _Context,
 ) -> None:
     """Format keys belong to their dataset types: `field_instruction` on a chat_template
-    dataset would be accepted and never read."""
-    canonical = strategies.canonical(kind) if kind is not None and strategies else kind
+    dataset would be accepted and never read. `kinds`: the type as written and canonical."""
     for name, value in entry.items():
         if name not in scoped or _is_blank(value):
             continue
         plugin, types = scoped[name]
-        if kind in types or canonical in types:
+        if kinds & set(types):
             continue
         names = ", ".join(repr(t) for t in types)
         here = f"type {kind!r}" if kind is not None else "pre-tokenized rows (no type)"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from sft import plugin
+from sft.testing import listed_plugins
 
 ROWS = [
     {"instruction": "Summarise.", "context": "A long text.", "response": "Short."},
@@ -32,13 +29,7 @@ def trained_text(tokenizer, row) -> str:
 def test_the_plugin_is_found_through_its_entry_point(sft_plugins):
     assert sft_plugins.records["dolly"].package == "sft-dolly"
     assert sft_plugins.prompt_strategies().owner("dolly") == "dolly"
-    listed = subprocess.run(
-        [sys.executable, "-m", "sft", "plugins", "list", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    row = {r["name"]: r for r in json.loads(listed.stdout)}["dolly"]
+    row = listed_plugins()["dolly"]
     assert row["provides"]["prompt_strategies"] == ["dolly"] and row["status"] == "ok"
 
 

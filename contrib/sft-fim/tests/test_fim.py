@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sft_fim import FAMILIES, FimKeys, find_family, render_fim, resolve_sentinels
 
 from sft import plugin
+from sft.testing import listed_plugins
 
 STARCODER = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
 EOS = "<|endoftext|>"
@@ -84,13 +83,7 @@ def context_and_target(tokenizer, row) -> tuple[str, str]:
 def test_the_plugin_is_found_through_its_entry_point(sft_plugins):
     assert sft_plugins.records["fim"].package == "sft-fim"
     assert sft_plugins.prompt_strategies().owner("fim") == "fim"
-    listed = subprocess.run(
-        [sys.executable, "-m", "sft", "plugins", "list", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    row = {r["name"]: r for r in json.loads(listed.stdout)}["fim"]
+    row = listed_plugins()["fim"]
     assert row["provides"]["prompt_strategies"] == ["fim"] and row["status"] == "ok"
     assert {"fim_field", "fim_rate", "fim_spm_rate", "fim_prefix_token"} <= set(
         row["provides"]["dataset keys"]

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import sft_inductor
 import torch
 
 from sft import plugin
-from sft.testing import build_model
+from sft.testing import build_model, listed_plugins
 
 
 def loss_and_grads(model, ids):
@@ -78,13 +74,7 @@ def test_keys_turn_the_kernel_on_and_an_unavailable_compiler_is_refused(sft_conf
 
 
 def test_the_plugin_is_listed_with_its_kernel_and_keys():
-    listed = subprocess.run(
-        [sys.executable, "-m", "sft", "plugins", "list", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    row = {r["name"]: r for r in json.loads(listed.stdout)}["inductor"]
+    row = listed_plugins()["inductor"]
     assert row["package"] == "sft-inductor" and row["status"] == "ok"
     assert row["provides"]["kernels"] == ["inductor"]
     assert row["provides"]["config keys"] == ["inductor_rms_norm", "inductor_rope"]
