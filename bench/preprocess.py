@@ -36,7 +36,7 @@ def conversations(limit: int) -> list[dict]:
 
 def load_tokenizer(kind: str):
     if kind == "test":
-        from sft.plugins.chat_template import builtin_template
+        from sft.plugins.chat_template.templates import builtin_template
         from sft.testing import build_tokenizer
 
         return build_tokenizer(

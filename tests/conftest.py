@@ -151,7 +151,7 @@ def tiny_project(tmp_path, plugins):
     Returns `make(*overrides, text="")` giving a loaded Config.
     """
     from sft.config import load_config_text
-    from sft.plugins.chat_template import builtin_template
+    from sft.plugins.chat_template.templates import builtin_template
     from sft.testing import build_model, build_tokenizer
 
     tokenizer = build_tokenizer(

@@ -163,18 +163,17 @@ def _dataset_path_problems(config: Config) -> list[Problem]:
     from sft.data.sources import is_local_path
 
     problems = []
-    for key in ("datasets", "test_datasets"):
-        for index, ds in enumerate(getattr(config, key)):
-            path = ds.path
-            local = Path(path).expanduser()
-            if "://" in path or local.exists() or not is_local_path(path):
-                continue
-            hint = "check the path"
-            if not local.is_absolute():
-                hint += f"; a relative path is read from the working directory ({Path.cwd()})"
-            problems.append(
-                Problem(f"{key}[{index}].path", f"file not found: {path}", hint=hint, machine=True)
-            )
+    for where, ds in config.all_datasets():
+        path = ds.path
+        local = Path(path).expanduser()
+        if "://" in path or local.exists() or not is_local_path(path):
+            continue
+        hint = "check the path"
+        if not local.is_absolute():
+            hint += f"; a relative path is read from the working directory ({Path.cwd()})"
+        problems.append(
+            Problem(f"{where}.path", f"file not found: {path}", hint=hint, machine=True)
+        )
     return problems
 
 
@@ -219,26 +218,24 @@ def _output_dir_problems(config: Config) -> list[Problem]:
 
 def _shard_problems(config: Config) -> list[Problem]:
     problems = []
-    for group in ("datasets", "test_datasets"):
-        for index, ds in enumerate(getattr(config, group)):
-            where = f"{group}[{index}]"
-            if (ds.shards is None) != (ds.shards_idx is None):
-                missing = "shards_idx" if ds.shards_idx is None else "shards"
-                problems.append(
-                    Problem(
-                        f"{where}.{missing}",
-                        "shards and shards_idx go together: how many pieces, and which one",
-                        hint=f"set {missing} too, or remove the other",
-                    )
+    for where, ds in config.all_datasets():
+        if (ds.shards is None) != (ds.shards_idx is None):
+            missing = "shards_idx" if ds.shards_idx is None else "shards"
+            problems.append(
+                Problem(
+                    f"{where}.{missing}",
+                    "shards and shards_idx go together: how many pieces, and which one",
+                    hint=f"set {missing} too, or remove the other",
                 )
-            elif ds.shards is not None and ds.shards_idx is not None and ds.shards_idx >= ds.shards:
-                problems.append(
-                    Problem(
-                        f"{where}.shards_idx",
-                        f"is {ds.shards_idx}, but there are only {ds.shards} shards (0 to "
-                        f"{ds.shards - 1})",
-                    )
+            )
+        elif ds.shards is not None and ds.shards_idx is not None and ds.shards_idx >= ds.shards:
+            problems.append(
+                Problem(
+                    f"{where}.shards_idx",
+                    f"is {ds.shards_idx}, but there are only {ds.shards} shards (0 to "
+                    f"{ds.shards - 1})",
                 )
+            )
     return problems
 
 

@@ -414,9 +414,8 @@ def _owner(config: Config, key: str) -> Any:
 
 def _dataset_problems(config: Config) -> list[Problem]:
     problems = []
-    for group in ("datasets", "test_datasets"):
-        for index, ds in enumerate(getattr(config, group)):
-            problems += _source_key_problems(ds, f"{group}[{index}]")
+    for where, ds in config.all_datasets():
+        problems += _source_key_problems(ds, where)
     return problems
 
 

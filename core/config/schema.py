@@ -9,7 +9,7 @@ as "not supported yet" instead of being silently ignored.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypeVar
 
 import attrs
@@ -682,6 +682,13 @@ class Config(_Sections):
         """Whether the file wrote this root key with no value (`adapter:` in YAML): present,
         so chosen, yet the default."""
         return name in self._blank
+
+    def all_datasets(self) -> Iterator[tuple[str, DatasetConfig]]:
+        """Every training and eval dataset, with its place in the config ("datasets[0]",
+        "test_datasets[1]") for messages."""
+        for group in ("datasets", "test_datasets"):
+            for index, ds in enumerate(getattr(self, group)):
+                yield f"{group}[{index}]", ds
 
     @property
     def warnings(self) -> tuple[Any, ...]:

@@ -92,28 +92,27 @@ def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]],
 @hookimpl
 def sft_validate_config(config: Any) -> list[Problem]:
     problems = []
-    for group in ("datasets", "test_datasets"):
-        for index, ds in enumerate(getattr(config, group)):
-            if ds.type not in STYLES:
+    for where, ds in config.all_datasets():
+        if ds.type not in STYLES:
+            continue
+        keys = ds.section(AlpacaKeys)
+        for name, text, fields in (
+            ("format", keys.format, {"instruction": "", "input": ""}),
+            ("no_input_format", keys.no_input_format, {"instruction": "", "input": ""}),
+            ("system_format", keys.system_format, {"system": ""}),
+        ):
+            if text is None:
                 continue
-            keys = ds.section(AlpacaKeys)
-            for name, text, fields in (
-                ("format", keys.format, {"instruction": "", "input": ""}),
-                ("no_input_format", keys.no_input_format, {"instruction": "", "input": ""}),
-                ("system_format", keys.system_format, {"system": ""}),
-            ):
-                if text is None:
-                    continue
-                try:
-                    text.format(**fields)
-                except (KeyError, IndexError, ValueError) as exc:
-                    allowed = ", ".join("{" + f + "}" for f in fields)
-                    problems.append(
-                        Problem(
-                            f"{group}[{index}].{name}",
-                            f"bad placeholder ({type(exc).__name__}: {exc}); use {allowed}",
-                        )
+            try:
+                text.format(**fields)
+            except (KeyError, IndexError, ValueError) as exc:
+                allowed = ", ".join("{" + f + "}" for f in fields)
+                problems.append(
+                    Problem(
+                        f"{where}.{name}",
+                        f"bad placeholder ({type(exc).__name__}: {exc}); use {allowed}",
                     )
+                )
     return problems
 
 

@@ -24,7 +24,10 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+from sft.config.schema import Config
 from sft.data.sample import IGNORE_INDEX, RowError, Tokenized
+from sft.errors import Problem
+from sft.plugins.chat_template.keys import ChatTemplateDatasetKeys, ChatTemplateKeys
 from sft.plugins.chat_template.messages import REASONING_FIELDS, Conversation, MessageReader
 
 
@@ -145,3 +148,52 @@ class MistralChatStrategy:
             f"message {index}: the assistant turn's tokens are not where mistral-common puts "
             "them in the whole conversation",
         )
+
+
+def mistral_common_problems(config: Config) -> list[Problem]:
+    """What a mistral-common tokenizer cannot do: it has no Jinja template (conversations are
+    encoded by the library), it tokenizes text without character offsets (so only
+    chat_template datasets can be labelled), and it finds only assistant turns."""
+    root = config.section(ChatTemplateKeys)
+    why = "with tokenizer_use_mistral_common, mistral-common encodes the conversation itself"
+    problems = [
+        Problem(name, f"has no effect {why}", hint=f"remove {name}")
+        for name in ("chat_template", "chat_template_jinja")
+        if getattr(root, name) not in (None, "tokenizer_default")
+    ]
+    for where, ds in config.all_datasets():
+        if ds.type != "chat_template":
+            problems.append(
+                Problem(
+                    f"{where}.type",
+                    f"{ds.type!r} renders text, and a mistral-common tokenizer cannot map "
+                    "tokens back to text to label them",
+                    hint="use type = 'chat_template' (conversations), or remove "
+                    "tokenizer_use_mistral_common",
+                )
+            )
+            continue
+        keys = ds.section(ChatTemplateDatasetKeys)
+        problems += [
+            Problem(f"{where}.{name}", f"has no effect {why}", hint=f"remove {name}")
+            for name in ("chat_template", "chat_template_jinja", "eot_tokens", "train_on_eot")
+            if getattr(keys, name)
+        ]
+        if set(keys.roles_to_train) - {"assistant"}:
+            problems.append(
+                Problem(
+                    f"{where}.roles_to_train",
+                    "with a mistral-common tokenizer only assistant turns can be trained",
+                    hint="roles_to_train = ['assistant']",
+                )
+            )
+        if not keys.train_on_reasoning:
+            problems.append(
+                Problem(
+                    f"{where}.train_on_reasoning",
+                    "false is not supported with a mistral-common tokenizer (its reasoning "
+                    "and answer tokens are told apart by the library only)",
+                    hint="remove train_on_reasoning",
+                )
+            )
+    return problems

@@ -213,7 +213,7 @@ def test_summary_counts(make_config, tokenizer, tmp_path):
 
 
 def test_cache_follows_plugin_keys_and_template_file_contents(make_config, tmp_path):
-    from sft.plugins.chat_template import builtin_template
+    from sft.plugins.chat_template.templates import builtin_template
     from sft.testing import build_tokenizer
 
     tokenizer = build_tokenizer(

@@ -10,7 +10,7 @@ from conftest import shared_data, write_jsonl
 from rich.console import Console
 
 from sft.data.pipeline import prepare_datasets
-from sft.plugins.chat_template import builtin_template
+from sft.plugins.chat_template.templates import builtin_template
 from sft.testing import build_tokenizer
 
 GLAIVE_KEYS = (

@@ -25,7 +25,7 @@ from sft.data.pipeline import build_render, prepare_datasets
 from sft.data.sample import IGNORE_INDEX
 from sft.data.tokenize import TokenizeOptions, process_chunk
 from sft.errors import ConfigError, DataError
-from sft.plugins.chat_template import BUILTIN_TEMPLATES
+from sft.plugins.chat_template.templates import BUILTIN_TEMPLATES
 from sft.testing import TEMPLATE_END_OF_TURN, build_tokenizer, template_tokenizer_kwargs
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "assets" / "chat_templates"

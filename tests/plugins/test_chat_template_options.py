@@ -9,7 +9,7 @@ from conftest import write_jsonl
 
 from sft.data.pipeline import prepare_datasets
 from sft.errors import ConfigError, DataError
-from sft.plugins.chat_template import BUILTIN_TEMPLATES, builtin_template
+from sft.plugins.chat_template.templates import BUILTIN_TEMPLATES, builtin_template
 from sft.testing import build_tokenizer
 
 IGNORE = -100
@@ -276,6 +276,30 @@ def test_missing_template_names_the_fix(make_config):
         make_config, tokenizer, "", rows, root='chat_template = "tokenizer_default_fallback_chatml"'
     )
     assert len(fallback.train) == 1
+
+
+@pytest.mark.parametrize(
+    ("root", "dataset", "where"),
+    [
+        ('chat_template = "chatml"\nchat_template_jinja = "{{ x }}"', "", "chat_template_jinja"),
+        (
+            "",
+            'chat_template = "llama3"\nchat_template_jinja = "t.jinja"\n',
+            "datasets[0].chat_template_jinja",
+        ),
+    ],
+)
+def test_a_jinja_template_beside_another_template_name_is_an_error(
+    make_config, root, dataset, where
+):
+    # Only chat_template = "jinja" reads chat_template_jinja: a template given beside a built-in
+    # name would be silently ignored.
+    text = root + '\n[[datasets]]\npath = "d.jsonl"\ntype = "chat_template"\n' + dataset
+    with pytest.raises(ConfigError) as error:
+        make_config(text, machine_checks=False)
+    problem = next(p for p in error.value.problems if p.path == where)
+    assert "only 'jinja' reads it" in problem.message
+    assert "chat_template = 'jinja'" in (problem.hint or "")
 
 
 def test_root_chat_template_is_set_on_the_tokenizer(plugins):

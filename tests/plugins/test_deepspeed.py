@@ -360,7 +360,7 @@ max_steps = 3
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny model, chat data and a config; `run(*args)` runs `sft run` in new processes."""
-    from sft.plugins.chat_template import builtin_template
+    from sft.plugins.chat_template.templates import builtin_template
     from sft.testing import build_model, build_tokenizer
 
     root = tmp_path_factory.mktemp("deepspeed")

@@ -79,7 +79,7 @@ def test_packing_needs_a_backend_that_keeps_samples_apart(plugins):
 
 
 def test_efficiency_on_alpaca_chat_at_2048_is_at_least_98_percent(make_config, tmp_path, plugins):
-    from sft.plugins.chat_template import builtin_template
+    from sft.plugins.chat_template.templates import builtin_template
     from sft.testing import build_tokenizer
 
     rows = json.loads(shared_data("alpaca_en_demo.json").read_text())

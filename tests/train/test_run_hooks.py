@@ -232,7 +232,7 @@ def test_the_configured_chat_template_is_saved_with_the_model(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from sft.plugins.chat_template import builtin_template
+    from sft.plugins.chat_template.templates import builtin_template
 
     assert AutoTokenizer.from_pretrained(recorded.base).chat_template is None
     saved = AutoTokenizer.from_pretrained(recorded.result.output_dir)
