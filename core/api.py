@@ -15,10 +15,15 @@ from sft.config.schema import Config
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Load and validate a TOML/YAML config (raises `sft.errors.ConfigError` with every problem)."""
-    from sft.config import load_config as _load
+    """Load and validate a TOML/YAML config (raises `sft.errors.ConfigError` with every problem).
 
-    return _load(path, overrides=overrides)
+    The config carries the process's plugins (`sft.manager.get_plugins()`); the functions below
+    use them.
+    """
+    from sft.config import load_config as _load
+    from sft.manager import get_plugins
+
+    return _load(path, overrides=overrides, plugins=get_plugins())
 
 
 def load_tokenizer(config: Config) -> Any:

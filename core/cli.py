@@ -9,10 +9,14 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import sft
 from sft.errors import Interrupted, SftError, UsageError
+
+if TYPE_CHECKING:
+    from sft.config.schema import Config
+    from sft.manager import SftPlugins
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -164,10 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands -------------------------------------------------------------------------------
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace, machine_checks: bool = True) -> Config:
+    """The command's config, validated against the process's plugins (the set a test can
+    replace with `sft.manager.set_plugins`)."""
     from sft.config import load_config
+    from sft.manager import get_plugins
 
-    config = load_config(args.config, overrides=args.overrides, machine_checks=not args.portable)
+    return load_config(
+        args.config, overrides=args.overrides, plugins=get_plugins(), machine_checks=machine_checks
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load_config(args, machine_checks=not args.portable)
     console = _console()
     from sft.paths import redact
 
@@ -185,10 +198,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sft.config import load_config
     from sft.launch import launch, wants_launch
 
-    config = load_config(args.config, overrides=args.overrides)  # every problem before launching
+    config = _load_config(args)  # every problem before launching
     if wants_launch(args):
         return launch(args, args.argv)
     from sft.distributed import close_process_group
@@ -205,7 +217,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sft.inference import locate, merge_lora
-    from sft.train.run import quiet_libraries
+    from sft.train.quiet import quiet_libraries
 
     quiet_libraries()
     trained = locate(args.config, tuple(args.overrides), trust_remote_code=args.trust_remote_code)
@@ -218,7 +230,7 @@ def cmd_merge_sharded(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sft.sharded import merge_sharded
-    from sft.train.run import quiet_libraries
+    from sft.train.quiet import quiet_libraries
 
     quiet_libraries()
     target, kind = merge_sharded(
@@ -230,7 +242,7 @@ def cmd_merge_sharded(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from sft.inference import load_trained, locate, reply
-    from sft.train.run import quiet_libraries
+    from sft.train.quiet import quiet_libraries
 
     quiet_libraries()
     trained = locate(args.target, tuple(args.overrides), trust_remote_code=args.trust_remote_code)
@@ -271,13 +283,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from sft.config import load_config
     from sft.data.pipeline import prepare_datasets
-    from sft.manager import get_plugins
     from sft.tokenizer import load_tokenizer
 
-    config = load_config(args.config, overrides=args.overrides)
-    plugins = get_plugins()
+    config = _load_config(args)
+    plugins = config.plugin_set
     console = _console()
     tokenizer = load_tokenizer(config, plugins)
     if config.streaming:
@@ -286,11 +296,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     console.print(prepared.summary.table())
     for line in prepared.summary.lines():
         console.print(line)
-    if config.sample_packing:
-        from sft.data.packing import pack_dataset
+    from sft.data.packing import pack_prepared
 
-        _, stats = pack_dataset(prepared.train, config.sequence_len, config, plugins)
-        console.print(f"packing: {stats.render()}")
+    pack_prepared(config, prepared, plugins, console)
     if prepared.cache_dir is not None:
         state = "loaded from" if prepared.from_cache else "written to"
         console.print(f"prepared data {state} {prepared.cache_dir}")
@@ -311,7 +319,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _preprocess_streaming(
-    config: Any, tokenizer: Any, plugins: Any, console: Any, args: argparse.Namespace
+    config: Any, tokenizer: Any, plugins: SftPlugins, console: Any, args: argparse.Namespace
 ) -> int:
     """With `streaming = true` the training data is read while training: nothing to prepare."""
     console.print(
@@ -332,7 +340,7 @@ def _preprocess_streaming(
     return 0 if not failed else 5
 
 
-def plugin_rows(plugins: Any) -> list[dict[str, Any]]:
+def plugin_rows(plugins: SftPlugins) -> list[dict[str, Any]]:
     """One row per plugin with stable keys: name, package, version, hooks, provides, status, error."""
     provided, conflicts = plugins.provides()
     unavailable = _unavailable(plugins)
@@ -357,7 +365,7 @@ def plugin_rows(plugins: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _unavailable(plugins: Any) -> dict[str, str]:
+def _unavailable(plugins: SftPlugins) -> dict[str, str]:
     """{plugin: why, and how to install it} for kernels, attention backends and engines whose
     runtime is missing here."""
     found: dict[str, list[str]] = {}

@@ -6,9 +6,12 @@ group exists (data preparation runs before one does).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft.config.schema import Config
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 
 def world_size() -> int:
@@ -48,7 +51,7 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def selected_backends(config: Config, plugins: Any) -> list[Any]:
+def selected_backends(config: Config, plugins: SftPlugins) -> list[Any]:
     """The distributed engines (`DistributedBackend`) this config selects: none, or one."""
     return [
         backend for _, backend in plugins.distributed_backends().items() if backend.selected(config)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import inspect
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 
 from sft import hookspecs
 from sft.config.schema import Config, DatasetConfig, is_planned
 from sft.config.structure import describe_type, resolved_fields
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 _DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -45,7 +48,7 @@ def _table(cls: type) -> list[str]:
     return rows
 
 
-def config_markdown(plugins: Any) -> str:
+def config_markdown(plugins: SftPlugins) -> str:
     lines = [
         "# Config reference",
         "",
@@ -93,7 +96,7 @@ def hooks_markdown() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def outputs(plugins: Any) -> dict[Path, str]:
+def outputs(plugins: SftPlugins) -> dict[Path, str]:
     return {
         _DOCS / "config.md": config_markdown(plugins),
         _DOCS / "plugins" / "hooks.md": hooks_markdown(),

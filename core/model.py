@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft.classes import transformers_class
 from sft.config.schema import Config
 from sft.errors import ModelError
 from sft.gguf import materialise_gguf
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 
 def cuda_available() -> bool:
@@ -59,7 +62,7 @@ def model_path(base_model: str) -> str:
     return base_model
 
 
-def load_model(config: Config, tokenizer: Any, plugins: Any) -> Any:
+def load_model(config: Config, tokenizer: Any, plugins: SftPlugins) -> Any:
     """The base model, patched by kernel plugins, resized for new tokens, ready for the adapter."""
     from transformers import AutoModelForCausalLM
 

@@ -84,7 +84,7 @@ def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) 
     datasets = "\n".join(
         f"- `{redact(d.path)}` ({d.type or 'pre-tokenized'})" for d in config.datasets
     )
-    from sft.train.hub import pushing
+    from sft.train.tracking import pushing
 
     # Pushed to the Hub, the card is read there: load from the repo, with the Hub's metadata.
     where = config.hub_model_id if pushing(config) else str(output_dir)

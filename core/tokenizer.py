@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft.classes import transformers_class
 from sft.config.schema import Config
 from sft.errors import ModelError
 from sft.gguf import gguf_tokenizer_dir, model_source
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 
 def _mistral_common_tokenizer(name: str, config: Config) -> Any:
@@ -35,7 +38,7 @@ def _mistral_common_tokenizer(name: str, config: Config) -> Any:
         ) from exc
 
 
-def load_tokenizer(config: Config, plugins: Any = None) -> Any:
+def load_tokenizer(config: Config, plugins: SftPlugins | None = None) -> Any:
     from transformers import AutoTokenizer
 
     name = config.tokenizer_config or config.base_model
@@ -70,7 +73,7 @@ def load_tokenizer(config: Config, plugins: Any = None) -> Any:
     return apply_token_config(tokenizer, config, plugins)
 
 
-def apply_token_config(tokenizer: Any, config: Config, plugins: Any = None) -> Any:
+def apply_token_config(tokenizer: Any, config: Config, plugins: SftPlugins | None = None) -> Any:
     """Apply `special_tokens`, `tokens` and the plugins' tokenizer preparation."""
     # mistral-common encodes conversations itself (token ids, no offsets needed); its
     # vocabulary is fixed, so special_tokens and tokens are refused with the config.
@@ -83,8 +86,6 @@ def apply_token_config(tokenizer: Any, config: Config, plugins: Any = None) -> A
     if config.tokens:
         tokenizer.add_tokens(list(config.tokens))
     if plugins is None:
-        from sft.manager import get_plugins
-
-        plugins = get_plugins()
+        plugins = config.plugin_set
     plugins.prepare_tokenizer(tokenizer, config)
     return tokenizer

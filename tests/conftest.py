@@ -79,6 +79,7 @@ def make_config(plugins, tmp_path):
         return load_config_text(
             text,
             overrides=list(overrides),
+            plugins=plugins,
             source=str(tmp_path / "c.toml"),
             machine_checks=machine_checks,
         )
@@ -168,7 +169,7 @@ def tiny_project(tmp_path, plugins):
     def make(*overrides: str, text: str = ""):
         body = (TINY_CONFIG + text).replace("{tmp}", str(tmp_path))
         return load_config_text(
-            body, overrides=list(overrides), source=str(tmp_path / "config.toml")
+            body, overrides=list(overrides), plugins=plugins, source=str(tmp_path / "config.toml")
         )
 
     make.tmp_path = tmp_path  # type: ignore[attr-defined]

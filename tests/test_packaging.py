@@ -46,3 +46,19 @@ def test_every_top_level_plugin_has_an_entry_point_and_every_entry_point_a_packa
 def test_torch_is_not_pinned():
     torch = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch")]
     assert torch and "==" not in torch[0]
+
+
+def test_the_wheel_ships_every_module_template_preset_and_the_typed_marker(tmp_path):
+    import subprocess
+    import zipfile
+
+    build = ["pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([sys.executable, "-m", *build, "-w", str(tmp_path)], check=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {"sft/py.typed"}
+    for source, package in ((REPO / "core", "sft"), (REPO / "plugins", "sft/plugins")):
+        for path in source.rglob("*"):
+            if path.suffix in (".py", ".jinja", ".json") and "__pycache__" not in path.parts:
+                expected.add(f"{package}/{path.relative_to(source).as_posix()}")
+    assert expected - shipped == set()

@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 
 from sft.config import axolotl
 from sft.config.schema import Config, DatasetConfig, doc_of, public_fields
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 DOC_PATH = Path(__file__).resolve().parent.parent.parent / "docs" / "axolotl.md"
 
@@ -117,12 +120,12 @@ class Row:
     notes: str
 
 
-def _builtin(plugins: Any) -> set[str]:
+def _builtin(plugins: SftPlugins) -> set[str]:
     # Only sft's own plugins: the page must not depend on what else is installed.
     return {name for name, record in plugins.records.items() if record.package == "sft-train"}
 
 
-def supported_keys(plugins: Any) -> list[tuple[str, str, str, str]]:
+def supported_keys(plugins: SftPlugins) -> list[tuple[str, str, str, str]]:
     """(scope, name, owner, doc) of every key sft reads: the core's, then built-in plugins'."""
     found = [("root", f.name, "core", doc_of(f)) for f in public_fields(Config)]
     found += [("dataset", f.name, "core", doc_of(f)) for f in public_fields(DatasetConfig)]
@@ -168,7 +171,7 @@ def status_of(entry: axolotl.Unsupported) -> str:
     return "refused"
 
 
-def rows_by_topic(plugins: Any) -> dict[str, list[Row]]:
+def rows_by_topic(plugins: SftPlugins) -> dict[str, list[Row]]:
     """Every supported and refused key, grouped by topic (mapped keys have their own table)."""
     rows: dict[str, list[Row]] = {topic: [] for topic in TOPICS}
     for scope, name, owner, doc in supported_keys(plugins):
@@ -219,7 +222,7 @@ Check a config on any machine, without a GPU: `sft validate --portable config.ya
 """
 
 
-def integrations(plugins: Any) -> list[tuple[str, str]]:
+def integrations(plugins: SftPlugins) -> list[tuple[str, str]]:
     """(Axolotl integration, built-in sft plugin standing in for it), for `plugins:` entries."""
     builtin = _builtin(plugins)
     return sorted(
@@ -230,7 +233,7 @@ def integrations(plugins: Any) -> list[tuple[str, str]]:
     )
 
 
-def axolotl_markdown(plugins: Any) -> str:
+def axolotl_markdown(plugins: SftPlugins) -> str:
     zero_keys = ", ".join(f"`{key}`" for key in sorted(axolotl.ZERO_IS_BLANK))
     lines = [INTRO.format(zero_keys=zero_keys)]
     lines += ["## Mapped keys", "", "| key | what sft does |", "|---|---|"]

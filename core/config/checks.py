@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft.config.schema import ATTENTION_ALIASES, ATTENTION_VALUE_ALIASES, Config
 from sft.errors import PluginError, Problem
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 AddProblem = Callable[..., None]
 
@@ -44,7 +47,7 @@ def _family(backend: str) -> str:
     return "flash" if backend.startswith("flash_attention_") else backend
 
 
-def check_selections(values: dict[str, Any], plugins: Any, add: AddProblem) -> None:
+def check_selections(values: dict[str, Any], plugins: SftPlugins, add: AddProblem) -> None:
     """Components selected by name must be registered: optimizer, attention backend; Axolotl's
     batch_size resolved."""
     resolve_batch_size(values, add)
@@ -239,7 +242,7 @@ def _shard_problems(config: Config) -> list[Problem]:
     return problems
 
 
-def _axolotl_value_problems(config: Config, plugins: Any) -> list[Problem]:
+def _axolotl_value_problems(config: Config, plugins: SftPlugins) -> list[Problem]:
     """Axolotl values sft maps onto its own: notes that say so; entries of `plugins` that no
     installed sft plugin stands in for: errors."""
     problems = []
@@ -357,7 +360,7 @@ def _axolotl_value_problems(config: Config, plugins: Any) -> list[Problem]:
     return problems
 
 
-def _kernel_problems(config: Config, plugins: Any) -> list[Problem]:
+def _kernel_problems(config: Config, plugins: SftPlugins) -> list[Problem]:
     """A kernel the config turns on must be able to run on this machine."""
     problems = []
     kernels = plugins.kernels()
@@ -385,7 +388,7 @@ def _kernel_problems(config: Config, plugins: Any) -> list[Problem]:
     return problems
 
 
-def check_config(config: Config, plugins: Any) -> list[Problem]:
+def check_config(config: Config, plugins: SftPlugins) -> list[Problem]:
     """Cross-key rules of the core, and the selected components' own checks."""
     problems: list[Problem] = []
     if not config.datasets:

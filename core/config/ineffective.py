@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from sft.config.schema import Config, DatasetConfig
 from sft.errors import Problem
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 # Keys that configure the adapter, and so need one (`loraplus_*` only where declared).
 LORA_KEYS = (
@@ -77,7 +80,7 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def ineffective_key_problems(config: Config, plugins: Any) -> list[Problem]:
+def ineffective_key_problems(config: Config, plugins: SftPlugins) -> list[Problem]:
     """Every core key of `config` that is set but would change nothing."""
     return [
         *_adapter_problems(config),
@@ -346,7 +349,7 @@ def _schedule_problems(config: Config) -> list[Problem]:
 # -- optimizer ---------------------------------------------------------------------------------
 
 
-def optimizer_keys(plugins: Any, name: str) -> set[str]:
+def optimizer_keys(plugins: SftPlugins, name: str) -> set[str]:
     """The config keys optimizer `name` reads: those its `Optimizer.keys` lists, or else every
     key declared by the plugin that registers it."""
     registry = plugins.optimizers()
@@ -363,7 +366,7 @@ def optimizer_keys(plugins: Any, name: str) -> set[str]:
     }
 
 
-def _optimizer_problems(config: Config, plugins: Any) -> list[Problem]:
+def _optimizer_problems(config: Config, plugins: SftPlugins) -> list[Problem]:
     """Keys of optimizers other than the selected one (`adam_beta2` with `optimizer = "sgd"`)."""
     registry = plugins.optimizers()
     if config.optimizer not in registry:

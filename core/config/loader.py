@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import yaml
@@ -17,6 +17,9 @@ from sft.config.schema import Config, DatasetConfig, is_planned
 from sft.config.structure import Mismatch, check_bounds, conform, describe_value, resolved_fields
 from sft.errors import ConfigError, Problem, UsageError
 from sft.registry import did_you_mean
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -223,7 +226,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> set[KeyPa
     return touched
 
 
-def _groups(plugins: Any, scope: str) -> list[tuple[str, type]]:
+def _groups(plugins: SftPlugins, scope: str) -> list[tuple[str, type]]:
     core = Config if scope == "root" else DatasetConfig
     groups: list[tuple[str, type]] = [("core", core)]
     entries: list[tuple[str, ConfigKeys]] = plugins.config_keys() if plugins is not None else []
@@ -233,7 +236,7 @@ def _groups(plugins: Any, scope: str) -> list[tuple[str, type]]:
     return groups
 
 
-def _dataset_group_types(plugins: Any) -> dict[type, tuple[str, tuple[str, ...]]]:
+def _dataset_group_types(plugins: SftPlugins) -> dict[type, tuple[str, tuple[str, ...]]]:
     """Dataset key group → (owning plugin, the dataset types it applies to); absent: every type."""
     if plugins is None:
         return {}
@@ -338,7 +341,7 @@ def _structure_scope(
 
 
 def _structure_datasets(
-    raw: Any, key: str, plugins: Any, ctx: _Context
+    raw: Any, key: str, plugins: SftPlugins, ctx: _Context
 ) -> tuple[DatasetConfig, ...]:
     path: KeyPath = (key,)
     if not isinstance(raw, list):
@@ -420,7 +423,7 @@ def _build(core: type, values: dict[type, dict[str, Any]], groups: list[tuple[st
 def load_config(
     path: str | Path,
     overrides: Sequence[str] = (),
-    plugins: Any = None,
+    plugins: SftPlugins | None = None,
     machine_checks: bool = True,
 ) -> Config:
     """Load and fully validate a config file; raise `ConfigError` listing every problem.
@@ -436,7 +439,7 @@ def load_config_text(
     text: str,
     fmt: str = "toml",
     overrides: Sequence[str] = (),
-    plugins: Any = None,
+    plugins: SftPlugins | None = None,
     source: str = "<text>",
     machine_checks: bool = True,
 ) -> Config:
@@ -450,13 +453,13 @@ def _load(
     lines: dict[KeyPath, int],
     source: str,
     overrides: Sequence[str],
-    plugins: Any,
+    plugins: SftPlugins,
     machine_checks: bool = True,
 ) -> Config:
     if plugins is None:
-        from sft.manager import get_plugins
+        from sft.manager import SftPlugins
 
-        plugins = get_plugins()
+        plugins = SftPlugins.load()
     ctx = _Context(lines=lines, source=source)
     ctx.overridden = apply_overrides(data, overrides)
     groups = _groups(plugins, "root")
@@ -472,6 +475,7 @@ def _load(
         raise ConfigError(ctx.problems, source)
     config: Config = _build(Config, values, groups)
     object.__setattr__(config, "_source", source)
+    object.__setattr__(config, "_plugin_set", plugins)
     object.__setattr__(
         config, "_blank", frozenset(k for k, v in data.items() if v is None or v == "")
     )

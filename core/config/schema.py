@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
 from sft.paths import expand_home
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 T = TypeVar("T")
 
@@ -672,6 +675,18 @@ class Config(_Sections):
     _source: str | None = attrs.field(default=None, repr=False, eq=False, alias="_source")
     _warnings: tuple[Any, ...] = attrs.field(default=(), repr=False, eq=False, alias="_warnings")
     _blank: frozenset[str] = attrs.field(default=frozenset(), repr=False, eq=False, alias="_blank")
+    # `Any`: field types are resolved at runtime (`typing.get_type_hints`), where importing
+    # the plugin manager here would be circular.
+    _plugin_set: Any = attrs.field(default=None, repr=False, eq=False, alias="_plugin_set")
+
+    @property
+    def plugin_set(self) -> SftPlugins:
+        """The plugins this config was validated against: the ones its run uses (as pytest's
+        `Config` carries its plugin manager). `plugins`, the key, is Axolotl's list."""
+        if self._plugin_set is None:
+            raise RuntimeError("this Config was not made by sft.config.load_config")
+        plugins: SftPlugins = self._plugin_set
+        return plugins
 
     @property
     def source(self) -> str | None:

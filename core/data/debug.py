@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -11,6 +11,9 @@ from sft.data.sample import IGNORE_INDEX, Rendered
 from sft.data.sources import read_rows
 from sft.data.tokenize import TokenizeOptions, process_chunk
 from sft.paths import redact
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
@@ -61,7 +64,9 @@ def _check(
     return problems
 
 
-def debug_examples(config: Config, tokenizer: Any, plugins: Any, count: int) -> list[Example]:
+def debug_examples(
+    config: Config, tokenizer: Any, plugins: SftPlugins, count: int
+) -> list[Example]:
     """Render the first `count` rows of each dataset and check their labels."""
     from sft.data.pipeline import build_render
 

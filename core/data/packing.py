@@ -9,11 +9,16 @@ The first label of every sample is -100, so no token is trained to predict acros
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from sft.data.sample import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from sft.config.schema import Config
+    from sft.data.pipeline import Prepared
+    from sft.manager import SftPlugins
 
 
 @attrs.frozen
@@ -68,7 +73,7 @@ class PackedDataset:
 
 
 def pack_dataset(
-    dataset: Any, capacity: int, config: Any, plugins: Any
+    dataset: Any, capacity: int, config: Any, plugins: SftPlugins
 ) -> tuple[PackedDataset, PackingStats]:
     packer = plugins.packers().get(config.sample_packer)
     lengths = sample_lengths(dataset)
@@ -77,3 +82,30 @@ def pack_dataset(
         samples=len(lengths), bins=len(bins), tokens=sum(lengths), capacity=capacity
     )
     return PackedDataset(dataset, bins), stats
+
+
+def pack_prepared(
+    config: Config, prepared: Prepared, plugins: SftPlugins, console: Any
+) -> tuple[Any, Any]:
+    """Packed views of the prepared data when `sample_packing` is on (eval: `eval_sample_packing`),
+    with the packing statistics printed: what `sft run` trains on and `sft preprocess` reports."""
+    if not config.sample_packing:
+        return prepared.train, prepared.eval
+    train_data = prepared.train  # a stream packs as it reads (sft.data.streaming)
+    if not config.streaming:
+        train_data, stats = pack_dataset(prepared.train, config.sequence_len, config, plugins)
+        console.print(f"packing: {stats.render()}")
+    eval_data = prepared.eval
+    eval_packing = (
+        config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing
+    )
+    if eval_data is not None and eval_packing:
+        if sum(sample_lengths(eval_data)) < config.sequence_len:
+            console.print(
+                f"notice: the eval set ({len(eval_data)} samples) does not fill one packed row of "
+                f"{config.sequence_len} tokens; evaluating it unpacked"
+            )
+        else:
+            eval_data, eval_stats = pack_dataset(eval_data, config.sequence_len, config, plugins)
+            console.print(f"eval packing: {eval_stats.render()}")
+    return train_data, eval_data

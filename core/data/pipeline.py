@@ -9,7 +9,7 @@ import multiprocessing
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -22,6 +22,9 @@ from sft.data.summary import DatasetSummary, Summary
 from sft.data.tokenize import ChunkResult, TokenizeOptions, process_chunk
 from sft.errors import ConfigError, DataError, PluginError, Problem, SftError
 from sft.paths import redact
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 CHUNK_ROWS = 256
 
@@ -203,7 +206,9 @@ class StrategyRender:
         return self.render(row)
 
 
-def build_render(ds: DatasetConfig, tokenizer: Any, config: Config, plugins: Any) -> StrategyRender:
+def build_render(
+    ds: DatasetConfig, tokenizer: Any, config: Config, plugins: SftPlugins
+) -> StrategyRender:
     registry = plugins.prompt_strategies()
     name = _strategy_for(ds)
     strategy = registry.get(name)
@@ -269,7 +274,7 @@ def _file_contents(value: Any) -> Any:
     return value
 
 
-def cache_key(config: Config, tokenizer: Any, fingerprints: list[str], plugins: Any) -> str:
+def cache_key(config: Config, tokenizer: Any, fingerprints: list[str], plugins: SftPlugins) -> str:
     """Hash of everything that can change the prepared data.
 
     Every plugin-owned key is included (a plugin may change rendering from a top-level key), and
@@ -314,7 +319,7 @@ def _process_sources(
     entries: tuple[DatasetConfig, ...],
     tokenizer: Any,
     config: Config,
-    plugins: Any,
+    plugins: SftPlugins,
     raws: list[RawRows],
     summary: Summary,
     show_progress: bool,
@@ -379,7 +384,7 @@ class _progress:
 def prepare_datasets(
     config: Config,
     tokenizer: Any = None,
-    plugins: Any = None,
+    plugins: SftPlugins | None = None,
     show_progress: bool = True,
     use_cache: bool = True,
     wait_for_cache: Callable[[Path], None] | None = None,
@@ -391,9 +396,7 @@ def prepare_datasets(
     the process that prepares (local rank 0) has written that cache entry, which is loaded.
     """
     if plugins is None:
-        from sft.manager import get_plugins
-
-        plugins = get_plugins()
+        plugins = config.plugin_set
     if tokenizer is None:
         from sft.tokenizer import load_tokenizer
 

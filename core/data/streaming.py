@@ -24,7 +24,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from torch.utils.data import IterableDataset
@@ -50,6 +50,9 @@ from sft.data.summary import DatasetSummary, Summary
 from sft.data.tokenize import TokenizeOptions, process_chunk
 from sft.errors import DataError
 from sft.paths import redact
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 CHUNK_ROWS = 64  # rows tokenised at once: batched tokenising, little held
 Row = tuple[dict[str, Any], str, int]  # a row, its file, its 1-based row (or line) number
@@ -253,7 +256,7 @@ class StreamingDataset(IterableDataset):
     next pass (`set_epoch`) until `max_steps`.
     """
 
-    def __init__(self, config: Config, tokenizer: Any, plugins: Any) -> None:
+    def __init__(self, config: Config, tokenizer: Any, plugins: SftPlugins) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.plugins = plugins
@@ -395,7 +398,9 @@ def _batched(items: Iterator[Row], size: int) -> Iterator[list[Row]]:
 # -- what a run needs -------------------------------------------------------------------------
 
 
-def prepare_streaming(config: Config, tokenizer: Any, plugins: Any, prepare: Any) -> Prepared:
+def prepare_streaming(
+    config: Config, tokenizer: Any, plugins: SftPlugins, prepare: Any
+) -> Prepared:
     """The training stream, and the `test_datasets` prepared as without streaming (in memory,
     cached like any prepared data) by `prepare(config)`: an eval set is small, and evaluating
     the same samples each time needs it whole."""
@@ -450,7 +455,7 @@ def dataloader_settings(config: Config) -> dict[str, Any]:
     return {"accelerator_config": {"dispatch_batches": False}}
 
 
-def debug_preview(config: Config, tokenizer: Any, plugins: Any, count: int) -> list[Any]:
+def debug_preview(config: Config, tokenizer: Any, plugins: SftPlugins, count: int) -> list[Any]:
     """`sft preprocess --debug` under streaming: the first `count` rows of each dataset, read
     lazily, shown and self-checked by `sft.data.debug` exactly as without streaming."""
     import tempfile

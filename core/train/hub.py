@@ -13,6 +13,9 @@ token without write access stops the run before any training. What is pushed, by
 - `checkpoint`: also the whole latest checkpoint to `last-checkpoint/` (to resume elsewhere).
 - `all_checkpoints`: also every checkpoint to `checkpoint-N/`.
 
+Only the training path imports this module (it imports transformers); `sft validate` checks
+the Hub keys in `sft.train.tracking`.
+
 Checkpoint pushes finish before training goes on (no upload races the rotation of old
 checkpoints); one that fails is reported and training continues. A failed final push is an
 error that says the model is saved locally and how to upload it.
@@ -20,16 +23,16 @@ error that says the model is saved locally and how to upload it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sft.config.schema import Config
-from sft.errors import ModelError, Problem
+from transformers import TrainerCallback
 
-# A Hub repo id: `name` or `namespace/name` (huggingface_hub's rule, checked without importing it).
-_REPO_ID = re.compile(r"[\w][\w.-]{0,95}(/[\w][\w.-]{0,95})?")
+from sft.config.schema import Config
+from sft.errors import ModelError
+from sft.train.output import CHECKPOINT_PREFIX
+
 # The files of a checkpoint that make the model (not the optimizer or trainer state).
 MODEL_FILES = (
     "*.safetensors",
@@ -45,82 +48,6 @@ MODEL_FILES = (
     "*.model",
     "chat_template.jinja",
 )
-HUB_KEYS = ("hub_strategy", "hub_private_repo", "hub_revision")
-
-
-def pushing(config: Config) -> bool:
-    """Whether this run pushes: `hub_model_id` is set and `push_to_hub` is not false."""
-    return bool(config.hub_model_id) and config.push_to_hub is not False
-
-
-def hub_problems(config: Config) -> list[Problem]:
-    """Hub keys that would change nothing, a malformed repo id, and (machine problems) a
-    machine that cannot push: offline mode, or no token."""
-    from sft.config.ineffective import is_set
-
-    problems = []
-    if not config.hub_model_id:
-        if config.push_to_hub:
-            problems.append(
-                Problem(
-                    "push_to_hub",
-                    "needs hub_model_id: the Hub repo to push to",
-                    hint="set hub_model_id = 'your-name/model-name'",
-                )
-            )
-        problems += [
-            Problem(
-                name,
-                "has no effect: nothing is pushed to the Hub without hub_model_id",
-                hint=f"set hub_model_id = 'your-name/model-name', or remove {name}",
-            )
-            for name in HUB_KEYS
-            if is_set(config, name)
-        ]
-        return problems
-    if not _REPO_ID.fullmatch(config.hub_model_id) or ".." in config.hub_model_id:
-        problems.append(
-            Problem(
-                "hub_model_id",
-                f"{config.hub_model_id!r} is not a Hub repo id",
-                hint="write name or your-name/name (letters, digits, '-', '_', '.')",
-            )
-        )
-    if config.push_to_hub is False:
-        return problems + [
-            Problem(
-                name,
-                "has no effect: push_to_hub = false",
-                hint=f"remove push_to_hub to push, or remove {name}",
-                warning=True,
-            )
-            for name in HUB_KEYS
-            if is_set(config, name)
-        ]
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants
-    except ImportError:  # a dependency of transformers; only a broken install lacks it
-        return problems
-    if constants.HF_HUB_OFFLINE:
-        problems.append(
-            Problem(
-                "hub_model_id",
-                "cannot push: HF_HUB_OFFLINE is set, so huggingface_hub makes no requests",
-                hint="unset HF_HUB_OFFLINE for this run, or remove hub_model_id",
-                machine=True,
-            )
-        )
-    elif huggingface_hub.get_token() is None:
-        problems.append(
-            Problem(
-                "hub_model_id",
-                "cannot push: no Hugging Face token is set up here",
-                hint="run `hf auth login` with a token that can write, or set HF_TOKEN",
-                machine=True,
-            )
-        )
-    return problems
 
 
 class HubPush:
@@ -197,21 +124,21 @@ class HubPush:
         where = f" (branch {self.config.hub_revision})" if self.config.hub_revision else ""
         self.say(f"pushed {what} to https://huggingface.co/{self.repo_id}{where}")
 
-    def callback(self) -> Any:
+    def callback(self) -> HubCheckpoints:
         """A TrainerCallback pushing each checkpoint as it is written (main process)."""
-        from transformers import TrainerCallback
-
-        from sft.train.output import CHECKPOINT_PREFIX
-
-        push = self
-
-        class HubCheckpoints(TrainerCallback):  # type: ignore[misc]
-            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                if state.is_world_process_zero:
-                    folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
-                    push.push_checkpoint(folder, state.global_step)
-
-        return HubCheckpoints()
+        return HubCheckpoints(self)
 
 
-__all__ = ["MODEL_FILES", "HubPush", "hub_problems", "pushing"]
+class HubCheckpoints(TrainerCallback):  # type: ignore[misc]
+    """Pushes each checkpoint once the Trainer has written it (main process)."""
+
+    def __init__(self, push: HubPush) -> None:
+        self.push = push
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            self.push.push_checkpoint(folder, state.global_step)
+
+
+__all__ = ["MODEL_FILES", "HubCheckpoints", "HubPush"]

@@ -8,6 +8,8 @@ and after it ends there is nothing to save mid-way: a signal stops at once.
 
 Under torchrun every rank gets the signal, maybe at different steps: the ranks agree each step
 (one tiny all-reduce) so that all of them save and stop at the same step. Only rank 0 prints.
+
+Only the training path (`sft.train.run`) imports this module.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 import attrs
+from transformers import TrainerCallback
 
 from sft.config.schema import Config
 from sft.distributed import is_main_process
@@ -116,36 +119,39 @@ class StopRequest:
         )
 
 
-def make_stop_callback(stop: StopRequest) -> Any:
+def make_stop_callback(stop: StopRequest) -> StopOnSignal:
     """The Trainer callback that turns a stop request into 'save now, then stop'.
 
     Add it after the other callbacks: its `on_step_end` runs last, so a signal that arrives
     while another callback works on this step still stops at this step.
     """
-    from transformers import TrainerCallback
-
-    class StopOnSignal(TrainerCallback):
-        saved_at: int | None = None
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            stop.training = True
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if stop.requested(args.device):
-                control.should_save = True  # the Trainer saves right after on_step_end
-                control.should_training_stop = True
-                control.should_evaluate = False  # a preempted job has no time for an eval
-                self.saved_at = state.global_step
-
-        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.saved_at == state.global_step:  # already saved this step; no epoch eval
-                control.should_save = False
-                control.should_evaluate = False
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            stop.training = False
-
-    return StopOnSignal()
+    return StopOnSignal(stop)
 
 
-__all__ = ["EXIT_CODES", "StopRequest", "make_stop_callback"]
+class StopOnSignal(TrainerCallback):  # type: ignore[misc]
+    """Saves and stops at the end of the step during which a stop was requested."""
+
+    def __init__(self, stop: StopRequest) -> None:
+        self.stop = stop
+        self.saved_at: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop.training = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stop.requested(args.device):
+            control.should_save = True  # the Trainer saves right after on_step_end
+            control.should_training_stop = True
+            control.should_evaluate = False  # a preempted job has no time for an eval
+            self.saved_at = state.global_step
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.saved_at == state.global_step:  # already saved this step; no epoch eval
+            control.should_save = False
+            control.should_evaluate = False
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop.training = False
+
+
+__all__ = ["EXIT_CODES", "StopOnSignal", "StopRequest", "make_stop_callback"]

@@ -12,6 +12,8 @@ prepared data (`sft_data.json`). Resuming compares them with this run before the
   hyper-parameters are applied on top of the restored optimizer and scheduler (the Trainer would
   otherwise keep the checkpoint's), and what was applied is printed.
 - anything else (logging, saving, evaluation, output options) is noted in one line.
+
+Only the training path (`sft.train.run`, `sft.train.trainer`) imports this module.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+from transformers import TrainerCallback
 
 from sft.config.schema import Config
 from sft.errors import ResumeError
 from sft.save import RESOLVED_CONFIG, read_resolved_config, write_resolved_config
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 CHECKPOINT_DATA = "sft_data.json"
 TRAINER_STATE = "trainer_state.json"
@@ -231,7 +237,7 @@ def _resolved(config: Config) -> dict[str, Any]:
 # -- what changed --------------------------------------------------------------------------------
 
 
-def _optimizer_keys(config: Config, plugins: Any) -> set[str]:
+def _optimizer_keys(config: Config, plugins: SftPlugins) -> set[str]:
     """The config keys the selected optimizer reads (`Optimizer.keys`, or its plugin's keys)."""
     from sft.config.ineffective import optimizer_keys
 
@@ -287,7 +293,7 @@ def check_resume(
     checkpoint: str | Path,
     config: Config,
     fingerprint: str,
-    plugins: Any,
+    plugins: SftPlugins,
     say: Callable[[str], None] = print,
 ) -> ResumePlan:
     """Compare the checkpoint's config and data with this run's; refuse what cannot or must not
@@ -399,7 +405,12 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def apply_hyperparameters(
-    optimizer: Any, scheduler: Any, model: Any, config: Config, plugins: Any, apply: bool = True
+    optimizer: Any,
+    scheduler: Any,
+    model: Any,
+    config: Config,
+    plugins: SftPlugins,
+    apply: bool = True,
 ) -> list[str]:
     """Put this config's learning rate and optimizer hyper-parameters on a restored optimizer and
     scheduler, at the restored step. Returns what changed, for the user (`apply = False`: only
@@ -461,56 +472,68 @@ def apply_hyperparameters(
     return applied
 
 
-def make_apply_callback(plan: ResumePlan, config: Config, plugins: Any, console: Any) -> Any:
+def make_apply_callback(
+    plan: ResumePlan, config: Config, plugins: SftPlugins, console: Any
+) -> ApplyResumeChanges:
     """A callback that, once the Trainer has restored the optimizer and scheduler (they are
     loaded before `on_train_begin`), applies this config's values on top of them."""
-    from transformers import TrainerCallback
+    return ApplyResumeChanges(plan, config, plugins, console)
 
-    class ApplyResumeChanges(TrainerCallback):
-        def on_train_begin(
-            self,
-            args: Any,
-            state: Any,
-            control: Any,
-            model: Any = None,
-            optimizer: Any = None,
-            lr_scheduler: Any = None,
-            **kwargs: Any,
-        ) -> None:
-            if plan.recorded and not plan.schedule_changes:
-                return
-            if not plan.recorded and not config.resume_allow_changes:
-                # An older checkpoint: its config is unknown, its optimizer state tells.
-                differ = apply_hyperparameters(
-                    optimizer, lr_scheduler, model, config, plugins, apply=False
-                )
-                if differ:
-                    raise ResumeError(
-                        f"cannot resume from {plan.checkpoint}: its optimizer state differs from "
-                        "this config: " + "; ".join(differ) + "\n  fix: put these values back, or "
-                        "set resume_allow_changes = true to apply the new ones from the next step"
-                    )
-                return
-            applied = apply_hyperparameters(optimizer, lr_scheduler, model, config, plugins)
-            # The Trainer and the rebuilt schedule already use these; the optimizer's own
-            # values (learning rate, weight decay, betas, ...) are in `applied`.
-            others = [
-                c.render()
-                for c in plan.schedule_changes
-                if c.key in SCHEDULE_KEYS - {"learning_rate", "weight_decay"}
-            ]
-            if state.is_world_process_zero and (applied or others):
-                console.print(
-                    "applied on resume: " + "; ".join([*applied, *others]),
-                    markup=False,
-                    highlight=False,
-                )
 
-    return ApplyResumeChanges()
+class ApplyResumeChanges(TrainerCallback):  # type: ignore[misc]
+    """Applies the resumed run's changed hyperparameters to the restored optimizer and
+    scheduler, or refuses an older checkpoint whose optimizer state differs from the config."""
+
+    def __init__(self, plan: ResumePlan, config: Config, plugins: SftPlugins, console: Any) -> None:
+        self.plan = plan
+        self.config = config
+        self.plugins = plugins
+        self.console = console
+
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        plan, config, plugins = self.plan, self.config, self.plugins
+        if plan.recorded and not plan.schedule_changes:
+            return
+        if not plan.recorded and not config.resume_allow_changes:
+            # An older checkpoint: its config is unknown, its optimizer state tells.
+            differ = apply_hyperparameters(
+                optimizer, lr_scheduler, model, config, plugins, apply=False
+            )
+            if differ:
+                raise ResumeError(
+                    f"cannot resume from {plan.checkpoint}: its optimizer state differs from "
+                    "this config: " + "; ".join(differ) + "\n  fix: put these values back, or "
+                    "set resume_allow_changes = true to apply the new ones from the next step"
+                )
+            return
+        applied = apply_hyperparameters(optimizer, lr_scheduler, model, config, plugins)
+        # The Trainer and the rebuilt schedule already use these; the optimizer's own
+        # values (learning rate, weight decay, betas, ...) are in `applied`.
+        others = [
+            c.render()
+            for c in plan.schedule_changes
+            if c.key in SCHEDULE_KEYS - {"learning_rate", "weight_decay"}
+        ]
+        if state.is_world_process_zero and (applied or others):
+            self.console.print(
+                "applied on resume: " + "; ".join([*applied, *others]),
+                markup=False,
+                highlight=False,
+            )
 
 
 __all__ = [
     "CHECKPOINT_DATA",
+    "ApplyResumeChanges",
     "Change",
     "ResumePlan",
     "apply_hyperparameters",

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import math
 import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from sft.config.schema import Config
+from sft.data.packing import pack_prepared
 from sft.distributed import (
     is_local_main_process,
     is_main_process,
@@ -24,6 +24,7 @@ from sft.distributed import (
 from sft.errors import DataError, ModelError
 from sft.train.interrupt import StopRequest, make_stop_callback
 from sft.train.output import claim_output_dir, latest_checkpoint, release_output_dir
+from sft.train.quiet import quiet_libraries
 from sft.train.resume import (
     check_resume,
     data_fingerprint,
@@ -31,6 +32,9 @@ from sft.train.resume import (
     resume_point,
     write_checkpoint_record,
 )
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 
 @attrs.frozen
@@ -42,76 +46,6 @@ class RunResult:
     metrics: dict[str, Any]
     warnings: list[str]
     resumed_from: str | None
-
-
-class _CpuKernelNotice(logging.Filter):
-    """bitsandbytes, when imported (peft imports it to apply LoRA) on a CPU with AVX512-BF16
-    and without the `kernels` package, logs that it could not fetch its CPU 4-bit matmul kernel
-    from the Hub. That kernel serves only 4-bit inference on the CPU, which a run that did not
-    ask for 4-bit never does."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-
-
-_CPU_KERNEL_NOTICE = _CpuKernelNotice()
-
-
-class _DeepSpeedCpuNotice(logging.Filter):
-    """DeepSpeed, imported by accelerate whenever it is installed, warns on every process of
-    every run on a machine without a GPU that it "set the accelerator to CPU" — a fact, not a
-    problem, and nothing a user who did not ask for DeepSpeed can act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Setting accelerator to CPU")
-
-
-_DEEPSPEED_CPU_NOTICE = _DeepSpeedCpuNotice()
-
-
-class _TorchaoImportNotice(logging.Filter):
-    """torchao, imported by peft whenever it is installed, logs that its optional compiled
-    kernels (built for another torch or for CUDA) did not load, and makes torch warn about how
-    it registers two enums: on every run, whether or not the run uses torchao. What sft uses of
-    torchao (QAT's fake quantization) is plain PyTorch."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        if message.startswith("Failed to load") and "torchao" in record.getMessage():
-            return False
-        if "is an Enum subclass" in message and record.args:
-            registered = record.args[0] if isinstance(record.args, tuple) else record.args
-            return not getattr(registered, "__module__", "").startswith("torchao")
-        return True
-
-
-_TORCHAO_IMPORT_NOTICE = _TorchaoImportNotice()
-
-
-def quiet_libraries(config: Config | None = None) -> None:
-    """sft shows its own progress; library progress bars and chatter would interleave with it.
-
-    transformers' warnings that matter on resume are shown while a checkpoint loads
-    (`sft.train.resume.loading_checkpoint`); sft's own resume check replaces its config
-    comparison.
-    """
-    import warnings
-
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    logging.getLogger("DeepSpeed").addFilter(_DEEPSPEED_CPU_NOTICE)
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).addFilter(_TORCHAO_IMPORT_NOTICE)
-    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if config is not None and config.load_in_4bit:
-        bnb_cpu.removeFilter(_CPU_KERNEL_NOTICE)
-    else:
-        bnb_cpu.addFilter(_CPU_KERNEL_NOTICE)
 
 
 def seed_everything(seed: int) -> None:
@@ -256,32 +190,6 @@ def _early_stopping(config: Config, has_eval: bool) -> list[Any]:
     return [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
 
 
-def pack_if_asked(config: Config, prepared: Any, plugins: Any, console: Any) -> tuple[Any, Any]:
-    """Packed views of the prepared data when `sample_packing` is on (eval: `eval_sample_packing`)."""
-    if not config.sample_packing:
-        return prepared.train, prepared.eval
-    from sft.data.packing import pack_dataset, sample_lengths
-
-    train_data = prepared.train  # a stream packs as it reads (sft.data.streaming)
-    if not config.streaming:
-        train_data, stats = pack_dataset(prepared.train, config.sequence_len, config, plugins)
-        console.print(f"packing: {stats.render()}")
-    eval_data = prepared.eval
-    eval_packing = (
-        config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing
-    )
-    if eval_data is not None and eval_packing:
-        if sum(sample_lengths(eval_data)) < config.sequence_len:
-            console.print(
-                f"notice: the eval set ({len(eval_data)} samples) does not fill one packed row of "
-                f"{config.sequence_len} tokens; evaluating it unpacked"
-            )
-        else:
-            eval_data, eval_stats = pack_dataset(eval_data, config.sequence_len, config, plugins)
-            console.print(f"eval packing: {eval_stats.render()}")
-    return train_data, eval_data
-
-
 @contextlib.contextmanager
 def _final_save(output_dir: Path) -> Iterator[None]:
     """A full (or read-only) disk while saving the trained model: say so, and what is kept."""
@@ -306,7 +214,7 @@ def _final_save(output_dir: Path) -> Iterator[None]:
         ) from exc
 
 
-def prepare_once(config: Config, tokenizer: Any, plugins: Any, console: Any) -> Any:
+def prepare_once(config: Config, tokenizer: Any, plugins: SftPlugins, console: Any) -> Any:
     """Prepare the data in one process per node; the others wait for its cache and load it.
 
     The others wait on the cache entry itself (its `complete` file), never inside a collective:
@@ -333,7 +241,7 @@ def prepare_once(config: Config, tokenizer: Any, plugins: Any, console: Any) -> 
     return prepare_datasets(config, tokenizer, plugins, show_progress=False, wait_for_cache=wait)
 
 
-def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult:
+def train(config: Config, plugins: SftPlugins | None = None, console: Any = None) -> RunResult:
     """Fine-tune as the config says; return where the result was written and how it went.
 
     Ctrl-C or SIGTERM during training saves a checkpoint, then raises `sft.errors.Interrupted`
@@ -356,18 +264,16 @@ def train(config: Config, plugins: Any = None, console: Any = None) -> RunResult
         release_output_dir(Path(config.output_dir))
 
 
-def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> RunResult:
+def _train(config: Config, plugins: SftPlugins, console: Any, stop: StopRequest) -> RunResult:
     if plugins is None:
-        from sft.manager import get_plugins
-
-        plugins = get_plugins()
+        plugins = config.plugin_set
     from sft.data.collate import Collator, pad_id_of
     from sft.model import apply_adapter, check_hardware, count_parameters, load_model, resolve_dtype
     from sft.save import write_model_card, write_resolved_config
     from sft.tokenizer import load_tokenizer
 
     check_hardware(config)  # before anything slow
-    quiet_libraries(config)
+    quiet_libraries()
     output_dir = Path(config.output_dir)
 
     def say(text: str) -> None:
@@ -379,7 +285,8 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
         console.print(warning.render(), markup=False, highlight=False)
     resumed_from = resume_point(config, say)
     claimed = claim_output_dir(config, resuming=resumed_from is not None)
-    from sft.train.hub import HubPush, pushing
+    from sft.train.hub import HubPush
+    from sft.train.tracking import pushing
 
     hub = HubPush(config, say) if pushing(config) and is_main_process() else None
     if hub is not None:
@@ -417,7 +324,7 @@ def _train(config: Config, plugins: Any, console: Any, stop: StopRequest) -> Run
         f"model: {config.base_model} ({dtype}), trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%})"
     )
 
-    train_data, eval_data = pack_if_asked(config, prepared, plugins, console)
+    train_data, eval_data = pack_prepared(config, prepared, plugins, console)
     if config.streaming:  # no length: the Trainer's arguments as for exactly max_steps
         from sft.data.streaming import run_samples
 

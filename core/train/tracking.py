@@ -1,4 +1,5 @@
-"""Experiment tracking: which trackers a run reports to, with what environment, and closing them.
+"""Experiment tracking: which trackers a run reports to, with what environment, and closing them;
+and the checks of the Hub keys (pushing itself is `sft.train.hub`).
 
 The logging itself is done by transformers' own integrations (`report_to`): TensorBoard,
 Weights & Biases, MLflow and Comet. sft maps Axolotl's keys onto `report_to`, `run_name` and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,9 @@ import attrs
 
 from sft.config.schema import Config
 from sft.errors import ModelError, Problem
+
+# A Hub repo id: `name` or `namespace/name` (huggingface_hub's rule, checked without importing it).
+_REPO_ID = re.compile(r"[\w][\w.-]{0,95}(/[\w][\w.-]{0,95})?")
 
 
 @attrs.frozen
@@ -221,10 +226,9 @@ def _install(tracker: Tracker) -> str:
 
 def tracking_problems(config: Config) -> list[Problem]:
     """Tracker keys that would change nothing, conflicting run names, missing packages (a
-    machine problem naming the extra to install), and the Hub keys (`sft.train.hub`)."""
+    machine problem naming the extra to install), and the Hub keys."""
     from sft.config.ineffective import is_set
     from sft.hardware import installed
-    from sft.train.hub import hub_problems
 
     problems = []
     for tracker in (WANDB, MLFLOW, COMET):
@@ -279,11 +283,91 @@ def _switch_key(tracker: Tracker, config: Config) -> str:
     return next((name for name in candidates if getattr(config, name)), candidates[-1])
 
 
+HUB_KEYS = ("hub_strategy", "hub_private_repo", "hub_revision")
+
+
+def pushing(config: Config) -> bool:
+    """Whether this run pushes: `hub_model_id` is set and `push_to_hub` is not false."""
+    return bool(config.hub_model_id) and config.push_to_hub is not False
+
+
+def hub_problems(config: Config) -> list[Problem]:
+    """Hub keys that would change nothing, a malformed repo id, and (machine problems) a
+    machine that cannot push: offline mode, or no token."""
+    from sft.config.ineffective import is_set
+
+    problems = []
+    if not config.hub_model_id:
+        if config.push_to_hub:
+            problems.append(
+                Problem(
+                    "push_to_hub",
+                    "needs hub_model_id: the Hub repo to push to",
+                    hint="set hub_model_id = 'your-name/model-name'",
+                )
+            )
+        problems += [
+            Problem(
+                name,
+                "has no effect: nothing is pushed to the Hub without hub_model_id",
+                hint=f"set hub_model_id = 'your-name/model-name', or remove {name}",
+            )
+            for name in HUB_KEYS
+            if is_set(config, name)
+        ]
+        return problems
+    if not _REPO_ID.fullmatch(config.hub_model_id) or ".." in config.hub_model_id:
+        problems.append(
+            Problem(
+                "hub_model_id",
+                f"{config.hub_model_id!r} is not a Hub repo id",
+                hint="write name or your-name/name (letters, digits, '-', '_', '.')",
+            )
+        )
+    if config.push_to_hub is False:
+        return problems + [
+            Problem(
+                name,
+                "has no effect: push_to_hub = false",
+                hint=f"remove push_to_hub to push, or remove {name}",
+                warning=True,
+            )
+            for name in HUB_KEYS
+            if is_set(config, name)
+        ]
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:  # a dependency of transformers; only a broken install lacks it
+        return problems
+    if constants.HF_HUB_OFFLINE:
+        problems.append(
+            Problem(
+                "hub_model_id",
+                "cannot push: HF_HUB_OFFLINE is set, so huggingface_hub makes no requests",
+                hint="unset HF_HUB_OFFLINE for this run, or remove hub_model_id",
+                machine=True,
+            )
+        )
+    elif huggingface_hub.get_token() is None:
+        problems.append(
+            Problem(
+                "hub_model_id",
+                "cannot push: no Hugging Face token is set up here",
+                hint="run `hf auth login` with a token that can write, or set HF_TOKEN",
+                machine=True,
+            )
+        )
+    return problems
+
+
 __all__ = [
     "TRACKERS",
     "close_runs",
     "enabled",
     "environment",
+    "hub_problems",
+    "pushing",
     "report_to",
     "run_name",
     "tracking",

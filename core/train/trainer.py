@@ -15,7 +15,7 @@ import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
@@ -24,6 +24,9 @@ from sft.config.schema import Config
 from sft.errors import ModelError, PluginError
 from sft.train.output import CHECKPOINT_PREFIX
 from sft.train.resume import loading_checkpoint
+
+if TYPE_CHECKING:
+    from sft.manager import SftPlugins
 
 LORAPLUS_EMBEDDING_LR = 1e-6  # Axolotl's and peft's default for loraplus_lr_embedding
 
@@ -122,7 +125,7 @@ def optimizer_mode(optimizer: Any, mode: str) -> None:
 class SftTrainer(Trainer):
     """transformers' Trainer with sft's optimizers, schedules, objectives and atomic checkpoints."""
 
-    def __init__(self, *args: Any, sft_config: Config, plugins: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sft_config: Config, plugins: SftPlugins, **kwargs: Any) -> None:
         self.sft_config = sft_config
         self.sft_plugins = plugins
         self._staging_dir: str | None = None

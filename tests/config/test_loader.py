@@ -45,8 +45,12 @@ datasets:
 
 
 def problems_of(text: str, fmt: str = "toml", overrides=()) -> list:
+    """The problems of a config validated against the test's plugins (the `plugins` fixture
+    makes them the process's)."""
+    from sft.manager import get_plugins
+
     with pytest.raises(ConfigError) as error:
-        load_config_text(text, fmt, overrides=overrides)
+        load_config_text(text, fmt, overrides=overrides, plugins=get_plugins())
     return error.value.problems
 
 
@@ -137,7 +141,7 @@ def test_planned_key_set_to_a_non_default_value_is_not_silently_ignored(plugins)
 
     plugins.register(Plugin(), name="future")
     base = 'base_model = "m"\n[[datasets]]\npath = "a"\n'
-    load_config_text("future_feature = false\n" + base)  # the default is harmless
+    load_config_text("future_feature = false\n" + base, plugins=plugins)  # the default is harmless
     (problem,) = problems_of("future_feature = true\n" + base)
     assert problem.path == "future_feature" and "not supported by sft yet" in problem.message
 
