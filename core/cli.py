@@ -261,6 +261,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             args.max_new_tokens,
             args.temperature,
             on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False),
+            template_variables=trained.template_variables,
         )
         console.print()
         history.append({"role": "assistant", "content": answer})

@@ -23,6 +23,8 @@ class Trained:
     adapter: bool
     trust_remote_code: bool = False
     mistral_common: bool = False  # tokenizer_use_mistral_common: its tekken.json is the tokenizer
+    # chat_template_kwargs: the variables the training data was rendered with
+    template_variables: dict[str, Any] = attrs.field(factory=dict)
 
 
 def locate(
@@ -44,11 +46,13 @@ def locate(
         directory = Path(config.output_dir)  # relative: from the working directory, as in run
         base, trust = config.base_model, config.trust_remote_code or trust_remote_code
         mistral = config.tokenizer_use_mistral_common
+        variables = getattr(config, "chat_template_kwargs", None) or {}
     elif path.is_dir():
         directory = path
         resolved = read_resolved_config(path) or read_resolved_config(path.parent) or {}
         base, trust = resolved.get("base_model", ""), trust_remote_code
         mistral = bool(resolved.get("tokenizer_use_mistral_common"))
+        variables = resolved.get("chat_template_kwargs") or {}
     else:
         raise UsageError(f"{target}: no such config file or directory")
     adapter = (directory / "adapter_config.json").exists()
@@ -63,7 +67,7 @@ def locate(
             "naming its base model\n  fix: chat with the config file the adapter was trained "
             "with, or copy that run's sft_config.yaml beside the adapter"
         )
-    return Trained(directory, base, adapter, trust, mistral)
+    return Trained(directory, base, adapter, trust, mistral, dict(variables))
 
 
 def load_base(base_model: str, dtype: Any = None, trust_remote_code: bool = False) -> Any:
@@ -185,8 +189,12 @@ def reply(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     on_text: Callable[[str], None] | None = None,
+    template_variables: dict[str, Any] | None = None,
 ) -> str:
-    """Generate the assistant's next message with the chat template, streaming pieces to `on_text`."""
+    """Generate the assistant's next message with the chat template, streaming pieces to `on_text`.
+
+    `template_variables`: extra chat-template variables (the run's `chat_template_kwargs`).
+    """
     import torch
     from transformers import TextIteratorStreamer
 
@@ -197,7 +205,11 @@ def reply(
             "the tokenizer has no chat template\n  fix: train with chat_template = 'chatml' (or another) set"
         )
     inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        messages,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+        **(template_variables or {}),
     )
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     options: dict[str, Any] = {

@@ -120,7 +120,6 @@ _QUANT: dict[str, Unsupported] = {
 
 # -- datasets & formats ----------------------------------------------------------------------
 _DATA: dict[str, Unsupported] = {
-    "chat_template_kwargs": U("extra variables for the chat template (e.g. enable_thinking)"),
     "shuffle_before_merging_datasets": U("shuffles each dataset before mixing them"),
     "dataset_shard_num": U(
         "uses one shard of the whole mixed dataset", "use `shards` on a dataset entry"

@@ -26,7 +26,11 @@ from sft.plugins.chat_template.keys import (
 )
 from sft.plugins.chat_template.mistral import is_mistral_common, mistral_common_problems
 from sft.plugins.chat_template.strategy import make_strategy
-from sft.plugins.chat_template.templates import find_template, resolve_template
+from sft.plugins.chat_template.templates import (
+    find_template,
+    resolve_template,
+    template_variable_problems,
+)
 
 
 @plugin.hookimpl
@@ -47,6 +51,7 @@ def sft_validate_config(config: plugin.Config) -> list[plugin.Problem]:
             keys.chat_template, keys.chat_template_jinja, f"{where}.chat_template"
         )[1]
         problems += mapping_problems(keys, where)
+    problems += template_variable_problems(root.chat_template_kwargs)
     if config.tokenizer_use_mistral_common:
         problems += mistral_common_problems(config)
     chat_datasets = [ds for _, ds in config.all_datasets() if ds.type == "chat_template"]

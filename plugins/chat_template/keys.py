@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -27,6 +27,11 @@ class ChatTemplateKeys:
     )
     default_system_message: str | None = key(
         None, doc="System message added to conversations that have none."
+    )
+    chat_template_kwargs: dict[str, Any] | None = key(
+        None,
+        doc="Extra variables for the chat template, e.g. {enable_thinking = false} (Qwen3): used "
+        "when rendering the training data, and by `sft chat` on the result.",
     )
     eot_tokens: tuple[str, ...] | None = key(
         None,

@@ -158,7 +158,7 @@ def mistral_common_problems(config: Config) -> list[Problem]:
     why = "with tokenizer_use_mistral_common, mistral-common encodes the conversation itself"
     problems = [
         Problem(name, f"has no effect {why}", hint=f"remove {name}")
-        for name in ("chat_template", "chat_template_jinja")
+        for name in ("chat_template", "chat_template_jinja", "chat_template_kwargs")
         if getattr(root, name) not in (None, "tokenizer_default")
     ]
     for where, ds in config.all_datasets():

@@ -43,6 +43,7 @@ class ChatTemplateStrategy:
     ) -> None:
         self.template = template
         self.tokenizer = tokenizer
+        self.template_variables = dict(root.chat_template_kwargs or {})
         self.read = message_reader(keys, root)
         eot_tokens = keys.eot_tokens or root.eot_tokens
         policies = Policies(
@@ -82,7 +83,7 @@ class ChatTemplateStrategy:
                     chat_template=self.template,
                     tokenize=False,
                     add_generation_prompt=generation_prompt,
-                    **variables,
+                    **{**self.template_variables, **variables},
                 )
             )
         except Exception as exc:  # jinja raises TemplateError, and templates raise_exception(...)

@@ -19,10 +19,15 @@ BUILTIN_TEMPLATES = (
     "gemma",
     "phi_3",
     "qwen",
-    # Axolotl's names for models' own templates (the files copied verbatim from Axolotl)
+    # Axolotl's names for models' own templates (the files copied verbatim from Axolotl:
+    # templates/README.md)
+    "alpaca",
+    "aya",
     "cohere",
     "deepseek_v2",
     "deepseek_v3",
+    "exaone",
+    "exaone4",
     "falcon_h1",
     "gemma3",
     "gemma3n",
@@ -30,8 +35,17 @@ BUILTIN_TEMPLATES = (
     "gemma4_unified",
     "jamba",
     "llama4",
+    "metharme",
+    "mistral_v1",
+    "mistral_v2v3",
+    "mistral_v3_tekken",
+    "mistral_v7_tekken",
+    "nemotron_h",
+    "phi_35",
+    "phi_4",
     "qwen3",
     "qwen3_5",
+    "qwen_25",
 )
 TOKENIZER_DEFAULTS = ("tokenizer_default", "tokenizer_default_fallback_chatml")
 KNOWN_NAMES = (*BUILTIN_TEMPLATES, *TOKENIZER_DEFAULTS, "jinja")
@@ -92,6 +106,56 @@ def find_template(
             f"{', '.join(BUILTIN_TEMPLATES)}), or chat_template = 'jinja' with chat_template_jinja",
         )
     ]
+
+
+# Names a rendering sets itself: apply_chat_template's own parameters, and the tokenizer's
+# special tokens (which sft also uses to find where each turn ends).
+RENDERING_NAMES = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+SPECIAL_TOKEN_NAMES = frozenset(
+    {"bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"}
+)
+
+
+def template_variable_problems(variables: dict[str, Any] | None) -> list[Problem]:
+    """`chat_template_kwargs` entries that would override what the rendering sets itself."""
+    problems = []
+    for name in sorted(variables or {}):
+        if name in SPECIAL_TOKEN_NAMES:
+            problems.append(
+                Problem(
+                    f"chat_template_kwargs.{name}",
+                    "is the tokenizer's own special token: the template reads it from there",
+                    hint=f"remove it, and set special_tokens = {{{name} = '...'}} to change it",
+                )
+            )
+        elif name in RENDERING_NAMES:
+            problems.append(
+                Problem(
+                    f"chat_template_kwargs.{name}",
+                    "is set by sft when it renders each conversation (it renders turns with and "
+                    "without a generation prompt to find the labels)",
+                    hint=f"remove {name} from chat_template_kwargs",
+                )
+            )
+    return problems
 
 
 def resolve_template(name: str | None, jinja: str | None, tokenizer: Any, path: str) -> str:

@@ -193,6 +193,9 @@ DEEPSEEK_TOKENS = family_tokens(
 GEMMA4_TOKENS = family_tokens(
     "<bos>", "<eos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", add_bos=True
 )
+COHERE_TURN = ("<|START_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>")
+EXAONE_TOKENS = family_tokens(None, "[|endofturn|]", "[|system|]", "[|user|]", "[|assistant|]")
+MISTRAL_TOKENS = family_tokens("<s>", "</s>", "[INST]", "[/INST]")
 # Built-in template -> (its model family's tokenizer, the end-of-turn marker, what the model
 # writes before an earlier answer and before the last one). The model's text starts where the
 # generation prompt ends: Mistral's and Jamba's end before the space ahead of the answer; Qwen3's
@@ -247,10 +250,38 @@ BUILTIN_FAMILIES: dict[str, tuple[dict[str, Any], str, tuple[str, str]]] = {
     ),
     "qwen3": (template_tokenizer_kwargs("qwen3"), "<|im_end|>", ("", "</think>\n\n")),
     "qwen3_5": (template_tokenizer_kwargs("qwen3"), "<|im_end|>", ("", "</think>\n\n")),
+    "alpaca": (family_tokens("<s>", "</s>"), "</s>", ("", "")),
+    "aya": (
+        family_tokens("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", *COHERE_TURN),
+        "<|END_OF_TURN_TOKEN|>",
+        ("", ""),
+    ),
+    "exaone": (EXAONE_TOKENS, "[|endofturn|]", ("", "")),
+    "exaone4": (EXAONE_TOKENS, "[|endofturn|]", ("", "")),
+    "mistral_v1": (MISTRAL_TOKENS, "</s>", (" ", " ")),
+    "mistral_v2v3": (MISTRAL_TOKENS, "</s>", (" ", " ")),
+    "mistral_v3_tekken": (MISTRAL_TOKENS, "</s>", ("", "")),
+    "mistral_v7_tekken": (
+        family_tokens("<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"),
+        "</s>",
+        ("", ""),
+    ),
+    "nemotron_h": (family_tokens(None, "<|im_end|>", "<|im_start|>"), "<|im_end|>", ("", "")),
+    "phi_35": (
+        family_tokens(None, "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        "<|end|>",
+        ("", ""),
+    ),
+    "phi_4": (
+        family_tokens(None, "<|im_end|>", "<|im_start|>", "<|im_sep|>"),
+        "<|im_end|>",
+        ("", ""),
+    ),
+    "qwen_25": (family_tokens(None, "<|im_end|>", "<|im_start|>"), "<|im_end|>", ("", "")),
 }
 
 
-@pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
+@pytest.mark.parametrize("name", [name for name in BUILTIN_TEMPLATES if name != "metharme"])
 @pytest.mark.parametrize("policy", ["turn", "none"])
 def test_builtin_templates_train_each_answer_and_its_end_marker(plugins, name, policy):
     """Every built-in template, chosen by name, on its model family's tokenizer: the answers are
@@ -265,6 +296,20 @@ def test_builtin_templates_train_each_answer_and_its_end_marker(plugins, name, p
         ids, labels = labels_for(tokenizer, messages, chat_template=name, train_on_eos=policy)
         expected = [lead + answer + end for lead, answer in zip(leads, answers, strict=True)]
         assert runs(tokenizer, ids, labels) == expected
+
+
+def test_a_template_ending_only_the_conversation_trains_that_end_after_the_last_answer(plugins):
+    # Metharme writes eos once, after the last message, and nothing between turns: the earlier
+    # answers have no end marker to train, the last one ends with eos.
+    tokenizer = build_tokenizer(
+        **family_tokens("<s>", "</s>", "<|system|>", "<|user|>", "<|model|>")
+    )
+    ids, labels = labels_for(tokenizer, [SYSTEM, *TURNS], chat_template="metharme")
+    assert runs(tokenizer, ids, labels) == ["Paris.", "Tokyo, of course.</s>"]
+    ids, labels = labels_for(
+        tokenizer, [SYSTEM, *TURNS], chat_template="metharme", train_on_eos="none"
+    )
+    assert runs(tokenizer, ids, labels) == ["Paris.", "Tokyo, of course."]
 
 
 # -- reasoning ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from conftest import write_jsonl
 from sft.data.pipeline import prepare_datasets
 from sft.errors import ConfigError, DataError
 from sft.plugins.chat_template.templates import BUILTIN_TEMPLATES, builtin_template
-from sft.testing import build_tokenizer
+from sft.testing import build_tokenizer, template_tokenizer_kwargs
 
 IGNORE = -100
 CHATML_TOKENS = {"special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"}
@@ -300,6 +300,39 @@ def test_a_jinja_template_beside_another_template_name_is_an_error(
     problem = next(p for p in error.value.problems if p.path == where)
     assert "only 'jinja' reads it" in problem.message
     assert "chat_template = 'jinja'" in (problem.hint or "")
+
+
+def test_chat_template_kwargs_reach_the_template_and_move_the_labels(make_config):
+    # Qwen3's template reads enable_thinking: with it false the generation prompt holds an empty
+    # think block, so the model's own text (trained) is the answer alone.
+    tokenizer = build_tokenizer(**template_tokenizer_kwargs("qwen3"))
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "The answer."}]
+    rows = [{"messages": messages}]
+    default = prepare(make_config, tokenizer, "", rows, root='chat_template = "qwen3"')
+    no_thinking = prepare(
+        make_config,
+        tokenizer,
+        "",
+        rows,
+        root='chat_template = "qwen3"\nchat_template_kwargs = {enable_thinking = false}',
+    )
+    (row,) = default.train
+    assert runs(tokenizer, row["input_ids"], row["labels"]) == ["</think>\n\nThe answer.<|im_end|>"]
+    (row,) = no_thinking.train
+    assert runs(tokenizer, row["input_ids"], row["labels"]) == ["The answer.<|im_end|>"]
+    assert "<think>\n\n</think>" in tokenizer.decode(row["input_ids"])
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("add_generation_prompt", "set by sft"), ("eos_token", "special_tokens = {eos_token")],
+)
+def test_chat_template_kwargs_cannot_override_what_the_rendering_sets(make_config, name, expected):
+    text = f'chat_template_kwargs = {{{name} = "x"}}\n[[datasets]]\npath = "d.jsonl"\ntype = "chat_template"\n'
+    with pytest.raises(ConfigError) as error:
+        make_config(text, machine_checks=False)
+    (problem,) = [p for p in error.value.problems if p.path == f"chat_template_kwargs.{name}"]
+    assert expected in problem.message + (problem.hint or "")
 
 
 def test_root_chat_template_is_set_on_the_tokenizer(plugins):

@@ -51,3 +51,30 @@ def test_cli_run_on_a_config_file_and_chat_on_nothing_trained(tiny_project, tmp_
     run = sft("run", str(config), cwd=tmp_path)  # relative paths: from the working directory
     assert run.returncode == 0, run.stderr[-2000:]
     assert "step 2/2 | loss" in run.stdout and "saved model to" in run.stdout
+
+
+PERSONA_TEMPLATE = (
+    "{% if persona is not defined %}{{ raise_exception('persona is not set') }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant ({{ persona }})\n{% endif %}"
+)
+
+
+def test_chat_template_kwargs_render_the_training_data_and_the_chat(tiny_project, tmp_path):
+    # A template that refuses to render without `persona`: the run's data and `sft chat` on
+    # its result (which reads the run's sft_config.yaml) both render with it.
+    (tmp_path / "persona.jinja").write_text(PERSONA_TEMPLATE)
+    config = tiny_project(
+        "adapter=lora",
+        "max_steps=1",
+        "chat_template=jinja",
+        f"chat_template_jinja={tmp_path / 'persona.jinja'}",
+        "chat_template_kwargs={persona = 'Quill'}",
+    )
+    result = api.train(config)
+    assert result.global_step == 1
+    answer = sft(
+        "chat", str(result.output_dir), "--prompt", "Who are you?", "--max-new-tokens", "3"
+    )
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert answer.stdout.strip()
