@@ -6,8 +6,9 @@ pickled); everything returned is plain lists of ints and counters.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -112,6 +113,54 @@ def labels_from_encoding(encoding: Any, spans: Sequence[tuple[int, int]]) -> lis
             last += 1
         labels[first : last + 1] = ids[first : last + 1]
     return labels
+
+
+def cut_special_token(
+    text: str,
+    ids: Sequence[int],
+    token_chars: Callable[[int], tuple[int, int] | None],
+    char_token: Callable[[int], int | None],
+    spans: Sequence[tuple[int, int]],
+    special_ids: frozenset[int],
+) -> tuple[int, int] | None:
+    """The characters of a special (added) token that a span starts or ends inside, if any.
+
+    Ordinary tokens are widened silently (a character can span several byte-level tokens), but
+    a special token is a marker: a span edge inside one means the strategy's idea of where a
+    turn ends does not match the text, and training all or none of it would be a guess.
+    Whitespace a token absorbs around its text (`lstrip`/`rstrip`) is not part of it.
+    """
+    for start, end in spans:
+        for position, edge in ((start, start), (end - 1, end)):
+            token = char_token(position)
+            if token is None or ids[token] not in special_ids:
+                continue
+            chars = token_chars(token)
+            if chars is None:
+                continue
+            piece = text[chars[0] : chars[1]]
+            first = chars[0] + len(piece) - len(piece.lstrip())
+            last = chars[1] - (len(piece) - len(piece.rstrip()))
+            if first < edge < last:
+                return first, last
+    return None
+
+
+def _offsets_lookup(
+    offsets: Sequence[tuple[int, int]],
+) -> tuple[Callable[[int], tuple[int, int] | None], Callable[[int], int | None]]:
+    """`cut_special_token`'s lookups over a Python tokenizer's offset mapping."""
+    starts = [start for start, _ in offsets]
+
+    def char_token(position: int) -> int | None:
+        index = bisect.bisect_right(starts, position) - 1
+        while index >= 0 and offsets[index][1] <= offsets[index][0]:
+            index -= 1  # tokens with no characters (BOS)
+        if index < 0 or not offsets[index][0] <= position < offsets[index][1]:
+            return None
+        return index
+
+    return (lambda index: tuple(offsets[index])), char_token  # type: ignore[return-value]
 
 
 def _token_start(encoding: Any, index: int) -> int:
@@ -260,27 +309,55 @@ def process_chunk(
                 out.notes.update(sample.notes)
                 rendered.append((index, sample))
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)  # a method on mistral-common's
+    special_ids = frozenset(decoder) if isinstance(decoder, Mapping) else frozenset()
     for add_special in (False, True):
         group = [(i, r) for i, r in rendered if r.add_special_tokens is add_special]
         if not group:
             continue
         texts = [r.text for _, r in group]
+        pairs: list[tuple[Sequence[int], list[int], tuple[int, int] | None]] = []
         if backend is not None:  # the Rust tokenizer directly: the same ids, less overhead
-            encodings = backend.encode_batch(texts, add_special_tokens=add_special)
-            pairs = [
-                (e.ids, labels_from_encoding(e, s.spans))
-                for e, (_, s) in zip(encodings, group, strict=True)
-            ]
+            for encoding, (_, sample) in zip(
+                backend.encode_batch(texts, add_special_tokens=add_special), group, strict=True
+            ):
+                ids = encoding.ids
+                cut = cut_special_token(
+                    sample.text,
+                    ids,
+                    encoding.token_to_chars,
+                    encoding.char_to_token,
+                    sample.spans,
+                    special_ids,
+                )
+                pairs.append((ids, labels_from_encoding(encoding, sample.spans), cut))
         else:
             encoded = tokenizer(
                 texts, add_special_tokens=add_special, return_offsets_mapping=True, verbose=False
             )
-            pairs = [
-                (ids, labels_from_spans(ids, offsets, s.spans))
-                for ids, offsets, (_, s) in zip(
-                    encoded["input_ids"], encoded["offset_mapping"], group, strict=True
+            for ids, offsets, (_, sample) in zip(
+                encoded["input_ids"], encoded["offset_mapping"], group, strict=True
+            ):
+                cut = cut_special_token(
+                    sample.text, ids, *_offsets_lookup(offsets), sample.spans, special_ids
                 )
-            ]
-        for (index, sample), (ids, labels) in zip(group, pairs, strict=True):
+                pairs.append((ids, labels_from_spans(ids, offsets, sample.spans), cut))
+        for (index, sample), (ids, labels, cut) in zip(group, pairs, strict=True):
+            if cut is not None:
+                who = getattr(render, "strategy", "the prompt strategy")
+                problem = RowProblem(
+                    index,
+                    "labels cut a special token",
+                    f"{who} marks a trained span that starts or ends inside the special token "
+                    f"{sample.text[cut[0] : cut[1]]!r} (characters {cut[0]}..{cut[1]}), so "
+                    "whether it is trained would be a guess. With a chat template, the template "
+                    "writes text that both ends one turn and starts the next; see the row with "
+                    "`sft preprocess --debug`, and set eot_tokens or use another template",
+                )
+                if opts.invalid_rows == "raise":
+                    out.add_error(problem)
+                else:
+                    out.dropped[problem.reason] += 1
+                continue
             _finish(list(ids), labels, sample.split_long, opts, out, index)
     return out

@@ -628,3 +628,45 @@ def test_the_run_summary_tells_when_the_template_drops_reasoning(plugins, make_c
     note = f"note: {tmp_path / 'r.jsonl'}: trained turns whose reasoning the template drops: 4"
     assert note in prepared.summary.dropped_lines()  # what `sft run` prints under `data:`
     assert note in prepared.summary.lines()  # and `sft preprocess`
+
+
+def test_labels_that_would_cut_a_special_token_are_a_row_error_naming_it(plugins):
+    # A template that writes the next assistant header after every conversation (as Cohere's
+    # Command-A templates do): the end of a turn and the start of the next share
+    # "<|START_OF_TURN_TOKEN|><|", so a text-only layout ends the closer inside a special token.
+    # Guessing would train part of the next turn's header; the row is refused instead.
+    template = (
+        "{% for m in messages %}<|START_OF_TURN_TOKEN|>"
+        "{{ '<|USER_TOKEN|>' if m['role'] == 'user' else '<|CHATBOT_TOKEN|>' }}"
+        "{{ m['content'] }}<|END_OF_TURN_TOKEN|>{% endfor %}"
+        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+    )
+    tokenizer = build_tokenizer(
+        **family_tokens(None, "<|END_OF_TURN_TOKEN|>", *COHERE_TURN), chat_template=template
+    )
+    opts = TokenizeOptions(
+        sequence_len=4096,
+        excess_length_strategy="raise",
+        invalid_rows="raise",
+        train_on_inputs=False,
+    )
+    result = process_chunk([{"messages": TURNS}], 0, renderer(tokenizer), tokenizer, opts)
+    assert result.input_ids == []
+    (problem,) = result.errors
+    assert problem.reason == "labels cut a special token"
+    assert "inside the special token '<|USER_TOKEN|>'" in problem.message
+
+
+def test_cut_special_token_ignores_ordinary_tokens_and_absorbed_whitespace():
+    from sft.data.tokenize import _offsets_lookup, cut_special_token
+
+    text = "ab<X> cd"
+    ids = [1, 2, 99, 3]  # 99: the special token "<X> " (absorbing the space after it)
+    offsets = [(0, 1), (1, 2), (2, 6), (6, 8)]
+    lookups = _offsets_lookup(offsets)
+    special = frozenset({99})
+    assert cut_special_token(text, ids, *lookups, [(0, 1)], special) is None  # ordinary token
+    assert cut_special_token(text, ids, *lookups, [(5, 8)], special) is None  # at the space
+    assert cut_special_token(text, ids, *lookups, [(2, 5)], special) is None  # the whole marker
+    assert cut_special_token(text, ids, *lookups, [(0, 4)], special) == (2, 5)
+    assert cut_special_token(text, ids, *lookups, [(3, 8)], special) == (2, 5)
