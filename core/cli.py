@@ -290,10 +290,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     config = _load_config(args)
     plugins = config.plugin_set
     console = _console()
-    tokenizer = load_tokenizer(config, plugins)
     if config.streaming:
-        return _preprocess_streaming(config, tokenizer, plugins, console, args)
-    prepared = prepare_datasets(config, tokenizer, plugins, use_cache=not args.no_cache)
+        return _preprocess_streaming(
+            config, load_tokenizer(config, plugins), plugins, console, args
+        )
+    # Without a tokenizer: a cache hit then needs none (nor transformers); a miss loads it.
+    prepared = prepare_datasets(config, None, plugins, use_cache=not args.no_cache)
     console.print(prepared.summary.table())
     for line in prepared.summary.lines():
         console.print(line)
@@ -306,6 +308,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if args.debug:
         from sft.data.debug import debug_examples, render_example
 
+        tokenizer = load_tokenizer(config, plugins)
         examples = debug_examples(config, tokenizer, plugins, args.debug_num_examples)
         for example in examples:
             render_example(example, tokenizer, console, args.ids)

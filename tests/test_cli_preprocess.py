@@ -155,3 +155,60 @@ def test_preprocess_with_no_sample_left_says_what_was_dropped(
     assert "no training sample left after preparing the data" in err
     assert "chat.jsonl: 5 rows in, 0 kept, dropped: longer than sequence_len: 5" in err
     assert "raise sequence_len" in err
+
+
+def _preprocess_importing(config: Path, cwd: Path) -> tuple[str, list[str]]:
+    """`sft preprocess` in a fresh interpreter: its output, and which heavy modules it imported."""
+    import ast
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from sft.cli import main
+        try:
+            main(["preprocess", {str(config)!r}])
+        except SystemExit:
+            pass
+        print("HEAVY:", [m for m in ("torch", "transformers") if m in sys.modules])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    heavy = re.search(r"HEAVY: (\[.*\])", result.stdout)
+    assert heavy, result.stdout + result.stderr
+    return result.stdout, ast.literal_eval(heavy.group(1))
+
+
+def test_a_cache_hit_loads_no_tokenizer_and_a_changed_input_does(tmp_path):
+    config = make_project(tmp_path)
+    first, heavy = _preprocess_importing(config, tmp_path)
+    assert "written to" in first and "transformers" in heavy
+    again, heavy = _preprocess_importing(config, tmp_path)
+    assert "loaded from" in again and heavy == []  # cold start: no transformers, no torch
+    # A changed tokenizer file: the tokenizer is loaded again (here, to find the same entry).
+    tokenizer_json = tmp_path / "tok" / "tokenizer.json"
+    tokenizer_json.write_text(tokenizer_json.read_text())
+    import os
+
+    stat = tokenizer_json.stat()
+    os.utime(tokenizer_json, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed, heavy = _preprocess_importing(config, tmp_path)
+    assert "loaded from" in changed and "transformers" in heavy
+    # A changed key the data does not depend on: the same entry, found the slow way once.
+    config.write_text(
+        config.read_text().replace("[[datasets]]", "learning_rate = 0.5\n[[datasets]]")
+    )
+    relearned, heavy = _preprocess_importing(config, tmp_path)
+    assert "loaded from" in relearned and "transformers" in heavy
+    fast, heavy = _preprocess_importing(config, tmp_path)
+    assert "loaded from" in fast and heavy == []
+    assert len(list((tmp_path / "prepared").glob("*/complete"))) == 1  # one entry throughout
+    # A key the data depends on: a new entry, never the aliased one.
+    config.write_text(config.read_text().replace("learning_rate = 0.5", "sequence_len = 64"))
+    shorter, _ = _preprocess_importing(config, tmp_path)
+    assert "written to" in shorter
+    assert len(list((tmp_path / "prepared").glob("*/complete"))) == 2

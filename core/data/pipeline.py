@@ -301,6 +301,83 @@ def cache_key(config: Config, tokenizer: Any, fingerprints: list[str], plugins: 
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+ALIASES = "by-source"  # dataset_prepared_path/by-source/<source alias>: the entry's name
+# Files of a model directory that hold weights, not the tokenizer.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+def _tokenizer_source(config: Config) -> list[Any] | None:
+    """The tokenizer's local files by path, size and modification time; None for a Hub id."""
+    name = config.tokenizer_config or config.base_model
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():  # a GGUF file: its tokenizer is converted from it
+            return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+        if path.is_dir():
+            files = sorted(
+                f for f in path.iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES)
+            )
+            return [str(path.resolve())] + [
+                [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files
+            ]
+    except OSError:
+        return None
+    return None
+
+
+def source_alias(config: Config, plugins: SftPlugins, quick: list[str | None]) -> str | None:
+    """A key from the config and file metadata alone, before any tokenizer is loaded.
+
+    It names the cache entry that a run with exactly these inputs prepared: the whole config
+    (every key, not only those known to matter: a plugin's tokenizer hook may read any), the
+    data files' and the tokenizer files' metadata, the installed plugins with their versions,
+    and the versions of sft, transformers, tokenizers and datasets. Anything else is looked up
+    the slow way (the tokenizer loaded, the full key computed). None when some input has no
+    metadata (a Hub model or dataset).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    tokenizer_files = _tokenizer_source(config)
+    if tokenizer_files is None or any(f is None for f in quick):
+        return None
+    versions: dict[str, str | None] = {}
+    for package in ("transformers", "tokenizers", "datasets"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    payload = json.dumps(
+        {
+            "sft": sft.__version__,
+            "config": _file_contents(to_dict(config)),
+            "data": quick,
+            "tokenizer": tokenizer_files,
+            "plugins": sorted(
+                [name, record.package, record.version] for name, record in plugins.records.items()
+            ),
+            "versions": versions,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _record_alias(root: Path, alias: str | None, entry: Path) -> None:
+    """Point the source alias at a complete cache entry (best effort: only a later cache hit
+    is faster for it)."""
+    if alias is None:
+        return
+    target = root / ALIASES / alias
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{alias}.{os.getpid()}")
+        temporary.write_text(entry.name)
+        temporary.replace(target)
+    except OSError:
+        pass
+
+
 def _to_dataset(ids: list[list[int]], labels: list[list[int]]) -> Any:
     import datasets
 
@@ -397,17 +474,27 @@ def prepare_datasets(
     """
     if plugins is None:
         plugins = config.plugin_set
-    if tokenizer is None:
-        from sft.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(config, plugins)
     entries = (*config.datasets, *config.test_datasets)
     root = Path(config.dataset_prepared_path) if config.dataset_prepared_path else None
     # The cache key from file metadata first: a cache hit reads no data at all.
     quick = [quick_fingerprint(ds) for ds in entries] if root is not None else []
+    alias = source_alias(config, plugins, quick) if root is not None else None
+    if root is not None and alias is not None:
+        known = root / ALIASES / alias
+        if tokenizer is None and use_cache and wait_for_cache is None and known.is_file():
+            # Exactly these inputs were prepared before: no tokenizer to load (transformers
+            # and torch are not even imported).
+            entry = root / known.read_text().strip()
+            if (entry / "complete").exists():
+                return _load_cached(entry)
+    if tokenizer is None:
+        from sft.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config, plugins)
     if root is not None and all(f is not None for f in quick):
         quick_dir = root / cache_key(config, tokenizer, quick, plugins)  # type: ignore[arg-type]
         if use_cache and (quick_dir / "complete").exists():
+            _record_alias(root, alias, quick_dir)
             return _load_cached(quick_dir)
         if wait_for_cache is not None:  # the key is known: nothing to read
             while not (quick_dir / "complete").exists():
@@ -423,6 +510,7 @@ def prepare_datasets(
     key = cache_key(config, tokenizer, fingerprints, plugins)
     cache_dir = root / key if root is not None else None
     if use_cache and cache_dir is not None and (cache_dir / "complete").exists():
+        _record_alias(cache_dir.parent, alias, cache_dir)
         return _load_cached(cache_dir)
     if wait_for_cache is not None:
         if cache_dir is None:
@@ -489,6 +577,7 @@ def prepare_datasets(
     )
     if cache_dir is not None:
         _save_cached(prepared, cache_dir)
+        _record_alias(cache_dir.parent, alias, cache_dir)
     return prepared
 
 

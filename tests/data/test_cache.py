@@ -34,6 +34,13 @@ def make_project(root: Path, prepared: str) -> Path:
     return config
 
 
+def entries(prepared: Path) -> list[Path]:
+    """The cache entries of a dataset_prepared_path (without the source-alias index)."""
+    from sft.data.pipeline import ALIASES
+
+    return [p for p in prepared.iterdir() if p.name != ALIASES]
+
+
 def test_a_prepared_path_under_home_is_one_cache_that_the_next_run_loads(
     tmp_path, monkeypatch, plugins, capsys
 ):
@@ -48,7 +55,7 @@ def test_a_prepared_path_under_home_is_one_cache_that_the_next_run_loads(
     assert main(["preprocess", str(config)]) == 0
     assert "loaded from" in capsys.readouterr().out
     assert not (work / "~").exists()  # no directory literally named ~ (an `rm -rf ~` trap)
-    (entry,) = (home / "sft-prepared").iterdir()
+    (entry,) = entries(home / "sft-prepared")
     assert sorted(p.name for p in entry.iterdir()) == ["complete", "summary.json", "train"]
 
 
@@ -74,7 +81,7 @@ def test_a_full_disk_is_a_data_error_naming_the_cache_and_leaves_nothing(
 def test_a_damaged_cache_entry_is_a_data_error_saying_what_to_delete(tmp_path, plugins, capsys):
     config = make_project(tmp_path, str(tmp_path / "prepared"))
     assert main(["preprocess", str(config)]) == 0
-    (entry,) = (tmp_path / "prepared").iterdir()
+    (entry,) = entries(tmp_path / "prepared")
     for file in sorted((entry / "train").iterdir(), reverse=True):
         file.unlink()
     (entry / "train").rmdir()
