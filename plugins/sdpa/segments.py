@@ -1,0 +1,114 @@
+"""Attention per packed sample: SDPA over each sample of a packed row, not over the whole bin.
+
+With `sample_packing`, transformers' sdpa path builds a dense block-diagonal causal mask over
+the whole bin, so attention time and memory grow with the square of the bin although samples
+never attend to each other. Here each sample's queries attend to its own keys only: causal SDPA
+per segment, the segments read from the positions that restart at 0 for every sample. The cost
+is the sum of the samples' squares, no mask is built, and the result equals the masked one.
+
+Used only where that holds (`applies`): a causal decoder with one attention kind for every layer
+and neither logit soft-capping nor a sliding window shorter than a packed row. Batches without positions (or with a mask)
+go through transformers' own sdpa function unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+NAME = "sft_sdpa_segments"
+# Attention arguments some models pass that change the result (sinks, biases, capping, windows):
+# with any of them the call goes to transformers' own sdpa function.
+MODIFIERS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
+
+
+def applies(model_config: Any, sequence_len: int | None = None) -> bool:
+    """Whether attention per segment equals the model's own attention on packed rows of
+    `sequence_len` tokens (a sliding window at least that long never cuts a sample)."""
+    configs = [model_config, getattr(model_config, "text_config", None)]
+    for config in filter(None, configs):
+        window = getattr(config, "sliding_window", None)
+        if window and (sequence_len is None or window < sequence_len):
+            return False
+        if getattr(config, "attn_logit_softcapping", None):
+            return False
+        if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+            return False
+    return not getattr(model_config, "is_encoder_decoder", False)
+
+
+def install(model: Any) -> None:
+    """Register the segment attention with transformers and switch the model to it."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, segment_attention)
+    model.set_attn_implementation(NAME)
+
+
+def segment_starts(positions: Any) -> list[int]:
+    """Where each sample of one packed row starts: the positions that restart at 0."""
+    import torch
+
+    starts = torch.nonzero(positions == 0).flatten().tolist()
+    return starts if starts and starts[0] == 0 else [0, *starts]
+
+
+def segment_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers' attention-function contract: (batch, heads, length, dim) in, the output as
+    (batch, length, heads, dim) and no weights out."""
+    import torch
+
+    position_ids = kwargs.get("position_ids")
+    if (
+        attention_mask is not None
+        or position_ids is None
+        or not getattr(module, "is_causal", True)
+        or any(kwargs.get(name) is not None for name in MODIFIERS)
+        or query.shape[2] != key.shape[2]  # decoding with a cache
+    ):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(  # type: ignore[no-any-return]
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    batch, heads, length, _ = query.shape
+    positions = position_ids.expand(batch, length)
+    grouped = key.shape[1] != heads
+    dropout_p = dropout if module.training else 0.0
+    rows = []
+    for row in range(batch):
+        bounds = [*segment_starts(positions[row]), length]
+        pieces = [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[row : row + 1, :, start:end],
+                key[row : row + 1, :, start:end],
+                value[row : row + 1, :, start:end],
+                dropout_p=dropout_p,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=grouped,
+            )
+            for start, end in itertools.pairwise(bounds)
+            if end > start
+        ]
+        rows.append(torch.cat(pieces, dim=2))
+    output = torch.cat(rows, dim=0)  # (batch, heads, length, dim)
+    return output.transpose(1, 2).contiguous(), None
