@@ -115,6 +115,10 @@ _QUANT: dict[str, Unsupported] = {
     "relora_warmup_steps": U("ReLoRA: warmup steps after each restart"),
     "relora_anneal_steps": U("ReLoRA: anneal steps before each restart"),
     "relora_prune_ratio": U("ReLoRA: optimizer-state pruning threshold at each restart"),
+    "relora": U("ReLoRA: merges the adapter into the model and restarts it periodically"),
+    "jagged_restart_steps": U("ReLoRA: steps between restarts of the learning-rate schedule"),
+    "jagged_restart_warmup_steps": U("ReLoRA: warmup steps after each restart"),
+    "jagged_restart_anneal_steps": U("ReLoRA: anneal steps before each restart"),
     "relora_cpu_offload": U("ReLoRA: merges the adapter on the CPU at each restart"),
 }
 
@@ -128,10 +132,6 @@ _DATA: dict[str, Unsupported] = {
         "which shard of the whole mixed dataset to use", "use `shards_idx` on a dataset entry"
     ),
     "skip_prepare_dataset": U("tokenises on the fly instead of preparing the data first"),
-    "pretraining_dataset": U(
-        "streams a pretraining dataset instead of preparing it",
-        "use a dataset entry with `type: completion`",
-    ),
     "dataset_processes": U("processes for preparing data (older name)", "use `dataset_num_proc`"),
     "dataset_keep_in_memory": U("keeps the dataset in memory while preparing it"),
     "push_dataset_to_hub": U("pushes the prepared dataset to the Hub"),
@@ -151,10 +151,13 @@ _DATA: dict[str, Unsupported] = {
     ),
     "multipack_real_batches": U("a multipack batching option"),
     "total_num_tokens": U("internal: the dataset's token count"),
+    "pretrain_multipack_buffer_size": U(
+        "samples held for packing a streamed pretraining_dataset",
+        only_with=("pretraining_dataset",),
+    ),
     "pretrain_multipack_attn": U(
         "keeps packed pretraining samples from attending to each other", default=True
     ),
-    "pretrain_multipack_buffer_size": U("buffer for packing a streamed pretraining dataset"),
     "dataloader_pin_memory": U("pins dataloader memory"),
     "dataloader_num_workers": U("dataloader worker processes"),
     "dataloader_prefetch_factor": U("batches each dataloader worker loads ahead"),
@@ -273,6 +276,16 @@ _KERNELS: dict[str, Unsupported] = {
         speed_only=True,
     ),
     "use_dsv4_kernels": U("fused Triton training kernels for DeepSeek-V4 (kernels plugin)"),
+    "use_glm_dsa_kernels": U("fused kernels for GLM's sparse attention (kernels plugin)"),
+    "expert_parallel_num_nvl_bytes": U("DeepEP expert parallelism: NVLink buffer size"),
+    "expert_parallel_token_capacity": U(
+        "DeepEP expert parallelism: most tokens routed to one expert per forward"
+    ),
+    "diffusion": U("diffusion language-model training (diffusion plugin)"),
+    "ple_cpu_offload": U(
+        "keeps the parameters a model declares in `_no_placement_params` (e.g. a large "
+        "per-layer embedding table) in host RAM"
+    ),
     "dsv4_fp4_grouped_mode": U("grouped FP4 path for NVFP4 MoE experts (kernels plugin)"),
     "moe_kernels": U(
         "grouped-GEMM Triton kernels for MoE layers (moe_kernels plugin)",
@@ -421,6 +434,7 @@ UNSUPPORTED_DATASET_KEYS: dict[str, Unsupported] = {
     "input_transform": Unsupported("a transform applied to rows before formatting"),
     "trust_remote_code": Unsupported("runs the Hub dataset's own loading code"),
     "train_on_split": Unsupported("an older dataset key (not in Axolotl's current schema)"),
+    "skip": Unsupported("skips the first rows of a streamed pretraining_dataset entry"),
 }
 
 # Axolotl keys sft reads under another name or handles its own way: key -> what sft does.
@@ -430,6 +444,9 @@ MAPPED_KEYS: dict[str, str] = {
     "flex_attention": "same as `attn_implementation: flex_attention`",
     "eager_attention": "same as `attn_implementation: eager`",
     "noisy_embedding_alpha": "read as `neftune_noise_alpha` (Axolotl's older name)",
+    "pretraining_dataset": "its entries are the training datasets, streamed (`streaming = true`); "
+    "an entry's type defaults to `pretrain` (the `text_column` text, all trained, long texts "
+    "split into sequence_len chunks without Axolotl's overlapping windows)",
     "strict": "accepted and ignored: it only lets Axolotl's CLI override config keys, which "
     "sft's `--set` always can",
 }

@@ -254,7 +254,18 @@ def _same(value: Any, saved: Any) -> bool:
 def _best_model_problems(config: Config) -> list[Problem]:
     problems = []
     best = config.load_best_model_at_end or config.early_stopping_patience
+    saves_best = config.checkpoint_strategy == "best"
     has_eval = config.val_set_size > 0 or config.test_datasets
+    if saves_best and not has_eval:
+        problems.append(
+            Problem(
+                "save_strategy",
+                "'best' saves a checkpoint at each evaluation that improves the metric, and there "
+                "is no eval set",
+                hint="set val_set_size (e.g. 0.05) or add [[test_datasets]], or use "
+                "save_strategy = 'steps'",
+            )
+        )
     for name in ("early_stopping_patience", "load_best_model_at_end"):
         if is_set(config, name) and not has_eval:
             problems.append(
@@ -283,7 +294,7 @@ def _best_model_problems(config: Config) -> list[Problem]:
             )
         )
     for name in ("metric_for_best_model", "greater_is_better"):
-        if is_set(config, name) and not best:
+        if is_set(config, name) and not (best or saves_best):
             problems.append(
                 Problem(
                     name,

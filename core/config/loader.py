@@ -40,6 +40,9 @@ class _Context:
     # Keys that change nothing (`Problem.warning`): they never stop a load, and reach the
     # config's warnings with those `check_config` finds.
     warnings: list[Problem] = attrs.field(factory=list)
+    # A top-level key read under another name (Axolotl's `pretraining_dataset` as `datasets`):
+    # the name sft reads -> the name the file uses, for messages and their lines.
+    written_as: dict[str, str] = attrs.field(factory=dict)
 
     def add(self, path: KeyPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self._problem(path, message, hint))
@@ -47,7 +50,13 @@ class _Context:
     def warn(self, path: KeyPath, message: str, hint: str | None = None) -> None:
         self.warnings.append(attrs.evolve(self._problem(path, message, hint), warning=True))
 
+    def _as_written(self, path: KeyPath) -> KeyPath:
+        if path and isinstance(path[0], str) and path[0] in self.written_as:
+            return (self.written_as[path[0]], *path[1:])
+        return path
+
     def _problem(self, path: KeyPath, message: str, hint: str | None) -> Problem:
+        path = self._as_written(path)
         if path in self.overridden:
             return Problem(format_path(path), message, file="--set", hint=hint)
         return Problem(format_path(path), message, line=line_of(self.lines, path), hint=hint)
@@ -56,7 +65,8 @@ class _Context:
         """Fill in the line of a plugin's problem from its key path."""
         if problem.line is not None or not problem.path:
             return problem
-        path = _parse_path(problem.path)
+        path = self._as_written(_parse_path(problem.path))
+        problem = attrs.evolve(problem, path=format_path(path))
         if path in self.overridden:
             return attrs.evolve(problem, file="--set")
         return attrs.evolve(problem, line=line_of(self.lines, path))
@@ -448,6 +458,45 @@ def load_config_text(
     return _load(data, lines, source, overrides, plugins, machine_checks)
 
 
+def _read_pretraining_dataset(data: dict[str, Any], ctx: _Context) -> None:
+    """Axolotl's `pretraining_dataset`: its entries are the training datasets, streamed.
+
+    Entries default to `type: pretrain` (the text of `text_column`, all trained), as in Axolotl;
+    `pretrain_multipack_buffer_size` is the streaming buffer.
+    """
+    entries = data.pop("pretraining_dataset", None)
+    if axolotl.is_inert(entries):
+        return  # pretrain_multipack_buffer_size alone changes nothing: a warning, later
+    buffer = data.pop("pretrain_multipack_buffer_size", None)
+    if not axolotl.is_inert(data.get("datasets")):
+        ctx.add(
+            ("pretraining_dataset",),
+            "is set together with datasets; a run trains on one or the other",
+            hint="move every entry to pretraining_dataset (streamed) or to datasets (prepared "
+            "and cached)",
+        )
+        return
+    if isinstance(entries, dict):  # one table instead of a list of them
+        entries = [entries]
+    if isinstance(entries, list):
+        entries = [
+            {**e, "type": e.get("type") or "pretrain"} if isinstance(e, dict) else e
+            for e in entries
+        ]
+    data["datasets"] = entries
+    ctx.written_as["datasets"] = "pretraining_dataset"
+    if data.get("streaming") is False:
+        ctx.add(
+            ("streaming",),
+            "is false, but pretraining_dataset is always streamed",
+            hint="remove streaming = false, or list the entries under datasets to prepare them",
+        )
+        return
+    data["streaming"] = True
+    if buffer is not None and data.get("streaming_multipack_buffer_size") is None:
+        data["streaming_multipack_buffer_size"] = buffer
+
+
 def _load(
     data: dict[str, Any],
     lines: dict[KeyPath, int],
@@ -462,6 +511,7 @@ def _load(
         plugins = SftPlugins.load()
     ctx = _Context(lines=lines, source=source)
     ctx.overridden = apply_overrides(data, overrides)
+    _read_pretraining_dataset(data, ctx)
     groups = _groups(plugins, "root")
     values = _structure_scope(data, groups, (), ctx, axolotl.UNSUPPORTED_ROOT_KEYS)
     for key in _DATASET_LISTS:

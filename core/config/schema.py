@@ -521,11 +521,12 @@ class Config(_Sections):
     )
     save_steps: int | None = key(None, ge=1, doc="Save a checkpoint every this many steps.")
     # YAML 1.1 reads an unquoted `no` as false: false means "no" here.
-    save_strategy: Literal["steps", "epoch", "no", False] | None = key(
+    save_strategy: Literal["steps", "epoch", "best", "no", False] | None = key(
         None,
         doc="When checkpoints are saved: steps (save_steps or saves_per_epoch; every 500 steps "
-        "without them), epoch, or no (none; an interrupt still saves one). Default: save_steps, "
-        "saves_per_epoch, else each epoch.",
+        "without them), epoch, best (at each evaluation that improves metric_for_best_model, "
+        "default the eval loss; needs an eval set) or no (none; an interrupt still saves one). "
+        "Default: save_steps, saves_per_epoch, else each epoch.",
     )
     ddp_find_unused_parameters: bool | None = key(
         None,

@@ -109,7 +109,7 @@ def option_problems(config: Config) -> list[Problem]:
                 hint="remove save_only_model, or auto_resume_from_checkpoints",
             )
         )
-    if config.checkpoint_strategy in ("epoch", "no"):
+    if config.checkpoint_strategy in ("epoch", "best", "no"):
         for other in ("save_steps", "saves_per_epoch"):
             if getattr(config, other) is not None:
                 problems.append(

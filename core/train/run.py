@@ -103,7 +103,7 @@ def training_arguments(
         if has_eval
         else {"eval_strategy": "no"}
     )  # eval_strategy = 'epoch' / 'steps' agree with this: checked with the config
-    if config.checkpoint_strategy in ("epoch", "no"):
+    if config.checkpoint_strategy in ("epoch", "best", "no"):
         save_kwargs: dict[str, Any] = {"save_strategy": config.checkpoint_strategy}
     elif config.checkpoint_strategy == "steps" and not (
         config.save_steps or config.saves_per_epoch
@@ -112,7 +112,12 @@ def training_arguments(
     else:
         save_kwargs = _schedule("save", config.save_steps, config.saves_per_epoch, per_epoch)
     best = has_eval and (config.load_best_model_at_end or config.early_stopping_patience)
-    if best and save_kwargs.get("save_strategy") != eval_kwargs.get("eval_strategy"):
+    ranks = best or config.checkpoint_strategy == "best"  # a metric picks checkpoints
+    if (
+        best
+        and save_kwargs["save_strategy"] != "best"  # saved at evaluations by construction
+        and save_kwargs.get("save_strategy") != eval_kwargs.get("eval_strategy")
+    ):
         raise ModelError(
             "load_best_model_at_end / early_stopping_patience pick the best of the checkpoints "
             f"saved at evaluations, but evaluations run by {eval_kwargs['eval_strategy']} and "
@@ -173,8 +178,8 @@ def training_arguments(
         # engine whose checkpoints can hold the model only sets save_only_model)
         **{k: v for k, v in trainer_arguments(config).items() if k not in (engine or {})},
         load_best_model_at_end=bool(best),
-        metric_for_best_model=(config.metric_for_best_model or "loss") if best else None,
-        greater_is_better=config.greater_is_better if best else None,
+        metric_for_best_model=(config.metric_for_best_model or "loss") if ranks else None,
+        greater_is_better=config.greater_is_better if ranks else None,
         **eval_kwargs,
         **save_kwargs,
         **(engine or {}),

@@ -1,4 +1,8 @@
-"""`type = "completion"`: raw text, every token trained; long texts split into chunks."""
+"""`type = "completion"`: raw text, every token trained; long texts split into chunks.
+
+`type = "pretrain"` is the same for Axolotl's `pretraining_dataset` entries, which name the
+text field `text_column`.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,14 @@ class CompletionKeys:
     field: str = key("text", doc="Completion: row field with the text.")
 
 
-def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Rendered]:
-    field = ds.section(CompletionKeys).field
+@attrs.frozen
+class PretrainKeys:
+    text_column: str = key(
+        "text", doc="Pretrain (Axolotl's pretraining_dataset): row field with the text."
+    )
+
+
+def _render_text(field: str, tokenizer: Any) -> Callable[[dict[str, Any]], Rendered]:
     eos = tokenizer.eos_token or ""
 
     def render(row: dict[str, Any]) -> Rendered:
@@ -31,9 +41,20 @@ def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]],
     return render
 
 
+def _completion(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Rendered]:
+    return _render_text(ds.section(CompletionKeys).field, tokenizer)
+
+
+def _pretrain(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Rendered]:
+    return _render_text(ds.section(PretrainKeys).text_column, tokenizer)
+
+
 @hookimpl
 def sft_config_keys() -> Sequence[ConfigKeys]:
-    return [ConfigKeys(CompletionKeys, scope="dataset")]
+    return [
+        ConfigKeys(CompletionKeys, scope="dataset", dataset_types=("completion",)),
+        ConfigKeys(PretrainKeys, scope="dataset", dataset_types=("pretrain",)),
+    ]
 
 
 @hookimpl
@@ -41,8 +62,16 @@ def sft_register_prompt_strategies(register: Callable[[PromptStrategy], None]) -
     register(
         PromptStrategy(
             "completion",
-            _factory,
+            _completion,
             "raw text (pretraining style) + EOS, all trained; texts longer than sequence_len are "
             "split into sequence_len chunks, never cut",
+        )
+    )
+    register(
+        PromptStrategy(
+            "pretrain",
+            _pretrain,
+            "Axolotl's pretraining text (`text_column`) + EOS, all trained; long texts split into "
+            "sequence_len chunks without overlap (Axolotl's windows overlap by up to 256 tokens)",
         )
     )

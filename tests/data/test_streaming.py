@@ -406,3 +406,104 @@ def test_two_streaming_processes_match_one_with_the_same_global_batch(tiny_proje
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- Axolotl's pretraining_dataset: streamed training datasets of type pretrain ---------------
+
+PRETRAIN_YAML = """
+base_model: unused
+max_steps: 4
+sequence_len: 64
+pretrain_multipack_buffer_size: 50
+pretraining_dataset:
+  - path: {tmp}/text.jsonl
+    text_column: body
+"""
+
+
+def load_yaml_config(text, plugins, tmp_path):
+    from sft.config import load_config_text
+
+    return load_config_text(
+        text.replace("{tmp}", str(tmp_path)),
+        fmt="yaml",
+        plugins=plugins,
+        source=str(tmp_path / "c.yml"),
+    )
+
+
+def text_rows(n: int) -> list[dict]:
+    return [{"body": f"Document {i}. " + "words " * (i * 7 % 40)} for i in range(n)]
+
+
+def test_pretraining_dataset_streams_its_text_column_all_trained(tokenizer, plugins, tmp_path):
+    write_jsonl(tmp_path / "text.jsonl", text_rows(30))
+    config = load_yaml_config(PRETRAIN_YAML, plugins, tmp_path)
+    assert config.streaming is True and config.streaming_multipack_buffer_size == 50
+    assert [ds.type for ds in config.datasets] == ["pretrain"]  # Axolotl's default type
+
+    pretrain = StreamingDataset(config, tokenizer, plugins)
+    completion = StreamingDataset(
+        load_yaml_config(
+            PRETRAIN_YAML.replace("text_column", "type: completion\n    field"),
+            plugins,
+            tmp_path,
+        ),
+        tokenizer,
+        plugins,
+    )
+    samples = samples_of(pretrain)
+    assert samples == samples_of(completion)  # the text of text_column, + EOS, as completion
+    texts = [tokenizer.decode(list(ids)) for ids, _ in samples]
+    assert any("Document 3. words words" in text for text in texts)
+    bos = tokenizer.bos_token_id
+    assert all(
+        label == token
+        for ids, labels in samples
+        for token, label in zip(ids, labels, strict=True)
+        if token != bos
+    )  # every token trained (but BOS, which nothing predicts)
+    assert all(len(ids) <= 64 for ids, _ in samples)  # long texts split, never dropped
+    assert sum(1 for ids, _ in samples if ids[-1] == tokenizer.eos_token_id) == 30
+
+
+@pytest.mark.parametrize(
+    "extra, path, line, message",
+    [
+        (
+            "datasets:\n  - path: x.jsonl\n    type: completion\n",
+            "pretraining_dataset",
+            6,
+            "set together with datasets",
+        ),
+        ("streaming: false\n", "streaming", 9, "always streamed"),
+        ("    text_colum: body\n", "pretraining_dataset[0].text_colum", 9, "unknown key"),
+        ("    field_instruction: q\n", "pretraining_dataset[0].field_instruction", 9, "alpaca"),
+    ],
+)
+def test_pretraining_dataset_problems_name_its_own_keys_and_lines(
+    plugins, tmp_path, extra, path, line, message
+):
+    with pytest.raises(ConfigError) as error:
+        load_yaml_config(PRETRAIN_YAML + extra, plugins, tmp_path)
+    (problem,) = error.value.problems
+    assert (problem.path, problem.line) == (path, line)
+    assert message in problem.message
+
+
+def test_a_pretraining_dataset_run_trains_and_saves_a_config_that_reloads(
+    tiny_project, plugins, tmp_path
+):
+    from sft.config import load_config
+    from sft.train.run import train
+
+    tiny_project()  # writes the tiny model and tokenizer to {tmp}/tiny
+    write_jsonl(tmp_path / "text.jsonl", text_rows(40))
+    text = PRETRAIN_YAML.replace("base_model: unused", "base_model: {tmp}/tiny") + (
+        "micro_batch_size: 2\nsample_packing: true\noutput_dir: {tmp}/out\nlearning_rate: 0.01\n"
+    )
+    (tmp_path / "c.yml").write_text(text.replace("{tmp}", str(tmp_path)))
+    result = train(load_config(tmp_path / "c.yml", plugins=plugins))
+    assert result.global_step == 4
+    saved = load_config(result.output_dir / "sft_config.yaml", plugins=plugins)
+    assert saved.streaming and [ds.type for ds in saved.datasets] == ["pretrain"]

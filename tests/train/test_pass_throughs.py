@@ -358,6 +358,44 @@ def test_a_run_with_save_strategy_no_writes_no_checkpoint(tiny_project):
     assert list(Path(config.output_dir).glob("*.safetensors"))
 
 
+def test_save_strategy_best_saves_exactly_at_the_evaluations_that_improve(tiny_project):
+    import json
+
+    from sft.train.run import train
+
+    # lr 0.1 on a tiny model: the eval loss improves at steps 1 and 2, then never again
+    config = tiny_project(
+        "save_strategy=best",
+        "val_set_size=0.25",
+        "eval_steps=1",
+        "max_steps=8",
+        "learning_rate=0.1",
+        "lr_scheduler=constant",
+    )
+    train(config)
+    records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").open()]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    assert len(evals) == 8
+    improving, best = [], float("inf")
+    for step, loss in evals:
+        if loss < best:
+            improving.append(step)
+            best = loss
+    assert 1 < len(improving) < 8  # the test shows both kinds of evaluation
+    saved = sorted(int(p.name.split("-")[1]) for p in Path(config.output_dir).glob("checkpoint-*"))
+    assert saved == improving
+
+
+def test_save_strategy_best_needs_an_eval_set_and_refuses_a_save_interval(make_config):
+    with pytest.raises(ConfigError) as error:
+        make_config(
+            '[[datasets]]\npath = "x"\n', "save_strategy=best", "save_steps=5", machine_checks=False
+        )
+    problems = {p.path: p.message for p in error.value.problems}
+    assert "no eval set" in problems["save_strategy"]
+    assert "conflicts with save_strategy = 'best'" in problems["save_steps"]
+
+
 def test_experts_implementation_reaches_the_model_config(tiny_project):
     from sft.manager import get_plugins
     from sft.model import load_model
