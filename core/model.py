@@ -98,7 +98,10 @@ def load_model(config: Config, tokenizer: Any, plugins: SftPlugins) -> Any:
             kwargs.update(engine.model_kwargs(config))
     model_class = transformers_class(config.model_type, "model_type") or AutoModelForCausalLM
     try:
-        model = model_class.from_pretrained(source, **kwargs)
+        if config.reinit_weights:
+            model = _random_model(model_class, source, config, kwargs)
+        else:
+            model = model_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load base_model {config.base_model!r}: {exc}\n"
@@ -232,6 +235,27 @@ def rope_scaling_parameters(current: dict[str, Any], scaling: dict[str, Any]) ->
         scaling.setdefault("rope_type", scaling.pop("type"))
     merged.update(scaling)
     return merged
+
+
+def _random_model(model_class: Any, source: str, config: Config, kwargs: dict[str, Any]) -> Any:
+    """`reinit_weights`: base_model's architecture with freshly initialised weights.
+
+    Seeded by `seed`, so every process of a multi-process run builds the same weights.
+    """
+    import torch
+
+    model_config = kwargs.get("config") or adjusted_model_config(source, config)
+    options = {
+        name: kwargs[name]
+        for name in ("dtype", "attn_implementation", "trust_remote_code", "experts_implementation")
+        if name in kwargs
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if hasattr(model_class, "from_config"):  # an Auto class
+            return model_class.from_config(model_config, **options)
+        options.pop("trust_remote_code", None)
+        return model_class._from_config(model_config, **options)
 
 
 def adjusted_model_config(source: str, config: Config) -> Any:

@@ -65,7 +65,6 @@ _MODEL: dict[str, Unsupported] = {
     "mean_resizing_embeddings": U("initialises new token embeddings from the mean of the others"),
     "shrink_embeddings": U("shrinks the embeddings to the tokenizer's vocabulary size"),
     "embeddings_skip_upcast": U("keeps the embeddings out of the float32 upcast under PEFT"),
-    "reinit_weights": U("re-initialises the model's weights randomly instead of loading them"),
     "random_init_weights": U("an older key (not in Axolotl's current schema): random init"),
     "is_falcon_derived_model": U(
         "internal: tells Axolotl the model is Falcon-based", detected_by_name="falcon"

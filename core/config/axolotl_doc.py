@@ -43,7 +43,7 @@ RULES: tuple[_Rule, ...] = (
     _rule(
         "Model & tokenizer",
         "revision_of_model trust_remote_code special_tokens tokens rope_scaling "
-        "resize_token_embeddings_to_32x cls_model_config",
+        "resize_token_embeddings_to_32x cls_model_config reinit_weights",
         "base_model tokenizer_ model_",
     ),
     _rule(

@@ -411,6 +411,21 @@ def check_config(config: Config, plugins: SftPlugins) -> list[Problem]:
                 "adapter", "qlora needs the base model in 4-bit", hint="set load_in_4bit = true"
             )
         )
+    if config.reinit_weights:
+        for name in ("adapter", "load_in_4bit", "load_in_8bit", "model_quantization_config"):
+            if getattr(config, name):
+                problems.append(
+                    Problem(
+                        name,
+                        "reinit_weights trains random weights from scratch: "
+                        + (
+                            "an adapter on a random, frozen model learns next to nothing"
+                            if name == "adapter"
+                            else "quantizing random weights only adds noise to them"
+                        ),
+                        hint=f"remove {name} (a full fine-tune), or remove reinit_weights",
+                    )
+                )
     if config.load_in_4bit and config.load_in_8bit:
         problems.append(Problem("load_in_8bit", "conflicts with load_in_4bit: choose one"))
     if config.quantize_moe_experts and not (config.load_in_4bit or config.load_in_8bit):
@@ -534,12 +549,15 @@ def _streaming_problems(config: Config) -> list[Problem]:
             )
         )
     if config.num_epochs != 1.0:
+        # As in Axolotl (transformers: max_steps wins over num_train_epochs), the run's length
+        # is not in doubt: said, not refused.
         problems.append(
             Problem(
                 "num_epochs",
                 "has no effect with streaming = true: the run lasts max_steps (the stream "
                 "starts again when it runs out)",
                 hint="remove num_epochs, and set max_steps to the length you want",
+                warning=True,
             )
         )
     if config.val_set_size:

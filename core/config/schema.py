@@ -157,6 +157,12 @@ class Config(_Sections):
         doc="transformers class that loads base_model: AutoModelForCausalLM (the default) or the "
         "model's own causal-LM class, e.g. LlamaForCausalLM.",
     )
+    reinit_weights: bool = key(
+        False,
+        doc="Start from random weights of base_model's architecture (its config, initialised "
+        "by the model's own scheme, seeded by `seed`) instead of its trained weights: "
+        "pretraining from scratch. A full fine-tune only (no adapter, no quantization).",
+    )
     cls_model_config: str | None = key(
         None,
         doc="transformers config class that reads base_model's config.json instead of "

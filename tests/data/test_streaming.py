@@ -262,7 +262,6 @@ def test_hub_datasets_are_loaded_as_streams(make_config, tokenizer, plugins, mon
     [
         ("streaming = true\n", "", "max_steps"),
         (STREAM + "val_set_size = 0.1\n", "", "val_set_size"),
-        (STREAM + "num_epochs = 3\n", "", "num_epochs"),
         (STREAM + "dataset_exact_deduplication = true\n", "", "dataset_exact_deduplication"),
         (STREAM, "shards = 2\nshards_idx = 0\n", "datasets[0].shards"),
     ],
@@ -274,6 +273,13 @@ def test_config_checks_name_the_key_and_the_fix(make_config, tmp_path, text, dat
     (problem,) = caught.value.problems
     assert problem.path == key and problem.hint
     assert "streaming" in problem.message
+
+
+def test_num_epochs_with_streaming_is_a_warning_that_max_steps_decides(make_config, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(2))
+    config = make_config(STREAM + "num_epochs = 3\n" + dataset_toml("a.jsonl"))
+    (warning,) = config.warnings
+    assert warning.path == "num_epochs" and "the run lasts max_steps" in warning.message
 
 
 def test_test_datasets_stay_allowed(make_config, tmp_path):

@@ -768,3 +768,48 @@ def test_float16_trains_in_pure_float16_without_a_loss_scaler(tiny_project):
     assert not torch.equal(saved[name].float(), base[name].half().float())  # it trained
     with pytest.raises(ConfigError, match="float16 trains in pure float16"):
         tiny_project("float16=true", "bf16=true")
+
+
+# -- reinit_weights: the architecture with fresh weights ------------------------------------------
+
+
+def test_reinit_weights_builds_seeded_random_weights_of_the_same_architecture(tiny_project):
+    from sft.model import load_model
+    from sft.tokenizer import load_tokenizer
+
+    def weights(*overrides: str) -> dict[str, torch.Tensor]:
+        config = tiny_project(*overrides)
+        model = load_model(config, load_tokenizer(config), config.plugin_set)
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    trained = weights()
+    fresh, again, other_seed = (
+        weights("reinit_weights=true"),
+        weights("reinit_weights=true"),
+        weights("reinit_weights=true", "seed=4"),
+    )
+    assert fresh.keys() == trained.keys()
+    assert all(fresh[n].shape == trained[n].shape for n in fresh)
+    projections = [n for n in fresh if n.endswith("q_proj.weight")]
+    assert projections and not any(torch.equal(fresh[n], trained[n]) for n in projections)
+    assert all(torch.equal(fresh[n], again[n]) for n in fresh)  # seeded: every rank the same
+    assert not all(torch.equal(fresh[n], other_seed[n]) for n in projections)
+
+
+def test_reinit_weights_trains_a_full_model_and_refuses_adapters_and_quantization(
+    tiny_project, make_config
+):
+    from sft.train.run import train
+
+    result = train(tiny_project("reinit_weights=true", "max_steps=2"))
+    assert result.global_step == 2 and (result.output_dir / "model.safetensors").exists()
+    with pytest.raises(ConfigError) as error:
+        make_config(
+            '[[datasets]]\npath = "x"\n',
+            "reinit_weights=true",
+            "adapter=qlora",
+            "load_in_4bit=true",
+            machine_checks=False,
+        )
+    problems = {p.path: p.message for p in error.value.problems}
+    assert "reinit_weights" in problems["adapter"] and "reinit_weights" in problems["load_in_4bit"]
