@@ -1,13 +1,23 @@
-"""Prepare training and eval data: read → render → tokenise → label → filter → mix → split → cache."""
+"""Prepare training and eval data: read → render → tokenise → label → filter → mix → split → cache.
+
+Memory holds a few chunks of rows, never a source: rows are read lazily, processed
+`CHUNK_ROWS` at a time (in worker processes with `dataset_num_proc`), and each source's samples
+are written to an Arrow file as they are made, keeping only their lengths (and digests, to
+deduplicate). Weights, deduplication, shuffling and the eval split work on sample indices; the
+selected samples are then copied in order, a batch at a time, into the cache entry's
+`train.arrow` / `eval.arrow` (or a temporary directory without a cache).
+"""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +26,8 @@ import attrs
 import sft
 from sft.config.convert import to_dict
 from sft.config.schema import Config, DatasetConfig
-from sft.data.sample import RowError
-from sft.data.sources import RawRows, quick_fingerprint, read_rows
+from sft.data.sample import IGNORE_INDEX, RowError
+from sft.data.sources import RawRows, RowPlaces, quick_fingerprint, read_rows
 from sft.data.summary import DatasetSummary, Summary
 from sft.data.tokenize import ChunkResult, TokenizeOptions, process_chunk
 from sft.errors import ConfigError, DataError, PluginError, Problem, SftError
@@ -27,9 +37,13 @@ if TYPE_CHECKING:
     from sft.manager import SftPlugins
 
 CHUNK_ROWS = 256
+IN_FLIGHT_PER_PROCESS = 2  # chunks queued per worker: enough to keep it busy, little held
+WRITE_ROWS = 4096  # samples per record batch of a source's Arrow file
 
 # Set before forking workers: the children inherit it (render closures are not picklable).
 _WORK: dict[str, Any] = {}
+
+SAMPLE_FEATURES = {"input_ids": "int32", "labels": "int32"}
 
 
 @attrs.frozen
@@ -43,26 +57,121 @@ class Prepared:
     from_cache: bool = False
 
 
-def _worker(task: tuple[int, int]) -> ChunkResult:
-    start, stop = task
-    return process_chunk(
-        _WORK["rows"][start:stop], start, _WORK["render"], _WORK["tokenizer"], _WORK["opts"]
+Located = tuple[dict[str, Any], str, int]  # a row, its file, its 1-based row (or line) number
+
+
+@attrs.frozen
+class SampleArrays:
+    """One chunk's samples in row order as flat int32 arrays: cheap to send between processes
+    and to write to Arrow, where lists of Python ints cost ~70 bytes a token."""
+
+    ids: Any  # numpy int32, every sample's ids one after another
+    labels: Any  # numpy int32, likewise
+    offsets: Any  # numpy int32: sample i is [offsets[i], offsets[i + 1])
+    rows_kept: int
+    digests: list[bytes] | None  # with dataset_exact_deduplication: one per sample
+
+    @property
+    def lengths(self) -> Any:
+        import numpy as np
+
+        return np.diff(self.offsets)
+
+
+def _as_arrays(result: ChunkResult, with_digests: bool) -> SampleArrays:
+    """Move a chunk's samples out of `result` (left with its counters and problems only)."""
+    import numpy as np
+
+    order = sorted(range(len(result.sources)), key=result.sources.__getitem__)
+    lengths = np.fromiter((len(result.input_ids[i]) for i in order), np.int64, len(order))
+    offsets = np.zeros(len(order) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.fromiter(
+        itertools.chain.from_iterable(result.input_ids[i] for i in order), np.int32, total
     )
+    labels = np.fromiter(
+        itertools.chain.from_iterable(result.labels[i] for i in order), np.int32, total
+    )
+    digests = None
+    if with_digests:
+        digests = [
+            hashlib.blake2b(
+                ids[a:b].tobytes() + b"|" + labels[a:b].tobytes(), digest_size=16
+            ).digest()
+            for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)
+        ]
+    arrays = SampleArrays(ids, labels, offsets.astype(np.int32), len(set(result.sources)), digests)
+    result.input_ids, result.labels, result.sources = [], [], []
+    return arrays
 
 
-def _num_proc(config: Config, rows: int) -> int:
-    wanted = config.dataset_num_proc or (os.cpu_count() or 1)
-    return max(1, min(wanted, rows // CHUNK_ROWS))
+def _worker(task: tuple[int, list[dict[str, Any]]]) -> tuple[SampleArrays, ChunkResult]:
+    first_index, rows = task
+    result = process_chunk(rows, first_index, _WORK["render"], _WORK["tokenizer"], _WORK["opts"])
+    return _as_arrays(result, _WORK["digests"]), result
+
+
+def _chunks(
+    rows: Iterable[Located], places: RowPlaces
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """`CHUNK_ROWS` rows at a time with the index of the first, each row's place recorded."""
+    index = 0
+    iterator = iter(rows)
+    while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
+        for _, file, number in chunk:
+            places.add(file, number)
+        yield index, [row for row, _, _ in chunk]
+        index += len(chunk)
+
+
+def _processed(
+    tasks: Iterator[tuple[int, list[dict[str, Any]]]], procs: int
+) -> Iterator[tuple[SampleArrays, ChunkResult]]:
+    """Each chunk processed, in order; with several processes at most a few chunks are queued,
+    so the rows are read as fast as they are tokenised, never all at once."""
+    first = list(itertools.islice(tasks, procs))
+    if procs <= 1 or len(first) < procs:  # a small source: no pool to start
+        yield from map(_worker, itertools.chain(first, tasks))
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        pending: collections.deque[Any] = collections.deque()
+        for task in itertools.chain(first, tasks):
+            pending.append(pool.apply_async(_worker, (task,)))
+            if len(pending) >= procs * IN_FLIGHT_PER_PROCESS:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@attrs.define
+class SourceSamples:
+    """One source's samples, written to an Arrow file as they were made."""
+
+    path: Path
+    lengths: Any  # numpy int32, per sample
+    digests: list[bytes] | None
+    summary: DatasetSummary
 
 
 def tokenize_rows(
-    raw: RawRows,
+    rows: Iterable[Located],
+    places: RowPlaces,
     render: Callable[[dict[str, Any]], Any],
     tokenizer: Any,
     config: Config,
+    path: Path,
     progress: Any = None,
-) -> ChunkResult:
-    """Process every row of one source, in parallel when `dataset_num_proc` allows."""
+) -> tuple[ChunkResult, SourceSamples]:
+    """Process every row of one source (in parallel when `dataset_num_proc` allows), writing
+    the samples to the Arrow file `path`: memory holds a few chunks, not the source.
+
+    Returns the counters and row problems (no samples), and the samples written.
+    """
+    import numpy as np
+    from datasets.arrow_writer import ArrowWriter
+
     opts = TokenizeOptions(
         sequence_len=config.sequence_len,
         excess_length_strategy=config.excess_length_strategy,
@@ -70,37 +179,83 @@ def tokenize_rows(
         train_on_inputs=config.train_on_inputs,
         min_sample_len=config.min_sample_len or 0,
     )
-    tasks = [(i, min(i + CHUNK_ROWS, len(raw.rows))) for i in range(0, len(raw.rows), CHUNK_ROWS)]
     total = ChunkResult()
-    total.dropped.update(raw.dropped)
-    _WORK.update(rows=raw.rows, render=render, tokenizer=tokenizer, opts=opts)
-    procs = _num_proc(config, len(raw.rows))
+    lengths: list[Any] = []
+    digests: list[bytes] | None = [] if config.dataset_exact_deduplication else None
+    tokens = trainable = rows_kept = 0
+    _WORK.update(render=render, tokenizer=tokenizer, opts=opts, digests=digests is not None)
+    procs = config.dataset_num_proc or (os.cpu_count() or 1)
+    writer = ArrowWriter(features=_features(), path=str(path))
+    pending: list[SampleArrays] = []
     try:
-        if procs > 1:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            with multiprocessing.get_context("fork").Pool(procs) as pool:
-                results = pool.imap(_worker, tasks)
-                _collect(results, total, raw, progress)
-        else:
-            _collect(map(_worker, tasks), total, raw, progress)
+        for arrays, result in _processed(_chunks(rows, places), procs):
+            total.merge(result)
+            if result.error_count or result.contract is not None:
+                continue  # reported once the whole source is read; nothing is written
+            lengths.append(arrays.lengths.astype(np.int32))
+            tokens += len(arrays.ids)
+            trainable += int(np.count_nonzero(arrays.labels != IGNORE_INDEX))
+            rows_kept += arrays.rows_kept
+            if digests is not None and arrays.digests is not None:
+                digests.extend(arrays.digests)
+            pending.append(arrays)
+            if sum(len(a.offsets) - 1 for a in pending) >= WRITE_ROWS:
+                writer.write_table(_arrow_table(pending))
+                pending.clear()
+            if progress is not None:
+                progress(len(arrays.offsets) - 1 + sum(result.dropped.values()))
+        if pending:
+            writer.write_table(_arrow_table(pending))
     finally:
         _WORK.clear()
-    return total
+        writer.finalize()
+        writer.close()
+    every_length = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+    summary = DatasetSummary.from_lengths(
+        name=places.name,
+        strategy="",
+        rows_in=0,
+        rows_kept=rows_kept,
+        dropped=total.dropped,
+        lengths=every_length,
+        tokens=tokens,
+        trainable_tokens=trainable,
+        notes=total.notes,
+    )
+    return total, SourceSamples(path, every_length, digests, summary)
 
 
-def _collect(results: Any, total: ChunkResult, raw: RawRows, progress: Any) -> None:
-    for result in results:
-        order = sorted(range(len(result.sources)), key=result.sources.__getitem__)
-        result.input_ids = [result.input_ids[i] for i in order]
-        result.labels = [result.labels[i] for i in order]
-        result.sources = [result.sources[i] for i in order]
-        total.merge(result)
-        if progress is not None:
-            progress(len(result.sources) + sum(result.dropped.values()))
+def _features() -> Any:
+    import datasets
+
+    return datasets.Features(
+        {name: datasets.Sequence(datasets.Value(kind)) for name, kind in SAMPLE_FEATURES.items()}
+    )
+
+
+def _arrow_table(chunks: list[SampleArrays]) -> Any:
+    """Chunks' samples as one Arrow table (one record batch)."""
+    import numpy as np
+    import pyarrow as pa
+
+    starts = np.cumsum([0] + [len(c.ids) for c in chunks[:-1]])
+    offsets = np.concatenate(
+        [c.offsets[:-1] + start for c, start in zip(chunks, starts, strict=True)]
+        + [np.array([starts[-1] + len(chunks[-1].ids)])]
+    )
+    offsets_array = pa.array(offsets, pa.int32())
+    return pa.table(
+        {
+            name: pa.ListArray.from_arrays(
+                offsets_array, pa.array(np.concatenate([getattr(c, field) for c in chunks]))
+            )
+            for name, field in (("input_ids", "ids"), ("labels", "labels"))
+        }
+    )
 
 
 def raise_row_problems(
-    result: ChunkResult, raw: RawRows, key_path: str, source: str | None
+    result: ChunkResult, raw: RawRows | RowPlaces, key_path: str, source: str | None
 ) -> None:
     """Report the rows of one dataset that could not be prepared, all at once.
 
@@ -115,7 +270,7 @@ def raise_row_problems(
             "Rendered or Tokenized (sft.plugin), or a list of them. This is a bug in the "
             "plugin: report it to its authors"
         )
-    rows = len(raw.rows)
+    rows = raw.count
     for key, count in result.blamed.items():
         if rows > 1 and count == rows:  # one row proves nothing about the key
             example = result.blamed_example[key]
@@ -174,21 +329,21 @@ def _read(ds: DatasetConfig, invalid_rows: str) -> RawRows:
     return raw
 
 
-def _weighted(
-    ids: list[list[int]], labels: list[list[int]], weight: float, seed: int
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Each sample `int(weight)` times, plus a seeded choice of the fraction left over."""
-    if weight == 1.0 or not ids:
-        return ids, labels
+def _weighted(count: int, weight: float, seed: int) -> Any:
+    """Indices of a source's samples: each `int(weight)` times, plus a seeded choice of the
+    fraction left over (in order)."""
     import numpy as np
 
+    every = np.arange(count, dtype=np.int64)
+    if weight == 1.0 or not count:
+        return every
     whole, fraction = divmod(weight, 1.0)
-    order = list(range(len(ids))) * int(whole)
-    extra = round(fraction * len(ids))
+    parts = [every] * int(whole)
+    extra = round(fraction * count)
     if extra:
-        chosen = np.random.default_rng(seed).choice(len(ids), size=extra, replace=False)
-        order += sorted(chosen.tolist())
-    return [ids[i] for i in order], [labels[i] for i in order]
+        chosen = np.random.default_rng(seed).choice(count, size=extra, replace=False)
+        parts.append(np.sort(chosen).astype(np.int64))
+    return np.concatenate(parts) if parts else every[:0]
 
 
 def _strategy_for(ds: DatasetConfig) -> str:
@@ -290,6 +445,7 @@ def cache_key(config: Config, tokenizer: Any, fingerprints: list[str], plugins: 
     payload = json.dumps(
         {
             "sft": sft.__version__,
+            "format": CACHE_FORMAT,
             "keys": _file_contents(relevant),
             "data": fingerprints,
             "tokenizer": _tokenizer_fingerprint(tokenizer),
@@ -301,6 +457,7 @@ def cache_key(config: Config, tokenizer: Any, fingerprints: list[str], plugins: 
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+CACHE_FORMAT = 2  # 2: train.arrow / eval.arrow files (1: save_to_disk directories)
 ALIASES = "by-source"  # dataset_prepared_path/by-source/<source alias>: the entry's name
 # Files of a model directory that hold weights, not the tokenizer.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -349,6 +506,7 @@ def source_alias(config: Config, plugins: SftPlugins, quick: list[str | None]) -
     payload = json.dumps(
         {
             "sft": sft.__version__,
+            "format": CACHE_FORMAT,
             "config": _file_contents(to_dict(config)),
             "data": quick,
             "tokenizer": tokenizer_files,
@@ -378,64 +536,100 @@ def _record_alias(root: Path, alias: str | None, entry: Path) -> None:
         pass
 
 
-def _to_dataset(ids: list[list[int]], labels: list[list[int]]) -> Any:
-    import datasets
-
-    datasets.disable_progress_bars()  # sft shows its own progress
-
-    features = datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "labels": datasets.Sequence(datasets.Value("int32")),
-        }
-    )
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}, features=features)
-
-
 def _process_sources(
     entries: tuple[DatasetConfig, ...],
+    raws: list[RawRows | None],
     tokenizer: Any,
     config: Config,
     plugins: SftPlugins,
-    raws: list[RawRows],
     summary: Summary,
     show_progress: bool,
+    work: Path,
     group: str = "datasets",
-) -> tuple[list[list[int]], list[list[int]]]:
-    ids: list[list[int]] = []
-    labels: list[list[int]] = []
+) -> list[tuple[SourceSamples, Any]]:
+    """Each source's samples (written under `work`) and the indices of them its weight uses.
+
+    A source in `raws` was read up front; None: read lazily while it is tokenised.
+    """
+    from collections import Counter
+
+    from sft.data.streaming import SourceStats, iter_rows
+
+    prepared = []
     for index, (ds, raw) in enumerate(zip(entries, raws, strict=True)):
         render = build_render(ds, tokenizer, config, plugins)
-        name = redact(raw.name)  # shown and saved in summary.json: no URL credentials
-        with _progress(f"tokenising {name}", len(raw.rows), show_progress) as advance:
-            result = tokenize_rows(raw, render, tokenizer, config, advance)
-        raise_row_problems(result, raw, f"{group}[{index}]", config.source)
-        summary.datasets.append(
-            DatasetSummary.from_samples(
-                name=name,
-                strategy=_strategy_for(ds),
-                rows_in=len(raw.rows) + sum(raw.dropped.values()),
-                rows_kept=len(set(result.sources)),
-                dropped=result.dropped,
-                input_ids=result.input_ids,
-                labels=result.labels,
-                notes=result.notes,
+        places = RowPlaces(ds.path)
+        if raw is None:
+            stats = SourceStats(ds.path, _strategy_for(ds))
+            rows: Iterable[Located] = iter_rows(ds, config.invalid_rows, stats)
+        else:
+            rows = raw.located()
+        name = redact(ds.path)  # shown and saved in summary.json: no URL credentials
+        with _progress(f"tokenising {name}", raw.count if raw else None, show_progress) as advance:
+            result, samples = tokenize_rows(
+                rows, places, render, tokenizer, config, work / f"{group}-{index}.arrow", advance
             )
+        raise_row_problems(result, places, f"{group}[{index}]", config.source)
+        if raw is None:
+            rows_in, read_dropped = stats.rows_in, stats.dropped
+        else:
+            rows_in, read_dropped = raw.count + sum(raw.dropped.values()), raw.dropped
+        dropped = Counter(read_dropped)
+        dropped.update(result.dropped)
+        samples.summary = attrs.evolve(
+            samples.summary,
+            name=name,
+            strategy=_strategy_for(ds),
+            rows_in=rows_in,
+            dropped=dict(sorted(dropped.items())),
         )
-        weighted_ids, weighted_labels = _weighted(
-            result.input_ids, result.labels, ds.weight, config.seed + index
-        )
+        summary.datasets.append(samples.summary)
+        used = _weighted(len(samples.lengths), ds.weight, config.seed + index)
         if ds.weight != 1.0:
-            summary.datasets[-1].notes[f"weight {ds.weight:g}: samples used"] = len(weighted_ids)
-        ids.extend(weighted_ids)
-        labels.extend(weighted_labels)
-    return ids, labels
+            summary.datasets[-1].notes[f"weight {ds.weight:g}: samples used"] = len(used)
+        prepared.append((samples, used))
+    return prepared
+
+
+def _mixed(sources: list[tuple[SourceSamples, Any]]) -> Selection:
+    """The samples the sources' weights use, in order, as rows of their files taken as one."""
+    import numpy as np
+
+    starts = np.cumsum([0] + [len(samples.lengths) for samples, _ in sources])
+    used = [start + indices for start, (_, indices) in zip(starts, sources, strict=False)]
+    return Selection(
+        [samples.path for samples, _ in sources],
+        np.concatenate(used) if used else np.zeros(0, np.int64),
+        int(starts[-1]),
+    )
+
+
+@attrs.frozen
+class Selection:
+    """Samples to write: rows `indices` of the Arrow files `paths` taken as one table (of
+    `rows` rows)."""
+
+    paths: list[Path]
+    indices: Any  # numpy int64
+    rows: int
+
+    def of(self, indices: Any) -> Selection:
+        return attrs.evolve(self, indices=indices)
+
+
+@attrs.frozen
+class Plan:
+    """What preparing decided: the training samples, the eval samples, the summary."""
+
+    train: Selection
+    eval: Selection | None
+    summary: Summary
 
 
 class _progress:
     """A rich progress bar on a terminal; nothing (one summary later) in CI logs."""
 
-    def __init__(self, description: str, total: int, enabled: bool) -> None:
+    def __init__(self, description: str, total: int | None, enabled: bool) -> None:
         self.description, self.total, self.enabled = description, total, enabled
         self.bar: Any = None
 
@@ -500,18 +694,25 @@ def prepare_datasets(
             while not (quick_dir / "complete").exists():
                 wait_for_cache(quick_dir)
             return _load_cached(quick_dir)
-    raws = [_read(ds, config.invalid_rows) for ds in config.datasets]
-    test_raws = [_read(ds, config.invalid_rows) for ds in config.test_datasets]
-    fingerprints = [
-        fast or raw.fingerprint
-        for fast, raw in itertools.zip_longest(quick, (*raws, *test_raws))
-        if raw is not None
+    # A source is read up front only when the cache key needs its content (no metadata to
+    # fingerprint it by) or a shard needs its row count; the others are read while tokenising.
+    quick_of = quick or [None] * len(entries)
+    raws: list[RawRows | None] = [
+        _read(ds, config.invalid_rows)
+        if (root is not None and fast is None) or ds.shards is not None
+        else None
+        for ds, fast in zip(entries, quick_of, strict=True)
     ]
-    key = cache_key(config, tokenizer, fingerprints, plugins)
-    cache_dir = root / key if root is not None else None
-    if use_cache and cache_dir is not None and (cache_dir / "complete").exists():
-        _record_alias(cache_dir.parent, alias, cache_dir)
-        return _load_cached(cache_dir)
+    cache_dir = None
+    if root is not None:
+        fingerprints = [
+            fast or raw.fingerprint  # type: ignore[union-attr]
+            for fast, raw in zip(quick_of, raws, strict=True)
+        ]
+        cache_dir = root / cache_key(config, tokenizer, fingerprints, plugins)
+        if use_cache and (cache_dir / "complete").exists():
+            _record_alias(root, alias, cache_dir)
+            return _load_cached(cache_dir)
     if wait_for_cache is not None:
         if cache_dir is None:
             raise ValueError("waiting for prepared data needs dataset_prepared_path")
@@ -519,66 +720,152 @@ def prepare_datasets(
             wait_for_cache(cache_dir)
         return _load_cached(cache_dir)
 
-    summary = Summary()
-    ids, labels = _process_sources(
-        config.datasets, tokenizer, config, plugins, raws, summary, show_progress
-    )
-    if config.dataset_exact_deduplication:
-        ids, labels, summary.duplicates = _deduplicate(ids, labels)
-    if not ids:  # before the eval split, whose own errors would hide this cause
-        raise _no_sample_error(summary)
+    if cache_dir is None:
+        work = _temporary_dir()
+        plan = _prepare(config, tokenizer, plugins, raws, show_progress, work)
+        prepared = Prepared(
+            train=_write_selection(plan.train, work / TRAIN_FILE),
+            eval=_write_selection(plan.eval, work / EVAL_FILE) if plan.eval else None,
+            summary=plan.summary,
+        )
+        _remove_sources(plan)
+        return prepared
+    with _cache_entry(cache_dir) as staging:  # the samples are written there as they are made
+        plan = _prepare(config, tokenizer, plugins, raws, show_progress, staging)
+        _write_selection(plan.train, staging / TRAIN_FILE)
+        if plan.eval is not None:
+            _write_selection(plan.eval, staging / EVAL_FILE)
+        _remove_sources(plan)
+        (staging / "summary.json").write_text(json.dumps(plan.summary.to_json(), indent=2))
+        (staging / "complete").write_text(sft.__version__)
+    assert root is not None
+    _record_alias(root, alias, cache_dir)
+    return attrs.evolve(_load_cached(cache_dir), from_cache=False)
+
+
+def _remove_sources(plan: Plan) -> None:
+    """The per-source files, once the selections are written (a mapping still open keeps its
+    file's data until it closes)."""
+    for path in {*plan.train.paths, *(plan.eval.paths if plan.eval else [])}:
+        path.unlink(missing_ok=True)
+
+
+def _temporary_dir() -> Path:
+    """Where prepared data without a cache is written: it lives as long as the process (the
+    datasets read it memory-mapped)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="sft-prepared-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _prepare(
+    config: Config,
+    tokenizer: Any,
+    plugins: SftPlugins,
+    raws: list[RawRows | None],
+    show_progress: bool,
+    work: Path,
+) -> Plan:
+    """Tokenise every source into `work`, then mix, deduplicate, shuffle and split by index."""
     import numpy as np
 
+    summary = Summary()
+    count = len(config.datasets)
+    sources = _process_sources(
+        config.datasets, raws[:count], tokenizer, config, plugins, summary, show_progress, work
+    )
+    mixed = _mixed(sources)
+    used = mixed.indices
+    if config.dataset_exact_deduplication:
+        used, summary.duplicates = _deduplicate(used, sources)
+    if not len(used):  # before the eval split, whose own errors would hide this cause
+        raise _no_sample_error(summary)
     rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(ids)) if config.shuffle_merged_datasets else np.arange(len(ids))
-    eval_ids: list[list[int]] = []
-    eval_labels: list[list[int]] = []
+    order = rng.permutation(len(used)) if config.shuffle_merged_datasets else np.arange(len(used))
+    eval_data: Selection | None = None
     if config.test_datasets:
         eval_summary = Summary()
-        eval_ids, eval_labels = _process_sources(
+        eval_sources = _process_sources(
             config.test_datasets,
+            raws[count:],
             tokenizer,
             config,
             plugins,
-            test_raws,
             eval_summary,
             show_progress,
+            work,
             "test_datasets",
         )
         summary.eval_datasets = eval_summary.datasets
+        eval_mixed = _mixed(eval_sources)
+        if len(eval_mixed.indices):
+            eval_data = eval_mixed
     elif config.val_set_size:
         size = config.val_set_size
-        count = round(len(ids) * size) if size < 1 else int(size)
-        if count < 1:
+        total = len(used)
+        held_count = round(total * size) if size < 1 else int(size)
+        if held_count < 1:
             raise DataError(
-                f"val_set_size = {size:g} of {len(ids)} samples holds out no sample",
+                f"val_set_size = {size:g} of {total} samples holds out no sample",
                 hint="raise val_set_size (a fraction, or a row count >= 1), or add data",
             )
-        if count >= len(ids):
+        if held_count >= total:
             raise DataError(
-                f"val_set_size = {size:g} leaves {len(ids) - count} of {len(ids)} samples for training",
+                f"val_set_size = {size:g} leaves {total - held_count} of {total} samples for "
+                "training",
                 hint="lower val_set_size, or add data",
             )
-        split_order = np.random.default_rng(config.seed + 1).permutation(len(ids))
-        held = set(split_order[:count].tolist())
-        eval_ids = [ids[i] for i in sorted(held)]
-        eval_labels = [labels[i] for i in sorted(held)]
-        order = np.array([i for i in order.tolist() if i not in held], dtype=np.int64)
-    train_ids = [ids[i] for i in order.tolist()]
-    train_labels = [labels[i] for i in order.tolist()]
-    summary.train_samples, summary.eval_samples = len(train_ids), len(eval_ids)
-    if not train_ids:
+        held = np.zeros(total, dtype=bool)
+        held[np.random.default_rng(config.seed + 1).permutation(total)[:held_count]] = True
+        eval_data = mixed.of(used[np.flatnonzero(held)])
+        order = order[~held[order]]
+    summary.train_samples = len(order)
+    summary.eval_samples = len(eval_data.indices) if eval_data is not None else 0
+    if not len(order):
         raise _no_sample_error(summary)
-    prepared = Prepared(
-        train=_to_dataset(train_ids, train_labels),
-        eval=_to_dataset(eval_ids, eval_labels) if eval_ids else None,
-        summary=summary,
-        cache_dir=cache_dir,
-    )
-    if cache_dir is not None:
-        _save_cached(prepared, cache_dir)
-        _record_alias(cache_dir.parent, alias, cache_dir)
-    return prepared
+    return Plan(mixed.of(used[order]), eval_data, summary)
+
+
+TRAIN_FILE, EVAL_FILE = "train.arrow", "eval.arrow"
+# Samples copied at a time. The sources are mapped afresh for each batch: a shuffled copy
+# touches pages all over them, and a mapping keeps every page it touched resident (counted in
+# the process's memory) until it is closed.
+GATHER_ROWS = 1024
+
+
+def _write_selection(selection: Selection, path: Path) -> Any:
+    """Write the selected samples in order to the Arrow file `path` (bounded memory: a batch
+    at a time from memory-mapped sources) and return it as a memory-mapped dataset."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    datasets.disable_progress_bars()  # sft shows its own progress
+    indices = selection.indices
+    every = len(indices) == selection.rows and np.array_equal(indices, np.arange(len(indices)))
+    if every and len(selection.paths) == 1:
+        selection.paths[0].replace(path)  # every sample, in order: nothing to copy
+        return datasets.Dataset.from_file(str(path))
+    writer = ArrowWriter(features=_features(), path=str(path))
+    try:
+        for start in range(0, len(indices), GATHER_ROWS):
+            batches = [
+                batch
+                for p in selection.paths
+                for batch in pa.ipc.open_stream(pa.memory_map(str(p))).read_all().to_batches()
+            ]
+            writer.write_table(_take(batches, indices[start : start + GATHER_ROWS]))
+            del batches  # unmaps the sources
+            pa.default_memory_pool().release_unused()
+    finally:
+        writer.finalize()
+        writer.close()
+    return datasets.Dataset.from_file(str(path))
 
 
 def _no_sample_error(summary: Summary) -> DataError:
@@ -600,39 +887,55 @@ def _no_sample_error(summary: Summary) -> DataError:
     )
 
 
-def _deduplicate(
-    ids: list[list[int]], labels: list[list[int]]
-) -> tuple[list[list[int]], list[list[int]], int]:
+def _deduplicate(used: Any, sources: list[tuple[SourceSamples, Any]]) -> tuple[Any, int]:
+    """The first of every group of samples whose ids and labels are equal, in order."""
+    import numpy as np
+
+    digests = [d for samples, _ in sources for d in (samples.digests or [])]
     seen: set[bytes] = set()
-    kept_ids, kept_labels = [], []
-    for sample_ids, sample_labels in zip(ids, labels, strict=True):
-        digest = hashlib.blake2b(
-            repr((sample_ids, sample_labels)).encode(), digest_size=16
-        ).digest()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        kept_ids.append(sample_ids)
-        kept_labels.append(sample_labels)
-    return kept_ids, kept_labels, len(ids) - len(kept_ids)
+    kept = []
+    for index in used.tolist():
+        if digests[index] not in seen:
+            seen.add(digests[index])
+            kept.append(index)
+    return np.array(kept, dtype=np.int64), len(used) - len(kept)
 
 
-def _save_cached(prepared: Prepared, cache_dir: Path) -> None:
-    """Written atomically: a crash never leaves a cache that a later run would load.
+def _take(batches: list[Any], indices: Any) -> Any:
+    """Rows `indices` of the record batches taken as one table, in order. (A take across the
+    chunks of a table first concatenates them all: here each batch gives only its own rows.)"""
+    import numpy as np
+    import pyarrow as pa
 
-    Runs (or ranks) preparing the same key at once are safe without a lock: a cache directory is
-    never replaced once it exists, so the first complete copy wins and a later writer's copy is
+    starts = np.cumsum([0] + [batch.num_rows for batch in batches])
+    order = np.argsort(indices, kind="stable")
+    ordered = indices[order]
+    owner = np.searchsorted(starts, ordered, side="right") - 1
+    cuts = np.flatnonzero(np.diff(owner)) + 1
+    pieces = [
+        batches[owner[group[0]]].take(pa.array(ordered[group] - starts[owner[group[0]]]))
+        for group in np.split(np.arange(len(ordered)), cuts)
+        if len(group)
+    ]
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return pa.Table.from_batches(pieces).combine_chunks().take(pa.array(inverse))
+
+
+@contextlib.contextmanager
+def _cache_entry(cache_dir: Path) -> Iterator[Path]:
+    """A staging directory that becomes `cache_dir` when the block succeeds.
+
+    Written atomically: a crash never leaves a cache that a later run would load. Runs (or
+    ranks) preparing the same key at once are safe without a lock: a cache directory is never
+    replaced once it exists, so the first complete copy wins and a later writer's copy is
     discarded; readers only ever see complete copies.
     """
     from sft.fsutil import atomic_directory, storage_failure
 
     try:
-        with atomic_directory(cache_dir) as tmp:
-            prepared.train.save_to_disk(str(tmp / "train"))
-            if prepared.eval is not None:
-                prepared.eval.save_to_disk(str(tmp / "eval"))
-            (tmp / "summary.json").write_text(json.dumps(prepared.summary.to_json(), indent=2))
-            (tmp / "complete").write_text(sft.__version__)
+        with atomic_directory(cache_dir) as staging:
+            yield staging
     except Exception as exc:
         reason = storage_failure(exc)
         if reason is None:
@@ -645,21 +948,45 @@ def _save_cached(prepared: Prepared, cache_dir: Path) -> None:
         ) from exc
 
 
+def _save_cached(prepared: Prepared, cache_dir: Path) -> None:
+    """Write prepared datasets (any `datasets.Dataset`) as a cache entry."""
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    with _cache_entry(cache_dir) as staging:
+        for dataset, name in ((prepared.train, TRAIN_FILE), (prepared.eval, EVAL_FILE)):
+            if dataset is None:
+                continue
+            writer = ArrowWriter(features=_features(), path=str(staging / name))
+            try:
+                for batch in dataset.with_format("arrow").iter(batch_size=GATHER_ROWS):
+                    writer.write_table(
+                        pa.Table.from_batches([batch])
+                        if isinstance(batch, pa.RecordBatch)
+                        else batch
+                    )
+            finally:
+                writer.finalize()
+                writer.close()
+        (staging / "summary.json").write_text(json.dumps(prepared.summary.to_json(), indent=2))
+        (staging / "complete").write_text(sft.__version__)
+
+
 def _load_cached(cache_dir: Path) -> Prepared:
     import datasets
 
     datasets.disable_progress_bars()
 
-    eval_dir = cache_dir / "eval"
+    eval_file = cache_dir / EVAL_FILE
     try:
         return Prepared(
-            train=datasets.load_from_disk(str(cache_dir / "train")),
-            eval=datasets.load_from_disk(str(eval_dir)) if eval_dir.exists() else None,
+            train=datasets.Dataset.from_file(str(cache_dir / TRAIN_FILE)),
+            eval=datasets.Dataset.from_file(str(eval_file)) if eval_file.exists() else None,
             summary=Summary.from_json(json.loads((cache_dir / "summary.json").read_text())),
             cache_dir=cache_dir,
             from_cache=True,
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # changed behind sft's back
+    except (OSError, ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         raise DataError(
             f"the prepared-data cache is damaged: {type(exc).__name__}: {exc}",
             file=str(cache_dir),

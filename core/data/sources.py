@@ -15,7 +15,9 @@ import lzma
 import re
 import sys
 import zlib
+from array import array
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,42 @@ class RawRows:
     def where(self, index: int) -> tuple[str, int]:
         file_index, number = self.locations[index]
         return self.files[file_index], number
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def located(self) -> Iterator[tuple[dict[str, Any], str, int]]:
+        """Every row with its file and 1-based row (or line) number."""
+        for row, (file_index, number) in zip(self.rows, self.locations, strict=True):
+            yield row, self.files[file_index], number
+
+
+@attrs.define
+class RowPlaces:
+    """Where each row of a source read lazily came from, a few bytes per row (its file and
+    1-based row or line number): what a row error names, without holding the rows."""
+
+    name: str
+    files: list[str] = attrs.field(factory=list)
+    file_of_row: array[int] = attrs.field(factory=lambda: array("i"))
+    number_of_row: array[int] = attrs.field(factory=lambda: array("q"))
+    _file_ids: dict[str, int] = attrs.field(factory=dict)
+
+    def add(self, file: str, number: int) -> None:
+        file_id = self._file_ids.get(file)
+        if file_id is None:
+            file_id = self._file_ids[file] = len(self.files)
+            self.files.append(file)
+        self.file_of_row.append(file_id)
+        self.number_of_row.append(number)
+
+    def where(self, index: int) -> tuple[str, int]:
+        return self.files[self.file_of_row[index]], self.number_of_row[index]
+
+    @property
+    def count(self) -> int:
+        return len(self.number_of_row)
 
 
 def _is_url(path: str) -> bool:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
-from sft.data.sample import IGNORE_INDEX
 from sft.paths import redact
 
 PERCENTILES = (50, 90, 99, 100)
@@ -28,32 +26,33 @@ class DatasetSummary:
     notes: dict[str, int] = attrs.field(factory=dict)  # e.g. reasoning the template dropped
 
     @classmethod
-    def from_samples(
+    def from_lengths(
         cls,
         name: str,
         strategy: str,
         rows_in: int,
         rows_kept: int,
-        dropped: Counter[str],
-        input_ids: Sequence[Sequence[int]],
-        labels: Sequence[Sequence[int]],
+        dropped: Counter[str] | dict[str, int],
+        lengths: Any,
+        tokens: int,
+        trainable_tokens: int,
         notes: Counter[str] | None = None,
     ) -> DatasetSummary:
+        """From the samples' token counts (`lengths`, a numpy array) and the totals."""
         import numpy as np
 
-        lengths = np.array([len(ids) for ids in input_ids] or [0])
-        trainable = sum(sum(1 for x in sample if x != IGNORE_INDEX) for sample in labels)
+        spread = lengths if len(lengths) else np.zeros(1)
         return cls(
             name=name,
             strategy=strategy,
             rows_in=rows_in,
             rows_kept=rows_kept,
-            samples=len(input_ids),
+            samples=len(lengths),
             dropped=dict(sorted(dropped.items())),
-            tokens=int(lengths.sum()) if input_ids else 0,
-            trainable_tokens=int(trainable),
+            tokens=tokens,
+            trainable_tokens=trainable_tokens,
             length_percentiles={
-                f"p{p}" if p < 100 else "max": int(np.percentile(lengths, p)) for p in PERCENTILES
+                f"p{p}" if p < 100 else "max": int(np.percentile(spread, p)) for p in PERCENTILES
             },
             notes=dict(sorted((notes or Counter()).items())),
         )

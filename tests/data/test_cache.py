@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_rows, write_jsonl
 
 from sft.cli import main
-from sft.data.pipeline import Prepared, _load_cached, _save_cached, _to_dataset
+from sft.data.pipeline import Prepared, _features, _load_cached, _save_cached
 from sft.data.summary import Summary
 
 
@@ -56,20 +56,22 @@ def test_a_prepared_path_under_home_is_one_cache_that_the_next_run_loads(
     assert "loaded from" in capsys.readouterr().out
     assert not (work / "~").exists()  # no directory literally named ~ (an `rm -rf ~` trap)
     (entry,) = entries(home / "sft-prepared")
-    assert sorted(p.name for p in entry.iterdir()) == ["complete", "summary.json", "train"]
+    assert sorted(p.name for p in entry.iterdir()) == ["complete", "summary.json", "train.arrow"]
 
 
 def test_a_full_disk_is_a_data_error_naming_the_cache_and_leaves_nothing(
     tmp_path, plugins, monkeypatch, capsys
 ):
-    import datasets
 
-    def full_disk(self, path, *args, **kwargs):
-        Path(path).mkdir(parents=True)
-        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"x" * 1000)  # partly written
+    from datasets.arrow_writer import ArrowWriter
+
+    real_write = ArrowWriter.write_table
+
+    def full_disk(self, table, *args, **kwargs):
+        real_write(self, table, *args, **kwargs)  # partly written
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full_disk)
+    monkeypatch.setattr(ArrowWriter, "write_table", full_disk)
     config = make_project(tmp_path, str(tmp_path / "prepared"))
     assert main(["preprocess", str(config)]) == 5
     err = capsys.readouterr().err
@@ -82,9 +84,7 @@ def test_a_damaged_cache_entry_is_a_data_error_saying_what_to_delete(tmp_path, p
     config = make_project(tmp_path, str(tmp_path / "prepared"))
     assert main(["preprocess", str(config)]) == 0
     (entry,) = entries(tmp_path / "prepared")
-    for file in sorted((entry / "train").iterdir(), reverse=True):
-        file.unlink()
-    (entry / "train").rmdir()
+    (entry / "train.arrow").unlink()
     capsys.readouterr()
     assert main(["preprocess", str(config)]) == 5
     err = capsys.readouterr().err
@@ -98,8 +98,11 @@ SECONDS = 3.0
 
 
 def _prepared() -> Prepared:
+    import datasets
+
     ids = [[1, 2, 3, i] for i in range(50)]
-    return Prepared(train=_to_dataset(ids, ids), eval=None, summary=Summary(train_samples=50))
+    train = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}, features=_features())
+    return Prepared(train=train, eval=None, summary=Summary(train_samples=50))
 
 
 def _writer(cache_dir: str, results: multiprocessing.Queue) -> None:

@@ -204,6 +204,74 @@ def test_parallel_tokenising_gives_the_same_result(make_config, tokenizer, tmp_p
     assert serial.train["labels"] == parallel.train["labels"]
 
 
+@pytest.mark.parametrize("procs", [1, 2])
+def test_rows_are_read_as_they_are_tokenised_never_a_whole_source(
+    make_config, tokenizer, tmp_path, monkeypatch, procs
+):
+    import sft.data.streaming as streaming
+
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(3000))  # 12 chunks of 256 rows
+    read = [0]
+    real_iter_rows = streaming.iter_rows
+
+    def counting(*args, **kwargs):
+        for located in real_iter_rows(*args, **kwargs):
+            read[0] += 1
+            yield located
+
+    def never(*args, **kwargs):
+        raise AssertionError("a local file is read lazily, not whole")
+
+    ahead = []
+    real_chunks = pipeline._chunks
+
+    def watched(rows, places):
+        for first, chunk in real_chunks(rows, places):
+            ahead.append(read[0] - first)  # rows read but not yet handed out
+            yield first, chunk
+
+    monkeypatch.setattr(streaming, "iter_rows", counting)
+    monkeypatch.setattr(pipeline, "read_rows", never)
+    monkeypatch.setattr(pipeline, "_chunks", watched)
+    prepared = prepare(make_config(f"dataset_num_proc = {procs}\n" + ALPACA), tokenizer)
+    assert len(prepared.train) == 3000 and read[0] == 3000
+    assert len(ahead) == 12 and max(ahead) == pipeline.CHUNK_ROWS  # one chunk at a time
+    # Samples live in an Arrow file, memory-mapped: not in the Python heap.
+    assert prepared.train.cache_files and not prepared.train._indices
+
+
+def test_weights_dedup_split_and_shuffle_select_the_same_samples_as_lists_would(
+    make_config, tokenizer, tmp_path
+):
+    """The index arithmetic against a plain-Python model of the documented behaviour."""
+    import numpy as np
+
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(40) + alpaca_rows(10))  # 10 duplicates
+    write_jsonl(tmp_path / "b.jsonl", alpaca_rows(20, start=100))
+    text = (
+        "seed = 5\nval_set_size = 0.2\ndataset_exact_deduplication = true\n"
+        + ALPACA
+        + '[[datasets]]\npath = "{tmp}/b.jsonl"\ntype = "alpaca"\nweight = 1.5\n'
+    )
+    config = make_config(text)
+    prepared = prepare(config, tokenizer)
+    unshuffled = "shuffle_merged_datasets = false\n"
+    one = prepare(make_config(unshuffled + ALPACA), tokenizer).train
+    two = prepare(make_config(unshuffled + ALPACA.replace("a.jsonl", "b.jsonl")), tokenizer).train
+    samples = [tuple(r) for r in one["input_ids"]]
+    extra = sorted(np.random.default_rng(5 + 1).choice(20, size=10, replace=False).tolist())
+    b_samples = [tuple(r) for r in two["input_ids"]]
+    samples += b_samples + [b_samples[i] for i in extra]
+    unique = list(dict.fromkeys(samples))
+    order = np.random.default_rng(5).permutation(len(unique))
+    held = set(np.random.default_rng(6).permutation(len(unique))[: round(len(unique) * 0.2)])
+    expected_train = [unique[i] for i in order.tolist() if i not in held]
+    expected_eval = [unique[i] for i in sorted(held)]
+    assert [tuple(r) for r in prepared.train["input_ids"]] == expected_train
+    assert [tuple(r) for r in prepared.eval["input_ids"]] == expected_eval
+    assert prepared.summary.duplicates == len(samples) - len(unique) == 10 + 10
+
+
 def test_summary_counts(make_config, tokenizer, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
     summary = prepare(make_config(ALPACA), tokenizer).summary.datasets[0]
