@@ -476,10 +476,11 @@ class Config(_Sections):
     gradient_checkpointing_kwargs: dict[str, Any] | None = key(
         None, doc="Passed to gradient_checkpointing_enable, e.g. {use_reentrant = false}."
     )
-    activation_offloading: bool = key(
+    activation_offloading: bool | Literal["legacy"] = key(
         False,
         doc="Keep the activations gradient checkpointing saves in CPU memory instead of on the "
-        "GPU (needs gradient_checkpointing and a CUDA GPU).",
+        "GPU (needs gradient_checkpointing and a CUDA GPU). 'legacy' (Axolotl's older "
+        "implementation of the same) is read as true.",
     )
     neftune_noise_alpha: float | None = key(
         None,

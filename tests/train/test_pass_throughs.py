@@ -444,6 +444,22 @@ def test_gradient_checkpointing_offload_is_activation_offloading(make_config):
     assert config.offloads_activations and config.gradient_checkpointing == "offload"
 
 
+def test_activation_offloading_legacy_is_read_as_true(make_config):
+    dataset = '[[datasets]]\npath = "x"\n'
+    legacy = make_config(
+        dataset,
+        "activation_offloading=legacy",
+        "gradient_checkpointing=true",
+        machine_checks=False,
+    )
+    assert legacy.offloads_activations
+    for value in ("legacy", "true"):
+        with pytest.raises(ConfigError) as error:
+            make_config(dataset, f"activation_offloading={value}", "gradient_checkpointing=true")
+        (problem,) = error.value.problems
+        assert problem.machine and "without a CUDA GPU" in problem.message
+
+
 def test_batch_size_sets_gradient_accumulation(make_config):
     dataset = '[[datasets]]\npath = "x"\n'
     config = make_config(dataset, "micro_batch_size=2", "batch_size=8", machine_checks=False)
