@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import mmap
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -831,10 +832,10 @@ def _prepare(
 
 
 TRAIN_FILE, EVAL_FILE = "train.arrow", "eval.arrow"
-# Samples copied at a time. The sources are mapped afresh for each batch: a shuffled copy
-# touches pages all over them, and a mapping keeps every page it touched resident (counted in
-# the process's memory) until it is closed.
-GATHER_ROWS = 1024
+# Samples copied at a time. After each batch the sources' pages are dropped from the mapping: a
+# shuffled copy touches pages all over them, and a mapping keeps every page it touched resident
+# (counted in the process's memory) until told otherwise.
+GATHER_ROWS = 256
 
 
 def _write_selection(selection: Selection, path: Path) -> Any:
@@ -851,20 +852,26 @@ def _write_selection(selection: Selection, path: Path) -> Any:
     if every and len(selection.paths) == 1:
         selection.paths[0].replace(path)  # every sample, in order: nothing to copy
         return datasets.Dataset.from_file(str(path))
+    maps = []
+    for source in selection.paths:
+        with source.open("rb") as handle:
+            maps.append(mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ))
+    batches = [
+        batch
+        for mapped in maps
+        for batch in pa.ipc.open_stream(pa.py_buffer(mapped)).read_all().to_batches()
+    ]
     writer = ArrowWriter(features=_features(), path=str(path))
     try:
         for start in range(0, len(indices), GATHER_ROWS):
-            batches = [
-                batch
-                for p in selection.paths
-                for batch in pa.ipc.open_stream(pa.memory_map(str(p))).read_all().to_batches()
-            ]
             writer.write_table(_take(batches, indices[start : start + GATHER_ROWS]))
-            del batches  # unmaps the sources
+            for mapped in maps:  # the pages stay cached, but no longer count as ours
+                mapped.madvise(mmap.MADV_DONTNEED)
             pa.default_memory_pool().release_unused()
     finally:
         writer.finalize()
         writer.close()
+        del batches  # the mappings close once nothing refers to them
     return datasets.Dataset.from_file(str(path))
 
 
