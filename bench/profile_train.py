@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_vs_trl import base_model_dir, conversations  # noqa: E402
+from train_vs_trl import base_model_dir, conversations
 
 GROUPS = {
     "matmul (linear layers, LoRA)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
