@@ -732,7 +732,7 @@ class Config(_Sections):
     @property
     def offloads_activations(self) -> bool:
         """activation_offloading, or Axolotl's gradient_checkpointing = 'offload'."""
-        return self.activation_offloading or self.gradient_checkpointing == "offload"
+        return bool(self.activation_offloading) or self.gradient_checkpointing == "offload"
 
     @property
     def attention(self) -> str:
