@@ -385,7 +385,7 @@ class StreamingDataset(IterableDataset):
             stats.trainable_tokens += sum(
                 sum(1 for label in labels if label != IGNORE_INDEX) for labels in result.labels
             )
-            # Samples in row order, as the prepared path keeps them (`pipeline._collect`).
+            # Samples in row order, as the prepared path keeps them (`pipeline._as_arrays`).
             for i in sorted(range(len(result.sources)), key=result.sources.__getitem__):
                 yield result.input_ids[i], result.labels[i]
 
