@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train_vs_trl import base_model_dir, conversations
+from train_vs_trl import base_model_dir, conversations, logged_rate
 
 BINS = ((512, 4), (2048, 1), (4096, 1))
 
@@ -43,17 +43,9 @@ def run(workdir: Path, steps: int, sequence_len: int, micro_batch: int, per_samp
         f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n'
     )
     train(config, console=Console(quiet=True))
-    records = [
-        json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()
-    ]
-    logged = [r for r in records if "loss" in r]
-    first = logged[0]  # the first step (warm-up) is left out of the rate
-    tokens = logged[-1]["num_input_tokens_seen"] - first["num_input_tokens_seen"]
-    seconds = logged[-1]["time"] - first["time"]
     return {
         "name": name,
-        "tokens_per_s": tokens / seconds,
-        "final_loss": logged[-1]["loss"],
+        **logged_rate(workdir / name),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

@@ -86,11 +86,15 @@ def run_sft(workdir: Path, steps: int, name: str) -> dict:
         f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n'
     )
     train(config, console=Console(quiet=True))
-    records = [
-        json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()
-    ]
+    return logged_rate(workdir / name)
+
+
+def logged_rate(output_dir: Path) -> dict:
+    """Real tokens per second, seconds per step and the final loss from an sft run's
+    metrics.jsonl, leaving out the first step (warm-up)."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
-    first = logged[0]  # exclude the first step (warm-up) from the rate
+    first = logged[0]
     tokens = logged[-1]["num_input_tokens_seen"] - first["num_input_tokens_seen"]
     seconds = logged[-1]["time"] - first["time"]
     return {
