@@ -84,8 +84,9 @@ field = "text"
     messages = {p.path: p for p in error.value.problems}
     assert set(messages) == {"datasets[0].field_instruction", "datasets[0].field"}
     alpaca = messages["datasets[0].field_instruction"]
-    assert "belongs to dataset type 'alpaca', 'alpaca:chat', 'alpaca_chat' (plugin alpaca)" in (
-        alpaca.message
+    assert (
+        "belongs to dataset type 'alpaca', 'alpaca:chat', 'alpaca:chatml', 'alpaca:instruct' "
+        "and 24 more (`sft plugins list`) (plugin alpaca)" in alpaca.message
     )
     assert "this dataset has type 'chat_template'" in alpaca.message
     assert alpaca.line == 6

@@ -139,7 +139,6 @@ _DATA: dict[str, Unsupported] = {
         "log in with `hf auth login` or set HF_TOKEN",
         no_effect="the Hub library sft loads with already uses your login's token (or HF_TOKEN)",
     ),
-    "curriculum_sampling": U("samples in dataset order for curriculum learning"),
     "is_preprocess": U("internal: set by `axolotl preprocess`", "use `sft preprocess`"),
     "preprocess_iterable": U("internal: preprocesses an iterable dataset"),
     "sample_packing_group_size": U("samples packed at a time", default=100_000),

@@ -54,7 +54,7 @@ RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         DATASETS_TOPIC,
-        "datasets test_datasets val_set_size shuffle_merged_datasets sequence_len "
+        "datasets test_datasets val_set_size shuffle_merged_datasets curriculum_sampling sequence_len "
         "excess_length_strategy min_sample_len invalid_rows train_on_inputs pad_to_sequence_len "
         "eval_sample_packing default_system_message eot_tokens streaming "
         "streaming_multipack_buffer_size",

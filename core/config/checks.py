@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -400,6 +401,17 @@ def check_config(config: Config, plugins: SftPlugins) -> list[Problem]:
     ):
         if problem := _both(config, first, second):
             problems.append(problem)
+    if isinstance(config.warmup_steps, float) and not (
+        config.warmup_steps < 1 or config.warmup_steps.is_integer()
+    ):
+        problems.append(
+            Problem(
+                "warmup_steps",
+                f"{config.warmup_steps:g} is neither a whole number of steps nor a fraction "
+                "below 1 of the total steps",
+                hint=f"write {math.ceil(config.warmup_steps)} steps, or a fraction such as 0.1",
+            )
+        )
     problems += _evaluation_schedule_problems(config)
     if config.test_datasets and config.val_set_size:
         problems.append(

@@ -149,6 +149,15 @@ def _quantization_problems(config: Config) -> list[Problem]:
 
 
 def _sampling_problems(config: Config) -> list[Problem]:
+    if config.group_by_length and config.curriculum_sampling:
+        return [
+            Problem(
+                "group_by_length",
+                "conflicts with curriculum_sampling: one trains in dataset order, the other "
+                "batches samples by length",
+                hint="remove one of them",
+            )
+        ]
     if not config.group_by_length or not (config.sample_packing or config.streaming):
         return []
     which = "sample_packing" if config.sample_packing else "streaming"

@@ -413,7 +413,9 @@ def _check_key_types(
         plugin, types = scoped[name]
         if kinds & set(types):
             continue
-        names = ", ".join(repr(t) for t in types)
+        names = ", ".join(repr(t) for t in types[:4])
+        if len(types) > 4:
+            names += f" and {len(types) - 4} more (`sft plugins list`)"
         here = f"type {kind!r}" if kind is not None else "pre-tokenized rows (no type)"
         ctx.add(
             (*path, name),
@@ -497,6 +499,27 @@ def _read_pretraining_dataset(data: dict[str, Any], ctx: _Context) -> None:
         data["streaming_multipack_buffer_size"] = buffer
 
 
+def _read_old_tokens_table(data: dict[str, Any], ctx: _Context) -> None:
+    """Axolotl's older `tokens:` table of special tokens (`pad_token: ...`), read as
+    `special_tokens`; `tokens` is now the list of tokens to add."""
+    from sft.config.checks import SPECIAL_TOKEN_ROLES
+
+    table = data.get("tokens")
+    if not isinstance(table, dict) or not table or not set(table) <= set(SPECIAL_TOKEN_ROLES):
+        return  # a list, or a table of other keys: the type check says what `tokens` takes
+    if not axolotl.is_inert(data.get("special_tokens")):
+        ctx.add(
+            ("tokens",),
+            "is a table of special tokens (Axolotl's older spelling of special_tokens) beside "
+            "special_tokens",
+            hint="move its entries into special_tokens",
+        )
+        del data["tokens"]  # said once, not again as a type mismatch
+        return
+    data["special_tokens"] = data.pop("tokens")
+    ctx.written_as["special_tokens"] = "tokens"
+
+
 def _load(
     data: dict[str, Any],
     lines: dict[KeyPath, int],
@@ -512,6 +535,7 @@ def _load(
     ctx = _Context(lines=lines, source=source)
     ctx.overridden = apply_overrides(data, overrides)
     _read_pretraining_dataset(data, ctx)
+    _read_old_tokens_table(data, ctx)
     groups = _groups(plugins, "root")
     values = _structure_scope(data, groups, (), ctx, axolotl.UNSUPPORTED_ROOT_KEYS)
     for key in _DATASET_LISTS:

@@ -342,6 +342,11 @@ class Config(_Sections):
         None, ge=1, doc="Processes for tokenising (default: CPU count)."
     )
     shuffle_merged_datasets: bool = key(True, doc="Shuffle the mixed datasets (seeded by `seed`).")
+    curriculum_sampling: bool = key(
+        False,
+        doc="Train on the samples in dataset order (curriculum learning): no shuffle of the "
+        "mixed datasets, a sequential sampler, and packing in dataset order.",
+    )
     streaming: bool = key(
         False,
         doc="Read, tokenise and pack the training data while training, never holding it all: for "
@@ -460,7 +465,12 @@ class Config(_Sections):
     lr_div_factor: float | None = key(
         None, gt=0.0, doc="one_cycle: the schedule starts at learning_rate / this (default 25)."
     )
-    warmup_steps: int | None = key(None, ge=0, doc="Linear warmup steps.")
+    warmup_steps: int | float | None = key(
+        None,
+        ge=0,
+        doc="Linear warmup steps; a number below 1 is a fraction of the total steps (as "
+        "transformers reads it: 0.1 warms up over the first 10%).",
+    )
     warmup_ratio: float | None = key(
         None, ge=0.0, le=1.0, doc="Warmup as a fraction of total steps."
     )
@@ -642,7 +652,9 @@ class Config(_Sections):
         None, doc="Pack eval samples too (default: as sample_packing)."
     )
     sample_packing_sequentially: bool = key(
-        False, doc="Pack in dataset order (first fit) instead of first-fit decreasing."
+        False,
+        doc="Pack in dataset order (next fit: a new bin when the next sample does not fit, as "
+        "Axolotl) instead of first-fit decreasing.",
     )
     sample_packing_bin_size: int = key(200, ge=1, doc="Maximum samples per packed sequence.")
     group_by_length: bool = key(
@@ -728,6 +740,16 @@ class Config(_Sections):
         """eval_strategy (or its older name evaluation_strategy), YAML's `no` as "no"."""
         chosen = self.eval_strategy if self.eval_strategy is not None else self.evaluation_strategy
         return "no" if chosen is False else chosen
+
+    @property
+    def shuffles_samples(self) -> bool:
+        """Whether the training samples are shuffled (not with curriculum_sampling)."""
+        return self.shuffle_merged_datasets and not self.curriculum_sampling
+
+    @property
+    def packs_in_dataset_order(self) -> bool:
+        """Whether packers keep dataset order (first fit) rather than packing by length."""
+        return self.sample_packing_sequentially or self.curriculum_sampling
 
     @property
     def offloads_activations(self) -> bool:

@@ -406,6 +406,7 @@ _RELEVANT_ROOT_KEYS = (
     "val_set_size",
     "seed",
     "shuffle_merged_datasets",
+    "curriculum_sampling",
     "dataset_exact_deduplication",
     "special_tokens",
     "tokens",
@@ -786,7 +787,7 @@ def _prepare(
     if not len(used):  # before the eval split, whose own errors would hide this cause
         raise _no_sample_error(summary)
     rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(used)) if config.shuffle_merged_datasets else np.arange(len(used))
+    order = rng.permutation(len(used)) if config.shuffles_samples else np.arange(len(used))
     eval_data: Selection | None = None
     if config.test_datasets:
         eval_summary = Summary()

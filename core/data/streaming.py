@@ -295,7 +295,7 @@ class StreamingDataset(IterableDataset):
 
         config = self.config
         rng = np.random.default_rng([config.seed, self.epoch])
-        held = config.sample_packing or config.shuffle_merged_datasets
+        held = config.sample_packing or config.shuffles_samples
         size = config.streaming_multipack_buffer_size if held else 1
         buffer: list[Sample] = []
         empty = True
@@ -322,7 +322,7 @@ class StreamingDataset(IterableDataset):
             rows = [packed[i] for i in range(len(packed))]
         else:
             rows = [{"input_ids": ids, "labels": labels} for ids, labels in samples]
-        if self.config.shuffle_merged_datasets:
+        if self.config.shuffles_samples:
             rows = [rows[i] for i in rng.permutation(len(rows))]
         return rows
 

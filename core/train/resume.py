@@ -65,6 +65,7 @@ DATA_KEYS = frozenset(
         "invalid_rows",
         "train_on_inputs",
         "shuffle_merged_datasets",
+        "curriculum_sampling",
         "dataset_exact_deduplication",
         "special_tokens",
         "tokens",

@@ -165,11 +165,7 @@ def training_arguments(
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
         dataloader_drop_last=config.dataloader_drop_last,
-        train_sampling_strategy=(
-            "group_by_length"
-            if config.group_by_length and not (config.sample_packing or config.streaming)
-            else "random"
-        ),
+        train_sampling_strategy=_sampling_strategy(config),
         # Every parameter that trains gets a gradient each step (adapters and full models
         # alike): DDP need not search the graph for unused ones, unless the user says so.
         ddp_find_unused_parameters=bool(config.ddp_find_unused_parameters),
@@ -185,6 +181,15 @@ def training_arguments(
         **(engine or {}),
         **dataloader_settings(config),  # streaming: each process its own batches
     )
+
+
+def _sampling_strategy(config: Config) -> str:
+    """The order transformers' Trainer draws the (prepared, maybe packed) training rows in."""
+    if config.curriculum_sampling:
+        return "sequential"
+    if config.group_by_length and not (config.sample_packing or config.streaming):
+        return "group_by_length"
+    return "random"
 
 
 def _early_stopping(config: Config, has_eval: bool) -> list[Any]:

@@ -84,8 +84,11 @@ def build_optimizer(spec: Any, model: Any, config: Config) -> Any:
 
 
 def warmup_steps(config: Config, total_steps: int) -> int:
+    """The warmup in steps: `warmup_steps` (below 1, a fraction of the total) or `warmup_ratio`."""
     if config.warmup_steps is not None:
-        return config.warmup_steps
+        if config.warmup_steps < 1:
+            return math.ceil(config.warmup_steps * total_steps)
+        return int(config.warmup_steps)
     if config.warmup_ratio is not None:
         return math.ceil(config.warmup_ratio * total_steps)
     return 0

@@ -365,6 +365,15 @@ def _schedule_free_problems(name: str, config: Config) -> list[Problem]:
                 hint="use warmup_steps",
             )
         )
+    elif config.warmup_steps is not None and 0 < config.warmup_steps < 1:
+        problems.append(
+            Problem(
+                "warmup_steps",
+                f"{name} warms up inside the optimizer, which takes a step count, not a "
+                f"fraction ({config.warmup_steps:g})",
+                hint="give warmup_steps as a whole number of steps",
+            )
+        )
     if name == "schedule_free_radam" and config.warmup_steps:
         problems.append(
             Problem("warmup_steps", "schedule_free_radam needs no warmup", hint="remove it")
@@ -416,7 +425,7 @@ def _training_args(name: str, config: Config) -> Any:
         adam_beta2=getattr(config, "adam_beta2", 0.999),
         adam_epsilon=getattr(config, "adam_epsilon", 1e-8),
         weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps or 0,
+        warmup_steps=int(config.warmup_steps or 0),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         parallel_mode=(
             ParallelMode.DISTRIBUTED if world_size() > 1 else ParallelMode.NOT_DISTRIBUTED

@@ -1,6 +1,7 @@
-"""`sample_packing = true`: lengths-only bin packing (first-fit decreasing, or first fit in
-dataset order with `sample_packing_sequentially`), each bin holding at most `sequence_len`
-tokens and `sample_packing_bin_size` samples.
+"""`sample_packing = true`: lengths-only bin packing, each bin holding at most `sequence_len`
+tokens and `sample_packing_bin_size` samples: first-fit decreasing, or next fit in dataset order
+with `sample_packing_sequentially` or `curriculum_sampling` (Axolotl's sequential packing: the
+bins, read in order, hold the samples in dataset order).
 
 First fit over bins is a search for the first bin with enough room; a segment tree over the
 bins' free space finds it in O(log bins), so a million lengths pack in seconds in pure Python.
@@ -15,6 +16,28 @@ from sft import hookimpl
 from sft.components import Packer
 
 
+def _check_lengths(lengths: Sequence[int], capacity: int) -> None:
+    too_long = next((i for i in range(len(lengths)) if lengths[i] > capacity), None)
+    if too_long is not None:
+        raise ValueError(
+            f"sample {too_long} has {lengths[too_long]} tokens, more than a bin's {capacity}"
+        )
+
+
+def next_fit(lengths: Sequence[int], capacity: int, max_items: int) -> list[list[int]]:
+    """Items in order, a new bin whenever the next one does not fit the current bin."""
+    _check_lengths(lengths, capacity)
+    bins: list[list[int]] = []
+    free = 0
+    for item, need in enumerate(lengths):
+        if not bins or need > free or len(bins[-1]) >= max_items:
+            bins.append([])
+            free = capacity
+        bins[-1].append(item)
+        free -= need
+    return bins
+
+
 def first_fit(
     lengths: Sequence[int], capacity: int, max_items: int, decreasing: bool = True
 ) -> list[list[int]]:
@@ -22,11 +45,7 @@ def first_fit(
     n = len(lengths)
     if n == 0:
         return []
-    too_long = next((i for i in range(n) if lengths[i] > capacity), None)
-    if too_long is not None:
-        raise ValueError(
-            f"sample {too_long} has {lengths[too_long]} tokens, more than a bin's {capacity}"
-        )
+    _check_lengths(lengths, capacity)
     if decreasing:
         order = sorted(range(n), key=lengths.__getitem__, reverse=True)
     else:
@@ -61,8 +80,10 @@ def first_fit(
 
 def pack(lengths: Sequence[int], capacity: int, config: Any, epoch: int = 0) -> list[list[int]]:
     max_items = getattr(config, "sample_packing_bin_size", 200)
-    sequential = bool(getattr(config, "sample_packing_sequentially", False))
-    bins = first_fit(lengths, capacity, max_items, decreasing=not sequential)
+    # `sample_packing_sequentially` or `curriculum_sampling`: keep dataset order
+    if getattr(config, "packs_in_dataset_order", False):
+        return next_fit(lengths, capacity, max_items)
+    bins = first_fit(lengths, capacity, max_items)
     for items in bins:
         items.sort()  # within a bin keep dataset order (any order is equivalent; this is stable)
     return bins

@@ -319,3 +319,22 @@ def test_a_missing_local_dataset_file_is_a_problem_with_its_line(plugins, tmp_pa
     assert second.endswith("gone.json.gz [this machine]")  # "~" may be shown expanded
     assert str(tmp_path) in (problems[0].hint or "")
     assert load_config_text(text, machine_checks=False).datasets[1].path == "data/missing.jsonl"
+
+
+def test_axolotls_older_tokens_table_is_read_as_special_tokens(plugins):
+    base = "base_model: m\ndatasets:\n  - path: a\n"
+    config = load_config_text(
+        base + 'tokens:\n  pad_token: "<|padding|>"\n  eos_token: "<|endoftext|>"\n', "yaml"
+    )
+    assert config.special_tokens == {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>"}
+    assert config.tokens is None
+    assert to_dict(config)["special_tokens"] == config.special_tokens  # saved as the new key
+    (problem,) = problems_of(base + "tokens:\n  pad_token: 5\n", "yaml")
+    assert (problem.path, problem.line) == ("tokens", 4)  # the name as written
+    assert "'pad_token' should be a string" in problem.message
+    (problem,) = problems_of(
+        base + "special_tokens:\n  pad_token: x\ntokens:\n  eos_token: y\n", "yaml"
+    )
+    assert problem.path == "tokens" and "beside special_tokens" in problem.message
+    (problem,) = problems_of(base + "tokens:\n  colour: blue\n", "yaml")
+    assert problem.message == "expected a list of strings, found a table"

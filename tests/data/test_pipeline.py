@@ -162,6 +162,7 @@ CACHE_KEY_CHANGES = {
     "val_set_size": "val_set_size = 0.5",
     "seed": "seed = 7",
     "shuffle_merged_datasets": "shuffle_merged_datasets = false",
+    "curriculum_sampling": "curriculum_sampling = true",
     "dataset_exact_deduplication": "dataset_exact_deduplication = true",
     "special_tokens": 'special_tokens = { pad_token = "<pad>" }',
     "tokens": 'tokens = ["<new>"]',

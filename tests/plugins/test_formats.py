@@ -60,7 +60,8 @@ def test_alpaca_chat_style_is_axolotls_user_assistant_prompt(
         make_config, tokenizer, f'[[datasets]]\npath = "{{tmp}}/a.jsonl"\ntype = "{kind}"\n'
     ).train
     assert masked_text(tokenizer, first["input_ids"], first["labels"]).endswith(
-        "completes the request.\n\nUSER: Name a colour.\nASSISTANT:"
+        "SYSTEM: Below is an instruction that describes a task. Write a response that "
+        "appropriately completes the request.\nUSER: Name a colour.\nASSISTANT:"
     )
     assert masked_text(tokenizer, second["input_ids"], second["labels"]).endswith(
         "USER: Add the numbers.\n2 and 3\nASSISTANT:"
@@ -75,6 +76,104 @@ def test_alpaca_chat_style_is_axolotls_user_assistant_prompt(
         'no_input_format = "Q: {instruction}\\nA:"\n',
     ).train
     assert masked_text(tokenizer, row["input_ids"], row["labels"]).endswith("Q: Name a colour.\nA:")
+
+
+NO_INPUT_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request."
+)
+WITH_INPUT_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request."
+)
+
+# Axolotl 0.19's prompters (axolotl.prompters + the field parsing of prompt_tokenizers) on each
+# row: the prompt (masked) and the response (trained, then EOS), copied from running them.
+INSTRUCTION_TYPES = [
+    (
+        "alpaca:chatml",
+        {"instruction": "Do X.", "output": "Y"},
+        f"<|im_start|>system\n{NO_INPUT_PREAMBLE}<|im_end|>\n<|im_start|>user\nDo X.<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        "Y",
+    ),
+    (
+        "alpaca:phi",
+        {"instruction": "Do X.", "input": "", "output": "Y"},
+        f"<|system|>\n{NO_INPUT_PREAMBLE}<|end|>\n<|user|>\nDo X.<|end|>\n<|assistant|>\n",
+        "Y",
+    ),
+    (
+        "alpaca:phi",
+        {"instruction": "Do X.", "input": "ctx", "output": "Y"},
+        f"<|system|>\n{WITH_INPUT_PREAMBLE}<|end|>\n<|user|>\nDo X.<|end|>ctx<|assistant|>",
+        "Y",
+    ),
+    (
+        "jeopardy",
+        {"question": "Q?", "category": "CAT", "answer": "A"},
+        f"{WITH_INPUT_PREAMBLE}\n\n### Instruction:\nQ?\n\n### Input:\nCAT\n\n### Response:\n",
+        "what is A",
+    ),
+    (
+        "oasst",
+        {"INSTRUCTION": "Hi", "RESPONSE": "Hello"},
+        f"{NO_INPUT_PREAMBLE}\n\n### Instruction:\nHi\n\n### Response:\n",
+        "Hello",
+    ),
+    (
+        "gpteacher:chat",
+        {"instruction": "I", "input": "In", "response": "R"},
+        f"SYSTEM: {WITH_INPUT_PREAMBLE}\nUSER: I\nIn\nASSISTANT:",
+        "R",
+    ),
+    (
+        "explainchoice",
+        {"question": "Q?", "choices": ["a", "b"], "explanation": "because"},
+        "Choose the answer that best answers the question. Explain your reasoning.\n\n\n"
+        '### Instruction:\nQ?\n\n### Input:\n- "a"\n- "b"\n\n### Response:\n',
+        "because",
+    ),
+    (
+        "concisechoice",
+        {"question": "Q?", "choices": ["a", "b"], "solution": "a"},
+        "Choose the answer that best answers the question. Be concise in your response.\n\n"
+        'USER: Q?\n- "a"\n- "b"\nASSISTANT:',
+        "a",
+    ),
+    (
+        "summarizetldr",
+        {"article": "Long text.", "summary": "Short."},
+        "USER: Summarize the following article as a TL;DR.\nLong text.\nASSISTANT:",
+        "Short.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "row", "prompt", "response"), INSTRUCTION_TYPES)
+def test_axolotls_instruction_types_write_its_prompts_and_train_the_response(
+    make_config, tokenizer, tmp_path, kind, row, prompt, response
+):
+    write_jsonl(tmp_path / "a.jsonl", [row])
+    (sample,) = prepare(
+        make_config, tokenizer, f'[[datasets]]\npath = "{{tmp}}/a.jsonl"\ntype = "{kind}"\n'
+    ).train
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids[1:]) == prompt + response + "</s>"
+    assert trained_text(tokenizer, ids, labels) == response + "</s>"
+
+
+def test_an_instruction_type_names_the_missing_field(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"question": "Q?", "category": "CAT"}])
+    with pytest.raises(DataError, match=r"a.jsonl, row 1, field 'answer': missing field"):
+        prepare(make_config, tokenizer, '[[datasets]]\npath = "{tmp}/a.jsonl"\ntype = "jeopardy"\n')
+
+
+def test_styles_apply_to_bases_with_a_prompt_style_only(plugins):
+    names = set(plugins.prompt_strategies().names())
+    assert {"alpaca:phi", "alpaca:chatml", "jeopardy:chat", "oasst:instruct"} <= names
+    assert "summarizetldr" in names and "summarizetldr:chat" not in names  # one fixed format
 
 
 def test_alpaca_custom_fields_and_system_prompt(make_config, tokenizer, tmp_path):

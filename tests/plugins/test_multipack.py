@@ -13,7 +13,7 @@ from sft.config import load_config_text
 from sft.data.packing import pack_dataset
 from sft.data.pipeline import prepare_datasets
 from sft.errors import ConfigError
-from sft.plugins.multipack import first_fit
+from sft.plugins.multipack import first_fit, next_fit
 
 
 def check_bins(bins, lengths, capacity, max_items):
@@ -29,9 +29,12 @@ def test_first_fit_decreasing_is_optimal_on_a_known_case():
     assert len(bins) == 3
 
 
-def test_sequential_first_fit_keeps_dataset_order_within_the_scan():
-    bins = first_fit([6, 6, 3, 3], 10, 200, decreasing=False)
-    assert bins == [[0, 2], [1, 3]]
+def test_sequential_packing_keeps_dataset_order_across_bins():
+    bins = next_fit([6, 6, 3, 3, 9, 1, 1, 1], 10, 3)
+    assert bins == [[0], [1, 2], [3], [4, 5], [6, 7]]
+    check_bins(bins, [6, 6, 3, 3, 9, 1, 1, 1], 10, 3)
+    with pytest.raises(ValueError, match="more than a bin"):
+        next_fit([5, 11], 10, 200)
 
 
 def test_bin_size_limit_and_too_long_samples():

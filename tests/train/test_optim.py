@@ -80,3 +80,23 @@ def test_schedules_warmup_and_cosine_floor(plugins):
     assert linear[2] == pytest.approx(1.0) and linear[-1] == pytest.approx(0.125)
     assert set(lrs(config("learning_rate=0.3", "lr_scheduler=constant"))) == {0.3}
     assert warmup_steps(config("warmup_ratio=0.15"), 100) == 15
+
+
+def test_warmup_steps_below_one_is_a_fraction_of_the_total_steps(plugins):
+    """transformers' reading, which Axolotl's examples use (`warmup_steps: 0.1`)."""
+    fraction = lrs(config("learning_rate=1.0", "lr_scheduler=linear", "warmup_steps=0.2"))
+    assert fraction == lrs(config("learning_rate=1.0", "lr_scheduler=linear", "warmup_steps=2"))
+    assert fraction[1] == pytest.approx(0.5) and fraction[2] == pytest.approx(1.0)
+    assert warmup_steps(config("warmup_steps=0.15"), 30) == 5  # ceil(4.5)
+    assert warmup_steps(config("warmup_steps=3.0"), 30) == 3
+
+
+def test_a_fractional_warmup_of_more_than_one_step_is_an_error(plugins):
+    from sft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"warmup_steps \(--set\): 2.5 is neither a whole number"):
+        config("warmup_steps=2.5")
+    with pytest.raises(ConfigError, match=r"warmup_ratio \(--set\): conflicts with warmup_steps"):
+        config("warmup_steps=0.1", "warmup_ratio=0.1")
+    with pytest.raises(ConfigError, match="takes a step count, not a fraction"):
+        config("optimizer=schedule_free_adamw", "lr_scheduler=constant", "warmup_steps=0.1")

@@ -616,6 +616,54 @@ def test_group_by_length_with_packing_is_a_warning(tiny_project):
     assert "no effect with sample_packing = true" in warning.message
 
 
+def test_curriculum_sampling_trains_in_dataset_order(tiny_project):
+    """Axolotl's curriculum_sampling: the prepared samples keep file order, the Trainer draws
+    them sequentially, and packing fills bins in that order."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from sft.data.packing import pack_dataset
+    from sft.data.pipeline import prepare_datasets
+    from sft.manager import get_plugins
+    from sft.tokenizer import load_tokenizer
+    from sft.train.run import training_arguments
+
+    def drawn(*overrides):
+        config = tiny_project("micro_batch_size=1", *overrides)
+        tokenizer = load_tokenizer(config)
+        prepared = prepare_datasets(config, tokenizer, get_plugins(), show_progress=False)
+        trainer = Trainer(
+            model=AutoModelForCausalLM.from_pretrained(config.base_model),
+            args=training_arguments(config, len(prepared.train), False, torch.float32),
+            train_dataset=prepared.train,
+            processing_class=tokenizer,
+        )
+        rows = [prepared.train[i]["input_ids"] for i in trainer._get_train_sampler()]
+        return config, tokenizer, prepared, rows
+
+    config, tokenizer, prepared, rows = drawn("curriculum_sampling=true")
+    assert len(rows) == 24  # tiny_rows: row i asks "What is i plus i?"
+    for i, ids in enumerate(rows):
+        assert f"What is {i} plus {i}?" in tokenizer.decode(ids)
+    shuffled = drawn()[3]
+    assert sorted(map(tuple, shuffled)) == sorted(map(tuple, rows)) and shuffled != rows
+
+    packed, _ = pack_dataset(prepared.train, 64, config, get_plugins())
+    assert [i for one_bin in packed.bins for i in one_bin] == list(range(len(prepared.train)))
+    by_length, _ = pack_dataset(
+        prepared.train, 64, tiny_project("micro_batch_size=1"), get_plugins()
+    )
+    assert [i for one_bin in by_length.bins for i in one_bin] != list(range(len(prepared.train)))
+
+
+def test_curriculum_sampling_conflicts_with_group_by_length(make_config):
+    with pytest.raises(
+        ConfigError, match=r"group_by_length \(--set\): conflicts with curriculum_sampling"
+    ):
+        make_config(
+            '[[datasets]]\npath = "x"\n', "curriculum_sampling=true", "group_by_length=true"
+        )
+
+
 # A learning rate so high that the eval loss moves up and down: evaluations and checkpoints
 # every step, stopping after 2 evaluations without improvement.
 UNSTABLE_EARLY_STOPPING = (
