@@ -576,29 +576,34 @@ def test_torch_compile_mode_reaches_the_training_arguments(tiny_project):
     assert args.torch_compile and args.torch_compile_mode == "max-autotune"
 
 
-def test_group_by_length_batches_unpacked_samples_of_similar_length(tiny_project):
+def _train_sampler(tiny_project, *overrides):
+    """The Trainer's sampler over the prepared data of `tiny_project(micro_batch_size=1, ...)`,
+    with the config, tokenizer and prepared data."""
     from transformers import AutoModelForCausalLM, Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from sft.data.pipeline import prepare_datasets
     from sft.manager import get_plugins
     from sft.tokenizer import load_tokenizer
     from sft.train.run import training_arguments
 
-    def sampler_of(*overrides):
-        config = tiny_project("micro_batch_size=1", *overrides)
-        tokenizer = load_tokenizer(config)
-        prepared = prepare_datasets(config, tokenizer, get_plugins(), show_progress=False)
-        trainer = Trainer(
-            model=AutoModelForCausalLM.from_pretrained(config.base_model),
-            args=training_arguments(config, len(prepared.train), False, torch.float32),
-            train_dataset=prepared.train,
-            processing_class=tokenizer,
-        )
-        return trainer._get_train_sampler(), prepared.train
+    config = tiny_project("micro_batch_size=1", *overrides)
+    tokenizer = load_tokenizer(config)
+    prepared = prepare_datasets(config, tokenizer, get_plugins(), show_progress=False)
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(config.base_model),
+        args=training_arguments(config, len(prepared.train), False, torch.float32),
+        train_dataset=prepared.train,
+        processing_class=tokenizer,
+    )
+    return trainer._get_train_sampler(), config, tokenizer, prepared
 
-    assert not isinstance(sampler_of()[0], LengthGroupedSampler)
-    sampler, data = sampler_of("group_by_length=true")
+
+def test_group_by_length_batches_unpacked_samples_of_similar_length(tiny_project):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    assert not isinstance(_train_sampler(tiny_project)[0], LengthGroupedSampler)
+    sampler, _, _, prepared = _train_sampler(tiny_project, "group_by_length=true")
+    data = prepared.train
     assert isinstance(sampler, LengthGroupedSampler)
     order = list(sampler)
     assert sorted(order) == list(range(len(data)))
@@ -619,32 +624,16 @@ def test_group_by_length_with_packing_is_a_warning(tiny_project):
 def test_curriculum_sampling_trains_in_dataset_order(tiny_project):
     """Axolotl's curriculum_sampling: the prepared samples keep file order, the Trainer draws
     them sequentially, and packing fills bins in that order."""
-    from transformers import AutoModelForCausalLM, Trainer
-
     from sft.data.packing import pack_dataset
-    from sft.data.pipeline import prepare_datasets
     from sft.manager import get_plugins
-    from sft.tokenizer import load_tokenizer
-    from sft.train.run import training_arguments
 
-    def drawn(*overrides):
-        config = tiny_project("micro_batch_size=1", *overrides)
-        tokenizer = load_tokenizer(config)
-        prepared = prepare_datasets(config, tokenizer, get_plugins(), show_progress=False)
-        trainer = Trainer(
-            model=AutoModelForCausalLM.from_pretrained(config.base_model),
-            args=training_arguments(config, len(prepared.train), False, torch.float32),
-            train_dataset=prepared.train,
-            processing_class=tokenizer,
-        )
-        rows = [prepared.train[i]["input_ids"] for i in trainer._get_train_sampler()]
-        return config, tokenizer, prepared, rows
-
-    config, tokenizer, prepared, rows = drawn("curriculum_sampling=true")
+    sampler, config, tokenizer, prepared = _train_sampler(tiny_project, "curriculum_sampling=true")
+    rows = [prepared.train[i]["input_ids"] for i in sampler]
     assert len(rows) == 24  # tiny_rows: row i asks "What is i plus i?"
     for i, ids in enumerate(rows):
         assert f"What is {i} plus {i}?" in tokenizer.decode(ids)
-    shuffled = drawn()[3]
+    sampler, _, _, shuffled_data = _train_sampler(tiny_project)
+    shuffled = [shuffled_data.train[i]["input_ids"] for i in sampler]
     assert sorted(map(tuple, shuffled)) == sorted(map(tuple, rows)) and shuffled != rows
 
     packed, _ = pack_dataset(prepared.train, 64, config, get_plugins())
