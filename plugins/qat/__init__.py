@@ -1,9 +1,10 @@
 """`qat`: quantization-aware training with torchao's fake quantization (Axolotl's `qat` table).
 
 The linear layers (and with `quantize_embedding` the embeddings) compute with weights rounded to
-`weight_dtype` in groups of `group_size`, and activations rounded per token to
-`activation_dtype`, while the float weights train (straight-through gradients): the model learns
-weights that survive quantization. `fake_quant_after_n_steps` trains in full precision first.
+`weight_dtype` (integers in groups of `group_size`; float8 per row) and activations rounded per
+token to `activation_dtype`, while the float weights train (straight-through gradients): the
+model learns weights that survive quantization. `mxfp4` (OCP microscaling FP4, blocks of 32)
+rounds weights and activations together, as torchao's MX QAT does. `fake_quant_after_n_steps` trains in full precision first.
 Before the final save the fake-quantized layers are swapped back to plain ones, so the saved model
 is an ordinary float model, ready for quantization with the same settings (e.g. torchao's
 Int8DynamicActivationInt4WeightConfig). Full fine-tunes only, as in Axolotl.
@@ -22,9 +23,12 @@ from sft.config.schema import Config, key
 from sft.errors import ModelError, Problem
 
 INT_DTYPES = tuple(f"int{bits}" for bits in range(1, 9))
+FLOAT8_NAMES = ("float8_e4m3fn", "float8", "fp8")  # Axolotl's spellings of one type
+MX_BLOCK = 32  # the OCP MX block size, the only one Axolotl's mxfp4 takes
+DTYPES = (*INT_DTYPES, *FLOAT8_NAMES, "mxfp4")
 FIELDS = {
-    "weight_dtype": "int1 … int8: the weights' integer type",
-    "activation_dtype": "int1 … int8 or blank: the activations' integer type (per token)",
+    "weight_dtype": "int1 … int8, float8_e4m3fn or mxfp4: the weights' type",
+    "activation_dtype": "int1 … int8, float8_e4m3fn, mxfp4 or blank: the activations' type",
     "group_size": "weights per quantization group (default 32)",
     "quantize_embedding": "also fake-quantize the input embeddings (default false)",
     "fake_quant_after_n_steps": "train in full precision for this many steps first",
@@ -37,7 +41,8 @@ class QatKeys:
         None,
         doc="Quantization-aware training (torchao fake quantization of the linear layers): "
         "{weight_dtype = 'int4', activation_dtype = 'int8', group_size = 32, quantize_embedding "
-        "= false, fake_quant_after_n_steps = N}; full fine-tunes only.",
+        "= false, fake_quant_after_n_steps = N}; types int1…int8, float8_e4m3fn (fp8) and "
+        "mxfp4 (weights and activations); full fine-tunes only.",
     )
 
 
@@ -77,17 +82,29 @@ def _table_problems(table: dict[str, Any]) -> list[Problem]:
             if name == "weight_dtype":
                 problems.append(Problem("qat.weight_dtype", "is required", hint="e.g. 'int4'"))
             continue
-        if value not in INT_DTYPES:
-            floating = value in ("nvfp4", "mxfp4", "mxfp8", "float8")
+        if value not in DTYPES:
+            why = {
+                "nvfp4": "torchao's NVFP4 QAT runs NVFP4 matmuls in the forward pass, on "
+                "Blackwell GPUs only, which sft has not tested",
+                "ternary": "Axolotl's ternary (BitNet 1.58-bit) QAT is its own module swap",
+            }.get(str(value), "")
             problems.append(
                 Problem(
                     f"qat.{name}",
-                    f"{value!r} is not supported by sft"
-                    + (" yet (torchao's floating-point QAT needs a GPU path sft has not tested)"
-                       if floating else ""),
-                    hint=f"one of {', '.join(INT_DTYPES)}",
+                    f"{value!r} is not supported by sft" + (f": {why}" if why else ""),
+                    hint=f"one of {', '.join(DTYPES)}",
                 )
-            )  # fmt: skip
+            )
+    problems += _mx_problems(table)
+    if table.get("weight_dtype") in FLOAT8_NAMES and table.get("group_size") not in (None, ""):
+        problems.append(
+            Problem(
+                "qat.group_size",
+                "has no effect with float8 weights: they are scaled per row",
+                hint="remove group_size",
+                warning=True,
+            )
+        )
     for name, low in (("group_size", 1), ("fake_quant_after_n_steps", 0)):
         value = table.get(name)
         if value not in (None, "") and (not isinstance(value, int) or value < low):
@@ -97,6 +114,42 @@ def _table_problems(table: dict[str, Any]) -> list[Problem]:
         problems.append(
             Problem("qat.quantize_embedding", f"expected true or false, found {embedding!r}")
         )
+    return problems
+
+
+def _mx_problems(table: dict[str, Any]) -> list[Problem]:
+    """mxfp4 is one setting for weights and activations (torchao has no weight-only MX QAT),
+    in blocks of 32, and its layers have no off switch."""
+    weights, activations = table.get("weight_dtype"), table.get("activation_dtype")
+    if "mxfp4" not in (weights, activations):
+        return []
+    problems = []
+    if weights != activations:
+        other = "activation_dtype" if weights == "mxfp4" else "weight_dtype"
+        problems.append(
+            Problem(
+                f"qat.{other}",
+                "mxfp4 rounds weights and activations together: torchao's MX QAT has no "
+                f"weight-only or mixed form, found {other} = {table.get(other)!r}",
+                hint="set weight_dtype and activation_dtype both to 'mxfp4'",
+            )
+        )
+    if table.get("group_size") not in (None, "", MX_BLOCK):
+        problems.append(
+            Problem(
+                "qat.group_size",
+                f"mxfp4 scales blocks of {MX_BLOCK} values, found {table['group_size']!r}",
+                hint=f"set group_size = {MX_BLOCK} or remove it",
+            )
+        )
+    for name, why in (
+        ("quantize_embedding", "torchao fake-quantizes embeddings with integer types only"),
+        ("fake_quant_after_n_steps", "torchao's MX layers cannot be switched off"),
+    ):
+        if table.get(name) not in (None, "", False, 0):
+            problems.append(
+                Problem(f"qat.{name}", f"cannot be used with mxfp4: {why}", hint=f"remove {name}")
+            )
     return problems
 
 
@@ -138,18 +191,29 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
     return problems
 
 
-def _fake_quantize_configs(settings: QatSettings) -> tuple[Any, Any]:
+def _fake_quantize_config(dtype: str, group_size: int, activations: bool) -> Any:
     import torch
+
+    if dtype == "mxfp4":
+        from torchao.prototype.qat import MXFakeQuantizeConfig
+
+        return MXFakeQuantizeConfig(dtype=torch.float4_e2m1fn_x2, block_size=MX_BLOCK)
+    if dtype in FLOAT8_NAMES:
+        from torchao.quantization.qat import Float8FakeQuantizeConfig
+
+        return Float8FakeQuantizeConfig(dtype=torch.float8_e4m3fn)  # scaled per row
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
-    weights = IntxFakeQuantizeConfig(
-        getattr(torch, settings.weight_dtype), group_size=settings.group_size
-    )
+    if activations:
+        return IntxFakeQuantizeConfig(getattr(torch, dtype), "per_token", is_symmetric=False)
+    return IntxFakeQuantizeConfig(getattr(torch, dtype), group_size=group_size)
+
+
+def _fake_quantize_configs(settings: QatSettings) -> tuple[Any, Any]:
+    weights = _fake_quantize_config(settings.weight_dtype, settings.group_size, False)
     activations = None
     if settings.activation_dtype:
-        activations = IntxFakeQuantizeConfig(
-            getattr(torch, settings.activation_dtype), "per_token", is_symmetric=False
-        )
+        activations = _fake_quantize_config(settings.activation_dtype, settings.group_size, True)
     return activations, weights
 
 

@@ -89,6 +89,46 @@ def test_fake_quant_after_n_steps_trains_in_full_precision_first(tiny_project):
 
 
 @pytest.mark.parametrize(
+    ("dtypes", "layer_type"),
+    [
+        ("weight_dtype = 'mxfp4', activation_dtype = 'mxfp4', group_size = 32", "MXFakeQuantized"),
+        ("weight_dtype = 'fp8', activation_dtype = 'float8_e4m3fn'", "FakeQuantized"),
+        ("weight_dtype = 'int4', activation_dtype = 'float8', group_size = 32", "FakeQuantized"),
+    ],
+)
+def test_floating_point_qat_rounds_like_torchao_and_trains(tiny_project, dtypes, layer_type):
+    """Axolotl's float8 and mxfp4 QAT: the layers compute what torchao's own fake-quantized
+    layers compute, differ from the float layer, and a run saves plain float layers."""
+    import copy
+
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    from sft.plugins.qat import _fake_quantize_configs, settings_of
+    from sft.train.run import train
+
+    config = tiny_project(f"qat={{{dtypes}}}", "max_steps=2", "learning_rate=0.001")
+    model = _loaded(config)
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == f"{layer_type}Linear"
+    plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+    plain.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    reference = torch.nn.Sequential(copy.deepcopy(plain))
+    activations, weights = _fake_quantize_configs(settings_of(config))
+    quantize_(reference, QATConfig(activation_config=activations, weight_config=weights))
+    x = torch.randn(2, 5, layer.in_features)
+    torch.testing.assert_close(layer(x), reference[0](x))
+    assert (layer(x) - plain(x)).abs().max() > 1e-3
+
+    result = train(config)
+    assert result.global_step == 2
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    assert type(reloaded.model.layers[0].mlp.down_proj).__name__ == "Linear"
+
+
+@pytest.mark.parametrize(
     ("overrides", "path", "message"),
     [
         (
@@ -100,7 +140,24 @@ def test_fake_quant_after_n_steps_trains_in_full_precision_first(tiny_project):
         (
             ["qat={weight_dtype = 'nvfp4'}"],
             "qat.weight_dtype",
-            "'nvfp4' is not supported by sft yet",
+            "'nvfp4' is not supported by sft: torchao's NVFP4 QAT runs NVFP4 matmuls",
+        ),
+        (
+            ["qat={weight_dtype = 'mxfp4', activation_dtype = 'int8'}"],
+            "qat.activation_dtype",
+            "mxfp4 rounds weights and activations together",
+        ),
+        (
+            ["qat={weight_dtype = 'mxfp4', activation_dtype = 'mxfp4', group_size = 16}"],
+            "qat.group_size",
+            "mxfp4 scales blocks of 32 values, found 16",
+        ),
+        (
+            [
+                "qat={weight_dtype = 'mxfp4', activation_dtype = 'mxfp4', fake_quant_after_n_steps=2}"
+            ],
+            "qat.fake_quant_after_n_steps",
+            "cannot be used with mxfp4",
         ),
         (
             ["qat={weight_dtype = 'int4', grop_size = 32}"],
@@ -119,3 +176,9 @@ def test_qat_mistakes_are_named(tiny_project, overrides, path, message):
         tiny_project(*overrides)
     problems = {p.path: p.message for p in error.value.problems}
     assert message in problems[path]
+
+
+def test_a_group_size_for_float8_weights_is_a_warning(tiny_project):
+    config = tiny_project("qat={weight_dtype = 'fp8', group_size = 32}")
+    (warning,) = [w for w in config.warnings if w.path == "qat.group_size"]
+    assert "no effect with float8 weights" in warning.message
