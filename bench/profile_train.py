@@ -6,7 +6,9 @@ no gradient checkpointing). Step 1 warms up; steps 2..N are recorded. Prints the
 by self CPU time, then the time grouped into matmuls (the model's and LoRA's), attention,
 cross-entropy, optimizer, and the rest, as shares of the recorded wall time.
 
-    python bench/profile_train.py [--rows 64] [--steps 4] [--top 25]
+    python bench/profile_train.py [--rows 64] [--steps 4] [--top 25] [--bf16]
+
+`--bf16` profiles the same job with `bf16 = true` (bf16 weights, CPU autocast).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--bf16", action="store_true", help="train in bf16 (bf16 = true)")
     args = parser.parse_args()
 
     import torch
@@ -75,6 +78,7 @@ def main() -> None:
         "lora_target_linear = true\nlora_dropout = 0.0\nsequence_len = 512\nmicro_batch_size = 4\n"
         f"max_steps = {args.steps}\nlearning_rate = 2e-4\nseed = 1\nsample_packing = true\n"
         f'chunked_cross_entropy = true\noutput_dir = "{workdir / "out"}"\n'
+        f"bf16 = {'true' if args.bf16 else 'false'}\n"
         f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n',
         plugins=plugins,
     )

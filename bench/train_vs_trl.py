@@ -12,14 +12,18 @@ TRL rows (`pip install trl`):
 - `trl-matched-packed`: matched, with TRL's packing (`packing=True`, its default BFD
   strategy, padding-free).
 - `trl-matched-gc`: matched, gradient checkpointing on (the memory-bound setting).
-sft rows: unpacked, packed, packed + chunked cross-entropy, and the last with gradient
-checkpointing on.
+- `trl-matched-bf16`: matched, in bfloat16: the model loaded in bf16 and `bf16=True` (autocast),
+  as sft's `bf16 = true` trains; on a CPU with AMX or AVX-512 BF16 its matmuls are several times
+  faster than fp32.
+sft rows: unpacked, packed, packed + chunked cross-entropy, the last with gradient
+checkpointing on, and the last in bf16 (`bf16 = true`).
 
 Reported per run: real (non-padding) tokens per second from the end of step 1, seconds per
 step, peak RSS, final loss; then each sft row against `trl-matched` (and the gc row against
 `trl-matched-gc`). The matmul limit is this machine's fp32 GEMM rate (a 2048² matmul, timed
 here) divided by 4 FLOP per linear-layer parameter per token (forward, and the backward
-through frozen weights): what no trainer of this model can beat on this CPU.
+through frozen weights): what no trainer of this model can beat on this CPU; bf16 rows are held
+to the bf16 GEMM rate.
 
     python bench/train_vs_trl.py [--rows 64] [--steps 8] [--only trl-matched,sft-packed]
 """
@@ -65,14 +69,27 @@ def base_model_dir() -> str:
     return model_path(str(gguf))  # dequantised once, cached; both sides load the same weights
 
 
-SFT_RUNS = ("sft-unpacked", "sft-packed", "sft-packed-chunked-ce", "sft-packed-chunked-ce-gc")
-TRL_RUNS = ("trl-defaults", "trl-matched", "trl-matched-packed", "trl-matched-gc")
+SFT_RUNS = (
+    "sft-unpacked",
+    "sft-packed",
+    "sft-packed-chunked-ce",
+    "sft-packed-chunked-ce-gc",
+    "sft-packed-chunked-ce-bf16",
+)
+TRL_RUNS = (
+    "trl-defaults",
+    "trl-matched",
+    "trl-matched-packed",
+    "trl-matched-gc",
+    "trl-matched-bf16",
+)
 
 
 def run_sft(workdir: Path, steps: int, name: str) -> dict:
     packed = name != "sft-unpacked"
     chunked = name.startswith("sft-packed-chunked-ce")
     checkpointing = name.endswith("-gc")
+    bf16 = name.endswith("-bf16")
     from rich.console import Console
 
     from sft.config import load_config_text
@@ -83,6 +100,7 @@ def run_sft(workdir: Path, steps: int, name: str) -> dict:
         f"sequence_len = 512\nmicro_batch_size = 4\nmax_steps = {steps}\nlearning_rate = 2e-4\nseed = 1\n"
         f"sample_packing = {'true' if packed else 'false'}\nchunked_cross_entropy = {'true' if chunked else 'false'}\n"
         f'gradient_checkpointing = {"true" if checkpointing else "false"}\nlora_dropout = 0.0\noutput_dir = "{workdir / name}"\n'
+        f"bf16 = {'true' if bf16 else 'false'}\n"
         f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n'
     )
     train(config, console=Console(quiet=True))
@@ -113,18 +131,22 @@ def trl_settings(name: str) -> dict:
         return {**matched, "packing": True}
     if name == "trl-matched-gc":
         return {**matched, "gradient_checkpointing": True}
+    if name == "trl-matched-bf16":
+        return {**matched, "bf16": True}
     return matched
 
 
 def run_trl(workdir: Path, steps: int, name: str) -> dict:
     import datasets
+    import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     path = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    dtype = torch.bfloat16 if name == "trl-matched-bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     marks: list[tuple[float, int]] = []
 
     class Clock(TrainerCallback):
@@ -172,15 +194,17 @@ def run_trl(workdir: Path, steps: int, name: str) -> dict:
             "bf16": args.bf16,
             "packing": args.packing,
             "padding_free": args.padding_free,
+            "model_dtype": str(dtype).removeprefix("torch."),
         },
     }
 
 
-def matmul_gflops() -> float:
-    """This machine's fp32 GEMM rate: the best of 5 timed 2048² matmuls."""
+def matmul_gflops(dtype_name: str = "float32") -> float:
+    """This machine's GEMM rate in a dtype: the best of 5 timed 2048² matmuls."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(5):
@@ -244,9 +268,14 @@ def main() -> None:
             print(f"{kind} failed:\n{out.stderr[-3000:]}")
             continue
         results[kind] = json.loads(line[7:])
-    limit = matmul_gflops() * 1e9 / (4 * linear_parameters())
-    print(f"matmul limit: {limit:.0f} real tok/s (fp32 GEMM rate / 4 FLOP per linear parameter)")
+    limits = {
+        dtype: matmul_gflops(dtype) * 1e9 / (4 * linear_parameters())
+        for dtype in ("float32", "bfloat16")
+    }
+    for dtype, limit in limits.items():
+        print(f"matmul limit, {dtype}: {limit:.0f} real tok/s (GEMM rate / 4 FLOP per parameter)")
     for kind, r in results.items():
+        limit = limits["bfloat16" if kind.endswith("-bf16") else "float32"]
         print(
             f"{kind:26} {r['tokens_per_s']:7.1f} real tok/s ({r['tokens_per_s'] / limit:4.0%} of "
             f"limit) | {r['s_per_step']:6.2f} s/step | peak RSS {r['peak_rss_mib']:6.0f} MiB | "
@@ -255,7 +284,10 @@ def main() -> None:
         if "settings" in r:
             print(f"{'':26} TRL settings: {r['settings']}")
     for kind in SFT_RUNS:
-        baseline = "trl-matched-gc" if kind.endswith("-gc") else "trl-matched"
+        baseline = "trl-matched"
+        for suffix in ("-gc", "-bf16"):
+            if kind.endswith(suffix):
+                baseline += suffix
         if kind in results and baseline in results:
             r, b = results[kind], results[baseline]
             print(

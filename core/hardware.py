@@ -46,3 +46,22 @@ def installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+def cpu_bf16_unit() -> str | None:
+    """The CPU's native bf16 matmul unit ("AMX" or "AVX-512 BF16"), or None. Read from
+    /proc/cpuinfo's flags (Linux), as torch.cpu._is_amx_tile_supported reports it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512 BF16"
+    return None

@@ -20,6 +20,10 @@ NAME = "sft_sdpa_segments"
 # Attention arguments some models pass that change the result (sinks, biases, capping, windows):
 # with any of them the call goes to transformers' own sdpa function.
 MODIFIERS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
+# Segments shorter than this run CPU SDPA in fp32 when the model computes in bf16/fp16: torch
+# 2.13's CPU kernels take about twice as long in bf16 below ~256 tokens (forward + backward,
+# 9 heads of 64, measured on AMX; equal at 256, bf16 ahead above).
+CPU_UPCAST_BELOW = 256
 
 
 def applies(model_config: Any, sequence_len: int | None = None) -> bool:
@@ -93,21 +97,42 @@ def segment_attention(
     positions = position_ids.expand(batch, length)
     grouped = key.shape[1] != heads
     dropout_p = dropout if module.training else 0.0
-    rows = []
-    for row in range(batch):
-        bounds = [*segment_starts(positions[row]), length]
-        pieces = [
-            torch.nn.functional.scaled_dot_product_attention(
-                query[row : row + 1, :, start:end],
-                key[row : row + 1, :, start:end],
-                value[row : row + 1, :, start:end],
+    # CPU SDPA in bf16/fp16 is slower than in fp32 on short sequences (its backward most):
+    # those segments are computed in fp32, which is also the more precise result.
+    upcast_below = (
+        CPU_UPCAST_BELOW
+        if query.device.type == "cpu"
+        and query.dtype
+        in (
+            torch.bfloat16,
+            torch.float16,
+        )
+        else 0
+    )
+
+    def attend(row: int, start: int, end: int) -> Any:
+        q, k, v = (t[row : row + 1, :, start:end] for t in (query, key, value))
+        if end - start >= upcast_below:
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=True, scale=scaling, enable_gqa=grouped
+            )
+        with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.float(),
+                k.float(),
+                v.float(),
                 dropout_p=dropout_p,
                 is_causal=True,
                 scale=scaling,
                 enable_gqa=grouped,
             )
-            for start, end in itertools.pairwise(bounds)
-            if end > start
+        return out.to(query.dtype)
+
+    rows = []
+    for row in range(batch):
+        bounds = [*segment_starts(positions[row]), length]
+        pieces = [
+            attend(row, start, end) for start, end in itertools.pairwise(bounds) if end > start
         ]
         rows.append(torch.cat(pieces, dim=2))
     output = torch.cat(rows, dim=0)  # (batch, heads, length, dim)

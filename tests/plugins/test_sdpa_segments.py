@@ -49,3 +49,47 @@ def test_turning_it_off_where_nothing_packs_on_sdpa_is_a_warning(tiny_project):
     (warning,) = [w for w in tiny_project("sdpa_per_sample=false").warnings]
     assert warning.path == "sdpa_per_sample" and "does not pack" in warning.message
     assert not tiny_project("sdpa_per_sample=false", "sample_packing=true").warnings
+
+
+def test_short_bf16_segments_on_cpu_attend_in_float32_also_under_autocast():
+    """Below CPU_UPCAST_BELOW tokens a bf16 segment is computed in fp32 (faster on CPU, and
+    more precise): the output is the fp32 attention rounded once to bf16; longer segments and
+    fp32 models are untouched."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    short, long = 40, segments.CPU_UPCAST_BELOW
+    length = short + long
+    query = torch.randn(1, 4, length, 16, dtype=torch.bfloat16)
+    key, value = torch.randn(2, 1, 2, length, 16, dtype=torch.bfloat16)
+    positions = torch.cat([torch.arange(short), torch.arange(long)])[None]
+    module = types.SimpleNamespace(training=False, is_causal=True)
+
+    def attend(q, k, v, start, end):
+        return F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True,
+            enable_gqa=True,
+        )  # fmt: skip
+
+    for context in (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autocast("cpu", enabled=False),
+    ):
+        with context:
+            output, _ = segments.segment_attention(
+                module, query, key, value, None, position_ids=positions
+            )
+        output = output.transpose(1, 2)
+        assert output.dtype == torch.bfloat16
+        in_float32 = attend(query.float(), key.float(), value.float(), 0, short)
+        assert torch.equal(output[:, :, :short], in_float32.to(torch.bfloat16))
+        with context:
+            native = attend(query, key, value, short, length)
+        assert torch.equal(output[:, :, short:], native)
+
+    fp32 = [t.float() for t in (query, key, value)]
+    output, _ = segments.segment_attention(module, *fp32, None, position_ids=positions)
+    assert torch.equal(output.transpose(1, 2)[:, :, :short], attend(*fp32, 0, short))

@@ -300,3 +300,30 @@ def test_run_says_how_many_rows_were_dropped_and_why(tiny_project, capsys):
         "data.jsonl: 26 rows in, 24 kept, dropped: invalid JSON: 1, longer than sequence_len: 1"
         in out
     )
+
+
+@pytest.mark.parametrize(
+    ("unit", "overrides", "noted"),
+    [
+        ("AMX", [], True),
+        (None, [], False),  # no native bf16: fp32 is the right choice
+        ("AMX", ["bf16=false"], False),  # chosen by the user
+    ],
+)
+def test_fp32_on_a_cpu_with_native_bf16_suggests_bf16(
+    tiny_project, monkeypatch, unit, overrides, noted
+):
+    import io
+
+    import torch
+    from rich.console import Console
+
+    import sft.hardware
+    from sft.train.run import _suggest_cpu_bf16
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the note is for CPU training")
+    monkeypatch.setattr(sft.hardware, "cpu_bf16_unit", lambda: unit)
+    out = io.StringIO()
+    _suggest_cpu_bf16(tiny_project(*overrides), torch.float32, Console(file=out, width=200))
+    assert ("this CPU has AMX bf16 matmuls; bf16 = true trains faster" in out.getvalue()) is noted
