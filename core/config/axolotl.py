@@ -173,9 +173,6 @@ _TRAINING: dict[str, Unsupported] = {
     "embedding_lr": U("a separate learning rate for the embeddings"),
     "embedding_lr_scale": U("scales the learning rate of the embeddings"),
     "lr_groups": U("learning rates for groups of modules"),
-    "lisa_n_layers": U("LISA: trains only this many randomly chosen layers at a time"),
-    "lisa_step_interval": U("LISA: steps between switching the trained layers"),
-    "lisa_layers_attribute": U("LISA: where the layers are in the model", default="model.layers"),
     "router_aux_loss_coef": U("weight of the MoE router's load-balancing loss"),
 }
 

@@ -65,7 +65,7 @@ RULES: tuple[_Rule, ...] = (
         "seed batch_size micro_batch_size gradient_accumulation_steps num_epochs max_steps "
         "learning_rate weight_decay max_grad_norm neftune_noise_alpha dataloader_drop_last "
         "group_by_length use_dft use_dynamic_finetuning use_eaft objective",
-        "optim adam_ sgd_ loss_watchdog_ eaft_",
+        "optim adam_ sgd_ loss_watchdog_ eaft_ lisa_",
     ),
     _rule("Schedules", "", "lr_ cosine_ warmup_"),
     _rule(
