@@ -282,6 +282,63 @@ datasets:
     type: alpaca
 """
 
+CURRICULUM = """
+base_model: microsoft/Phi-3-mini-4k-instruct
+trust_remote_code: true
+datasets:
+  - path: garage-bAInd/Open-Platypus
+    type: alpaca:phi
+  - path: openaccess-ai-collective/jeopardy
+    type: jeopardy
+sequence_len: 4096
+sample_packing: true
+sample_packing_sequentially: true
+curriculum_sampling: true
+adapter: lora
+lora_r: 64
+lora_alpha: 32
+lora_target_linear: true
+micro_batch_size: 2
+num_epochs: 1
+lr_scheduler: cosine
+learning_rate: 0.000003
+warmup_steps: 0.1
+bf16: auto
+"""
+
+LISA_FFT = """
+base_model: NousResearch/Llama-2-7b-hf
+datasets:
+  - path: teknium/GPT4-LLM-Cleaned
+    type: alpaca
+sequence_len: 4096
+adapter:
+lora_r:
+lisa_n_layers: 4
+lisa_step_interval: 20
+lisa_layers_attribute: model.layers
+optimizer: adamw_torch
+learning_rate: 5e-5
+tokens:
+  pad_token: "<unk>"
+"""
+
+QAT_MXFP4 = """
+base_model: meta-llama/Llama-3.2-3B
+datasets:
+  - path: yahma/alpaca-cleaned
+    type: alpaca
+qat:
+  activation_dtype: mxfp4
+  weight_dtype: mxfp4
+  group_size: 32
+sequence_len: 512
+micro_batch_size: 1
+learning_rate: 2e-5
+"""
+
+QAT_NVFP4 = QAT_MXFP4.replace("mxfp4", "nvfp4").replace("group_size: 32", "group_size: 16")
+
 # name → (config, exit code of `sft validate --portable`, texts the output must hold)
 CASES = {
     "lora-llama3": (LORA_LLAMA3, 0, ["warning: lora_qkv_kernel", "only changes speed"]),
@@ -313,6 +370,10 @@ CASES = {
         ["'alpaca' renders text, and a mistral-common tokenizer cannot map tokens back"],
     ),
     "unknown-integration": (UNKNOWN_INTEGRATION, 4, ["no installed sft plugin stands in for"]),
+    "curriculum-alpaca-phi-jeopardy": (CURRICULUM, 0, []),
+    "lisa-full-ft-old-tokens-table": (LISA_FFT, 0, []),
+    "qat-mxfp4": (QAT_MXFP4, 0, []),
+    "qat-nvfp4": (QAT_NVFP4, 4, ["torchao's NVFP4 QAT runs NVFP4 matmuls"]),
 }
 
 
