@@ -31,7 +31,9 @@ class LisaKeys:
     )
 
 
-def _settings(config: Config) -> LisaKeys | None:
+def _settings(config: Config | None) -> LisaKeys | None:
+    if config is None:
+        return None
     keys = config.section(LisaKeys)
     return keys if keys.lisa_n_layers and keys.lisa_step_interval else None
 
