@@ -26,6 +26,10 @@ through frozen weights): what no trainer of this model can beat on this CPU; bf1
 to the bf16 GEMM rate.
 
     python bench/train_vs_trl.py [--rows 64] [--steps 8] [--only trl-matched,sft-packed]
+        [--preload /path/to/libmimalloc.so]
+
+`--preload` runs every sft row a second time with that library in LD_PRELOAD (another memory
+allocator than glibc's), in the same invocation: rows named `<row> +<library>`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -238,6 +243,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated run names (default: all)")
     parser.add_argument("--child")
     parser.add_argument("--workdir")
+    parser.add_argument("--preload", help="also run the sft rows with this LD_PRELOAD library")
     args = parser.parse_args()
     if args.child:
         child(args.child, Path(args.workdir), args.steps)
@@ -256,18 +262,29 @@ def main() -> None:
         f"{args.rows} rows, {args.steps} steps, micro-batch 4, sequence_len 512, LoRA r16 all-linear"
     )
     results = {}
-    for kind in kinds:
-        command = ["--child", kind, "--workdir", str(workdir), "--steps", str(args.steps)]
+    runs = [(kind, kind, None) for kind in kinds]
+    if args.preload:
+        label = Path(args.preload).name.split(".")[0]
+        runs += [(f"{k} +{label}", k, args.preload) for k in kinds if k.startswith("sft")]
+    for name, kind, preload in runs:
+        rundir = workdir
+        if preload:  # its own output directories; the same data
+            rundir = workdir / "preload"
+            rundir.mkdir(exist_ok=True)
+            (rundir / "chat.jsonl").write_bytes((workdir / "chat.jsonl").read_bytes())
+        command = ["--child", kind, "--workdir", str(rundir), "--steps", str(args.steps)]
+        env = {**os.environ, "LD_PRELOAD": preload} if preload else None
         out = subprocess.run(
             [sys.executable, __file__, *command],
             capture_output=True,
             text=True,
+            env=env,
         )
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            print(f"{kind} failed:\n{out.stderr[-3000:]}")
+            print(f"{name} failed:\n{out.stderr[-3000:]}")
             continue
-        results[kind] = json.loads(line[7:])
+        results[name] = json.loads(line[7:])
     limits = {
         dtype: matmul_gflops(dtype) * 1e9 / (4 * linear_parameters())
         for dtype in ("float32", "bfloat16")
@@ -275,7 +292,7 @@ def main() -> None:
     for dtype, limit in limits.items():
         print(f"matmul limit, {dtype}: {limit:.0f} real tok/s (GEMM rate / 4 FLOP per parameter)")
     for kind, r in results.items():
-        limit = limits["bfloat16" if kind.endswith("-bf16") else "float32"]
+        limit = limits["bfloat16" if kind.split(" ")[0].endswith("-bf16") else "float32"]
         print(
             f"{kind:26} {r['tokens_per_s']:7.1f} real tok/s ({r['tokens_per_s'] / limit:4.0%} of "
             f"limit) | {r['s_per_step']:6.2f} s/step | peak RSS {r['peak_rss_mib']:6.0f} MiB | "
@@ -283,12 +300,15 @@ def main() -> None:
         )
         if "settings" in r:
             print(f"{'':26} TRL settings: {r['settings']}")
-    for kind in SFT_RUNS:
+    for kind in results:
+        if not kind.startswith("sft"):
+            continue
+        row = kind.split(" ")[0]
         baseline = "trl-matched"
         for suffix in ("-gc", "-bf16"):
-            if kind.endswith(suffix):
+            if row.endswith(suffix):
                 baseline += suffix
-        if kind in results and baseline in results:
+        if baseline in results:
             r, b = results[kind], results[baseline]
             print(
                 f"{kind} / {baseline}: throughput {r['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
