@@ -411,11 +411,6 @@ UNSUPPORTED_ROOT_KEYS: dict[str, Unsupported] = {
 # Keys of a `datasets:` entry.
 UNSUPPORTED_DATASET_KEYS: dict[str, Unsupported] = {
     "preprocess_shards": Unsupported("prepares the dataset in N sequential chunks to save memory"),
-    "conversation": Unsupported(
-        "FastChat conversation template of the old sharegpt format",
-        "use `type: chat_template`",
-        only_for_types=("sharegpt",),
-    ),
     "field_human": Unsupported(
         "old sharegpt format: field of the human turns",
         "use `type: chat_template`",

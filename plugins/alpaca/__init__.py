@@ -65,6 +65,11 @@ class AlpacaKeys:
         "style's ('### Instruction:\\n{instruction}\\n\\n### Response:\\n' for alpaca, "
         "'USER: {instruction}\\nASSISTANT:' for alpaca:chat).",
     )
+    conversation: str | None = key(
+        None,
+        doc="alpaca_chat: the prompt style of its rows, as Axolotl reads it (instruct, chat, "
+        "chatml or phi; default chat).",
+    )
 
 
 @attrs.frozen
@@ -217,6 +222,8 @@ TYPES = _types()
 def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Rendered]:
     keys: AlpacaKeys = ds.section(AlpacaKeys)
     base, style = TYPES[ds.type]
+    if ds.type == "alpaca_chat" and keys.conversation:
+        style = STYLES[keys.conversation]
     with_input = keys.format if keys.format is not None else style.format
     no_input = keys.no_input_format if keys.no_input_format is not None else style.no_input_format
     system_format = keys.system_format if keys.system_format is not None else style.system_format
@@ -243,6 +250,26 @@ def sft_validate_config(config: Any) -> list[Problem]:
         if ds.type not in TYPES:
             continue
         keys = ds.section(AlpacaKeys)
+        if keys.conversation and ds.type != "alpaca_chat":
+            problems.append(
+                Problem(
+                    f"{where}.conversation",
+                    f"has no effect on type {ds.type!r}: Axolotl reads it only for alpaca_chat "
+                    "(and the old sharegpt)",
+                    hint=f"remove it, or write the style in the type: 'alpaca:{keys.conversation}'"
+                    if keys.conversation in STYLES
+                    else "remove it",
+                    warning=True,
+                )
+            )
+        elif keys.conversation and keys.conversation not in STYLES:
+            problems.append(
+                Problem(
+                    f"{where}.conversation",
+                    f"unknown prompt style {keys.conversation!r} for alpaca_chat",
+                    hint=f"one of {', '.join(STYLES)}",
+                )
+            )
         for name, text, fields in (
             ("format", keys.format, {"instruction": "", "input": ""}),
             ("no_input_format", keys.no_input_format, {"instruction": "", "input": ""}),

@@ -432,7 +432,7 @@ def test_bfloat16_is_bf16(plugins):
     )
 
 
-def test_sharegpt_only_dataset_keys_change_nothing_on_other_types(plugins):
+def test_conversation_changes_nothing_on_types_other_than_alpaca_chat(plugins):
     config = load_config_text(
         "base_model: unused\ndatasets:\n  - path: x.jsonl\n    type: alpaca\n"
         "    conversation: qwen2\n",
@@ -441,15 +441,16 @@ def test_sharegpt_only_dataset_keys_change_nothing_on_other_types(plugins):
     )
     (warning,) = config.warnings
     assert warning.path == "datasets[0].conversation"
-    assert "reads it only for type sharegpt, not 'alpaca'" in warning.message
-    with pytest.raises(ConfigError) as error:  # on a sharegpt dataset: refused, with the type
+    assert "no effect on type 'alpaca': Axolotl reads it only for alpaca_chat" in warning.message
+    with pytest.raises(ConfigError) as error:  # on a sharegpt dataset: the type is refused
         load_config_text(
             "base_model: unused\ndatasets:\n  - path: x.jsonl\n    type: sharegpt\n"
             "    conversation: chatml\n",
             "yaml",
             machine_checks=False,
         )
-    assert "datasets[0].conversation" in {p.path for p in error.value.problems}
+    (problem,) = error.value.problems
+    assert problem.path == "datasets[0].type" and "removed ShareGPT type" in problem.message
 
 
 def test_axolotls_kernels_integration_is_a_speed_only_warning(plugins):

@@ -6,7 +6,7 @@ import pytest
 from conftest import write_jsonl
 
 from sft.data.pipeline import prepare_datasets
-from sft.errors import DataError
+from sft.errors import ConfigError, DataError
 
 IGNORE = -100
 
@@ -162,6 +162,18 @@ def test_axolotls_instruction_types_write_its_prompts_and_train_the_response(
     assert ids[0] == tokenizer.bos_token_id
     assert tokenizer.decode(ids[1:]) == prompt + response + "</s>"
     assert trained_text(tokenizer, ids, labels) == response + "</s>"
+
+
+def test_alpaca_chat_takes_axolotls_conversation_key_as_its_style(make_config, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Do X.", "output": "Y"}])
+    text = '[[datasets]]\npath = "{tmp}/a.jsonl"\ntype = "alpaca_chat"\nconversation = "chatml"\n'
+    (sample,) = prepare(make_config, tokenizer, text).train
+    assert tokenizer.decode(sample["input_ids"][1:]) == (
+        f"<|im_start|>system\n{NO_INPUT_PREAMBLE}<|im_end|>\n<|im_start|>user\nDo X.<|im_end|>\n"
+        "<|im_start|>assistant\nY</s>"
+    )
+    with pytest.raises(ConfigError, match="unknown prompt style 'vicuna' for alpaca_chat"):
+        make_config(text.replace("chatml", "vicuna"))
 
 
 def test_an_instruction_type_names_the_missing_field(make_config, tokenizer, tmp_path):
