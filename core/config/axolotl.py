@@ -404,6 +404,15 @@ SPEED_ONLY_INTEGRATIONS: dict[str, str] = {
     "SonicMoE kernels for MoE experts (use_kernels, use_scattermoe, use_sonicmoe)",
 }
 
+# Keys found in Axolotl's own example configs that are not Axolotl keys: Axolotl drops them
+# unread (its schema ignores unknown keys). sft refuses every unknown key; for these the
+# message says so, and what the writer most likely meant.
+NOT_AXOLOTL_KEYS: dict[str, str] = {
+    "eta_min": "the floor of the cosine schedule is cosine_min_lr_ratio, a fraction of "
+    "learning_rate (eta_min / learning_rate)",
+    "test_value": "remove it",
+}
+
 UNSUPPORTED_ROOT_KEYS: dict[str, Unsupported] = {
     name: entry for group in UNSUPPORTED_ROOT_BY_TOPIC.values() for name, entry in group.items()
 }

@@ -312,6 +312,13 @@ def _structure_scope(
             else:
                 ctx.add(path, *axolotl.unsupported_message(name, dataset=dataset))
             continue
+        if not prefix and name in axolotl.NOT_AXOLOTL_KEYS:
+            ctx.add(
+                path,
+                "unknown key, in Axolotl too (Axolotl drops it unread, so it never did anything)",
+                hint=axolotl.NOT_AXOLOTL_KEYS[name],
+            )
+            continue
         guess = did_you_mean(name, list(owners))
         ctx.add(path, "unknown key" + (f"; did you mean {guess!r}?" if guess else ""))
 

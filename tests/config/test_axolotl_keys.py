@@ -260,3 +260,19 @@ def test_zero_stays_out_of_bounds_for_other_keys(plugins):
     assert problem.path == "logging_steps" and "≥ 1" in problem.message
     with pytest.raises(ConfigError):
         load_yaml("evals_per_epoch: -1\n")
+
+
+def test_keys_axolotl_itself_drops_are_refused_saying_so(plugins):
+    """eta_min / test_value appear in Axolotl's examples but not in its schema: it drops them."""
+    with pytest.raises(ConfigError) as error:
+        load_config_text(
+            "base_model: m\ndatasets:\n  - path: a\nlr_scheduler: cosine\neta_min: 7e-7\n",
+            "yaml",
+            machine_checks=False,
+        )
+    (problem,) = error.value.problems
+    assert (problem.path, problem.line) == ("eta_min", 5)
+    assert "in Axolotl too (Axolotl drops it unread" in problem.message
+    assert "cosine_min_lr_ratio" in (problem.hint or "")
+    fields = {f.name for f in attrs.fields(Config)}
+    assert not set(axolotl.NOT_AXOLOTL_KEYS) & fields
