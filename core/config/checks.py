@@ -589,6 +589,18 @@ def _streaming_problems(config: Config) -> list[Problem]:
                 hint="remove it (deduplicate the files beforehand), or set streaming = false",
             )
         )
+    if config.curriculum_sampling and len(config.datasets) > 1:
+        for index, ds in enumerate(config.datasets):
+            if ds.weight != 1.0:
+                problems.append(
+                    Problem(
+                        f"datasets[{index}].weight",
+                        "a stream mixes its datasets at random by weight, and "
+                        "curriculum_sampling reads them one after the other (streaming = true)",
+                        hint="remove the weights, or set streaming = false (prepared data "
+                        "repeats or samples each dataset by its weight, in order)",
+                    )
+                )
     for index, ds in enumerate(config.datasets):
         if ds.shards is not None or ds.shards_idx is not None:
             problems.append(

@@ -327,10 +327,12 @@ class StreamingDataset(IterableDataset):
         return rows
 
     def _mixed(self, epoch: int) -> Iterator[Sample]:
-        """One pass over the datasets, mixed with probabilities proportional to `weight`."""
+        """One pass over the datasets, mixed with probabilities proportional to `weight` (with
+        `curriculum_sampling`: one after the other, in config order)."""
         count = len(self.config.datasets)
-        if count == 1:
-            yield from self._samples(0)
+        if count == 1 or self.config.curriculum_sampling:
+            for index in range(count):
+                yield from self._samples(index)
             return
         import numpy as np
 

@@ -65,10 +65,18 @@ class AlpacaKeys:
         "style's ('### Instruction:\\n{instruction}\\n\\n### Response:\\n' for alpaca, "
         "'USER: {instruction}\\nASSISTANT:' for alpaca:chat).",
     )
+
+
+@attrs.frozen
+class ConversationKeys:
+    """Axolotl's `conversation`: read by alpaca_chat as its prompt style, and by Axolotl's old
+    sharegpt type; on any other dataset a no-effect warning (not an error: migrated sharegpt
+    configs keep it)."""
+
     conversation: str | None = key(
         None,
         doc="alpaca_chat: the prompt style of its rows, as Axolotl reads it (instruct, chat, "
-        "chatml or phi; default chat).",
+        "chatml or phi; default chat). No effect on other types.",
     )
 
 
@@ -179,14 +187,12 @@ BASES = {
     "concisechoice": Base(
         Fields("question", "choices", "solution", "explanation", input_is_choices=True),
         "multiple choice, concise: question, choices, the solution (or explanation) trained",
-        preamble=(
-            "Choose the answer that best answers the question. Be concise in your response.\n\n",
-        )
+        preamble=("Choose the answer that best answers the question. Be concise in your response.",)
         * 2,
         fixed_style=PromptStyle(
             "USER: {instruction}\n{input}\nASSISTANT:",
             "USER: {instruction}\nASSISTANT:",
-            "{system}",
+            "{system}\n\n",
         ),
     ),
     "summarizetldr": Base(
@@ -196,7 +202,7 @@ BASES = {
         fixed_style=PromptStyle(
             "USER: Summarize the following article as a TL;DR.\n{instruction}\n{input}\nASSISTANT:",
             "USER: Summarize the following article as a TL;DR.\n{instruction}\nASSISTANT:",
-            "{system}",
+            "{system}\n",  # no preamble of its own; a system_prompt gets a line
         ),
     ),
 }
@@ -222,8 +228,9 @@ TYPES = _types()
 def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]], Rendered]:
     keys: AlpacaKeys = ds.section(AlpacaKeys)
     base, style = TYPES[ds.type]
-    if ds.type == "alpaca_chat" and keys.conversation:
-        style = STYLES[keys.conversation]
+    conversation = ds.section(ConversationKeys).conversation
+    if ds.type == "alpaca_chat" and conversation:
+        style = STYLES[conversation]
     with_input = keys.format if keys.format is not None else style.format
     no_input = keys.no_input_format if keys.no_input_format is not None else style.no_input_format
     system_format = keys.system_format if keys.system_format is not None else style.system_format
@@ -243,33 +250,40 @@ def _factory(ds: Any, tokenizer: Any, config: Any) -> Callable[[dict[str, Any]],
     return render
 
 
+def _conversation_problems(where: str, ds: Any) -> list[Problem]:
+    conversation = ds.section(ConversationKeys).conversation
+    if not conversation:
+        return []
+    if ds.type != "alpaca_chat":
+        written = f"'alpaca:{conversation}'" if conversation in STYLES else "'alpaca_chat'"
+        return [
+            Problem(
+                f"{where}.conversation",
+                f"has no effect on type {ds.type!r}: Axolotl reads it only for alpaca_chat "
+                "(and its removed sharegpt type)",
+                hint=f"remove it; for an Alpaca style write type = {written}",
+                warning=True,
+            )
+        ]
+    if conversation not in STYLES:
+        return [
+            Problem(
+                f"{where}.conversation",
+                f"unknown prompt style {conversation!r} for alpaca_chat",
+                hint=f"one of {', '.join(STYLES)}",
+            )
+        ]
+    return []
+
+
 @hookimpl
 def sft_validate_config(config: Any) -> list[Problem]:
     problems = []
     for where, ds in config.all_datasets():
+        problems += _conversation_problems(where, ds)
         if ds.type not in TYPES:
             continue
         keys = ds.section(AlpacaKeys)
-        if keys.conversation and ds.type != "alpaca_chat":
-            problems.append(
-                Problem(
-                    f"{where}.conversation",
-                    f"has no effect on type {ds.type!r}: Axolotl reads it only for alpaca_chat "
-                    "(and the old sharegpt)",
-                    hint=f"remove it, or write the style in the type: 'alpaca:{keys.conversation}'"
-                    if keys.conversation in STYLES
-                    else "remove it",
-                    warning=True,
-                )
-            )
-        elif keys.conversation and keys.conversation not in STYLES:
-            problems.append(
-                Problem(
-                    f"{where}.conversation",
-                    f"unknown prompt style {keys.conversation!r} for alpaca_chat",
-                    hint=f"one of {', '.join(STYLES)}",
-                )
-            )
         for name, text, fields in (
             ("format", keys.format, {"instruction": "", "input": ""}),
             ("no_input_format", keys.no_input_format, {"instruction": "", "input": ""}),
@@ -292,7 +306,10 @@ def sft_validate_config(config: Any) -> list[Problem]:
 
 @hookimpl
 def sft_config_keys() -> Sequence[ConfigKeys]:
-    return [ConfigKeys(AlpacaKeys, scope="dataset")]
+    return [
+        ConfigKeys(AlpacaKeys, scope="dataset"),
+        ConfigKeys(ConversationKeys, scope="dataset", dataset_types=()),  # said on any type
+    ]
 
 
 @hookimpl

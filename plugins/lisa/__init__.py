@@ -61,6 +61,30 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
     ):
         if getattr(config, name):
             problems.append(Problem("lisa_n_layers", f"conflicts with {name}", hint=why))
+    from sft.distributed import selected_backends, world_size
+
+    if world_size() > 1:
+        problems.append(
+            Problem(
+                "lisa_n_layers",
+                f"LISA switches the trained layers while training, which DDP does not follow: "
+                f"it runs in one process, and this run has {world_size()}",
+                hint="launch one process (or remove lisa_n_layers / lisa_step_interval)",
+                machine=True,
+            )
+        )
+    for backend in selected_backends(config, config.plugin_set):
+        # DeepSpeed's ZeRO steps every weight of its flat partitions (a frozen layer's missing
+        # gradient is a zero, which Adam's moments and weight decay still move); FSDP shards
+        # the requires_grad flags it saw when wrapping.
+        problems.append(
+            Problem(
+                "lisa_n_layers",
+                f"LISA freezes and unfreezes layers while training, which {backend.name} does "
+                "not follow (it keeps updating the frozen layers or their shards)",
+                hint=f"train without {backend.name} (one GPU), or remove lisa_n_layers",
+            )
+        )
     return problems
 
 
@@ -114,15 +138,7 @@ def sft_trainer_callbacks(config: Config) -> Sequence[Any]:
     keys = _settings(config)
     if keys is None:
         return []
-    from sft.distributed import world_size
-
-    if world_size() > 1:
-        raise ModelError(
-            "LISA switches the trained layers while training, which DDP and the sharding "
-            "engines do not follow: it runs in one process\n"
-            "  fix: run on one GPU (or remove lisa_n_layers / lisa_step_interval)"
-        )
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # one process: sft_validate_config saw to it
 
     assert keys.lisa_n_layers is not None and keys.lisa_step_interval is not None
     n_layers, interval, seed = keys.lisa_n_layers, keys.lisa_step_interval, config.seed

@@ -95,6 +95,7 @@ def sft_register_packers(register: Callable[[Packer], None]) -> None:
         Packer(
             "multipack",
             pack,
-            "first-fit decreasing bin packing on lengths (or first fit in order); bins shuffled per epoch",
+            "first-fit decreasing bin packing on lengths (next fit in dataset order with "
+            "sample_packing_sequentially or curriculum_sampling)",
         )
     )

@@ -12,7 +12,7 @@ Int8DynamicActivationInt4WeightConfig). Full fine-tunes only, as in Axolotl.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -124,7 +124,8 @@ def _mx_problems(table: dict[str, Any]) -> list[Problem]:
     if "mxfp4" not in (weights, activations):
         return []
     problems = []
-    if weights != activations:
+    # Axolotl's reading: mxfp4 weights with no activation_dtype round the activations too
+    if weights != activations and activations not in (None, ""):
         other = "activation_dtype" if weights == "mxfp4" else "weight_dtype"
         problems.append(
             Problem(
@@ -211,10 +212,32 @@ def _fake_quantize_config(dtype: str, group_size: int, activations: bool) -> Any
 
 def _fake_quantize_configs(settings: QatSettings) -> tuple[Any, Any]:
     weights = _fake_quantize_config(settings.weight_dtype, settings.group_size, False)
+    activation_dtype = settings.activation_dtype
+    if settings.weight_dtype == "mxfp4":
+        activation_dtype = "mxfp4"  # torchao's MX QAT rounds both (validated: not another type)
     activations = None
-    if settings.activation_dtype:
-        activations = _fake_quantize_config(settings.activation_dtype, settings.group_size, True)
+    if activation_dtype:
+        activations = _fake_quantize_config(activation_dtype, settings.group_size, True)
     return activations, weights
+
+
+def _check_mx_layers(model: Any, is_linear: Callable[[Any, str], bool]) -> None:
+    """torchao's MX layers need input sizes in whole blocks, and do not train biases (their
+    backward returns no bias gradient): both refused before training, naming a layer."""
+    for name, module in model.named_modules():
+        if not is_linear(module, name):
+            continue
+        if module.in_features % MX_BLOCK:
+            raise ModelError(
+                f"qat mxfp4: {name} takes {module.in_features} inputs, not a multiple of the "
+                f"{MX_BLOCK}-value MX block\n  fix: use an integer or float8 qat type for this model"
+            )
+        if module.bias is not None:
+            raise ModelError(
+                f"qat mxfp4: {name} has a bias, which torchao's MX layers do not train (their "
+                "backward gives it no gradient)\n  fix: use an integer or float8 qat type for "
+                "this model"
+            )
 
 
 def _quiet_torchao_import() -> None:
@@ -242,6 +265,8 @@ def sft_patch_model(model: Any, config: Config) -> None:
     def is_linear(module: Any, _name: str) -> bool:
         return isinstance(module, torch.nn.Linear) and module is not head
 
+    if settings.weight_dtype == "mxfp4":
+        _check_mx_layers(model, is_linear)
     try:
         quantize_(
             model,

@@ -214,6 +214,33 @@ def test_weights_mix_datasets_in_proportion(make_config, tokenizer, plugins, tmp
     assert samples_of(StreamingDataset(config, tokenizer, plugins)) == samples_of(rows)  # seeded
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_curriculum_streams_the_datasets_one_after_the_other(
+    make_config, tokenizer, plugins, tmp_path, packing
+):
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30, "A "))
+    write_jsonl(tmp_path / "b.jsonl", alpaca_rows(20, "B "))
+    config = make_config(
+        STREAM
+        + f"curriculum_sampling = true\nsample_packing = {str(packing).lower()}\n"
+        + dataset_toml("a.jsonl")
+        + dataset_toml("b.jsonl")
+    )
+    text = "".join(
+        tokenizer.decode(row["input_ids"]) for row in StreamingDataset(config, tokenizer, plugins)
+    )
+    expected = [f"Say A number {i}." for i in range(30)] + [f"Say B number {i}." for i in range(20)]
+    positions = [text.index(sample) for sample in expected]
+    assert positions == sorted(positions)
+    with pytest.raises(ConfigError, match=r"datasets\[1\]\.weight.*one after the other"):
+        make_config(
+            STREAM
+            + "curriculum_sampling = true\n"
+            + dataset_toml("a.jsonl")
+            + dataset_toml("b.jsonl", extra="weight = 2\n")
+        )
+
+
 def test_shuffling_is_seeded_and_changes_with_the_pass(make_config, tokenizer, plugins, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", alpaca_rows(60))
     config = make_config(

@@ -55,6 +55,11 @@ def test_draws_are_fixed_by_seed_and_step():
             "conflicts with adapter",
         ),
         (["lisa_n_layers=0", "lisa_step_interval=5"], "lisa_n_layers", "must be ≥ 1"),
+        (
+            ["lisa_n_layers=1", "lisa_step_interval=5", "fsdp_version=2", "fsdp_config={}"],
+            "lisa_n_layers",
+            "which fsdp does not follow",
+        ),
     ],
 )
 def test_lisa_mistakes_are_config_errors(tiny_project, overrides, path, message):

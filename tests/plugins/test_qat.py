@@ -36,10 +36,15 @@ def test_qat_fake_quantizes_the_linear_layers_but_not_the_head(tiny_project):
     assert type(layer).__name__ == "FakeQuantizedLinear"
     assert type(model.lm_head).__name__ == "Linear"
     assert type(model.model.embed_tokens).__name__ == "Embedding"
-    x = torch.randn(3, layer.in_features)
-    expected = x @ _fake_quantized(layer.weight.detach(), 32, 4).T
-    torch.testing.assert_close(layer(x), expected, atol=2e-2, rtol=2e-2)
-    assert (layer(x) - x @ layer.weight.T).abs().max() > 1e-3  # not the float layer
+    weight = layer.weight.detach()
+    rounded = layer.weight_fake_quantizer(weight)
+    by_hand = _fake_quantized(weight, 32, 4)
+    # the same rounding; a weight exactly on a rounding boundary may land one step apart
+    assert torch.isclose(rounded, by_hand, atol=1e-5).float().mean() > 0.99
+    assert (rounded - by_hand).abs().max() <= by_hand.abs().max() / 7 + 1e-6  # one int4 step
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer(x), x @ rounded.T)  # the layer computes with them
+    assert (layer(x) - x @ weight.T).abs().max() > 1e-3  # not the float layer
 
 
 def test_qat_trains_and_saves_a_plain_float_model(tiny_project):
@@ -182,3 +187,41 @@ def test_a_group_size_for_float8_weights_is_a_warning(tiny_project):
     config = tiny_project("qat={weight_dtype = 'fp8', group_size = 32}")
     (warning,) = [w for w in config.warnings if w.path == "qat.group_size"]
     assert "no effect with float8 weights" in warning.message
+
+
+def test_mxfp4_weights_alone_round_the_activations_too(tiny_project):
+    """Axolotl's reading of `weight_dtype: mxfp4` with no activation_dtype."""
+    model = _loaded(tiny_project("qat={weight_dtype = 'mxfp4'}"))
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "MXFakeQuantizedLinear"
+    assert layer.activation_config == layer.weight_config
+
+
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ("qwen2", "has a bias, which torchao's MX layers do not train"),
+        ("llama-80", "not a multiple"),
+    ],
+)
+def test_mxfp4_refuses_layers_torchao_cannot_train(tmp_path, plugins, arch, message):
+    from sft.config import load_config_text
+    from sft.errors import ModelError
+    from sft.plugins.chat_template.templates import builtin_template
+    from sft.testing import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(chat_template=builtin_template("chatml"))
+    if arch == "llama-80":
+        model = build_model(tokenizer, "llama", intermediate_size=80)
+    else:
+        model = build_model(tokenizer, arch)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    config = load_config_text(
+        f'base_model = "{tmp_path / "m"}"\nqat = {{weight_dtype = "mxfp4"}}\n'
+        '[[datasets]]\npath = "x.jsonl"\n',
+        plugins=plugins,
+        machine_checks=False,
+    )
+    with pytest.raises(ModelError, match=message):
+        _loaded(config)
