@@ -26,8 +26,10 @@ through frozen weights): what no trainer of this model can beat on this CPU; bf1
 to the bf16 GEMM rate.
 
     python bench/train_vs_trl.py [--rows 64] [--steps 8] [--only trl-matched,sft-packed]
-        [--preload /path/to/libmimalloc.so]
+        [--preload /path/to/libmimalloc.so] [--repeat 3]
 
+`--repeat N` runs every row N times, alternating the order, and reports medians with each
+run's rate (this machine's TRL rate moved by up to 27% between invocations).
 `--preload` runs every sft row a second time with that library in LD_PRELOAD (another memory
 allocator than glibc's), in the same invocation: rows named `<row> +<library>`.
 """
@@ -39,6 +41,7 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -204,6 +207,16 @@ def run_trl(workdir: Path, steps: int, name: str) -> dict:
     }
 
 
+def summary(found: list[dict]) -> dict:
+    """One row from its repeats: median rate and step time, the largest peak RSS."""
+    return {
+        **found[-1],
+        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in found),
+        "s_per_step": statistics.median(m["s_per_step"] for m in found),
+        "peak_rss_mib": max(m["peak_rss_mib"] for m in found),
+    }
+
+
 def matmul_gflops(dtype_name: str = "float32") -> float:
     """This machine's GEMM rate in a dtype: the best of 5 timed 2048² matmuls."""
     import torch
@@ -244,6 +257,9 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--workdir")
     parser.add_argument("--preload", help="also run the sft rows with this LD_PRELOAD library")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run every row this many times, order alternating"
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, Path(args.workdir), args.steps)
@@ -261,42 +277,51 @@ def main() -> None:
     print(
         f"{args.rows} rows, {args.steps} steps, micro-batch 4, sequence_len 512, LoRA r16 all-linear"
     )
-    results = {}
     runs = [(kind, kind, None) for kind in kinds]
     if args.preload:
         label = Path(args.preload).name.split(".")[0]
         runs += [(f"{k} +{label}", k, args.preload) for k in kinds if k.startswith("sft")]
-    for name, kind, preload in runs:
-        rundir = workdir
-        if preload:  # its own output directories; the same data
-            rundir = workdir / "preload"
-            rundir.mkdir(exist_ok=True)
+    measured: dict[str, list[dict]] = {}
+    for repeat in range(args.repeat):
+        # alternate the order, so a slow spell of a busy machine does not fall on one side
+        for name, kind, preload in runs if repeat % 2 == 0 else runs[::-1]:
+            rundir = workdir / f"repeat{repeat}" / ("preload" if preload else "plain")
+            rundir.mkdir(parents=True, exist_ok=True)  # fresh output dirs; the same data
             (rundir / "chat.jsonl").write_bytes((workdir / "chat.jsonl").read_bytes())
-        command = ["--child", kind, "--workdir", str(rundir), "--steps", str(args.steps)]
-        env = {**os.environ, "LD_PRELOAD": preload} if preload else None
-        out = subprocess.run(
-            [sys.executable, __file__, *command],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{name} failed:\n{out.stderr[-3000:]}")
-            continue
-        results[name] = json.loads(line[7:])
+            command = ["--child", kind, "--workdir", str(rundir), "--steps", str(args.steps)]
+            env = {**os.environ, "LD_PRELOAD": preload} if preload else None
+            out = subprocess.run(
+                [sys.executable, __file__, *command],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{name} failed:\n{out.stderr[-3000:]}")
+                continue
+            measured.setdefault(name, []).append(json.loads(line[7:]))
+    results = {name: summary(found) for name, found in measured.items()}
     limits = {
         dtype: matmul_gflops(dtype) * 1e9 / (4 * linear_parameters())
         for dtype in ("float32", "bfloat16")
     }
     for dtype, limit in limits.items():
         print(f"matmul limit, {dtype}: {limit:.0f} real tok/s (GEMM rate / 4 FLOP per parameter)")
+    if args.repeat > 1:
+        print(f"each row: median of {args.repeat} runs (their tok/s in brackets), max peak RSS")
     for kind, r in results.items():
         limit = limits["bfloat16" if kind.split(" ")[0].endswith("-bf16") else "float32"]
+        each = measured[kind]
+        spread = (
+            " [" + ", ".join(f"{m['tokens_per_s']:.0f}" for m in each) + "]"
+            if len(each) > 1
+            else ""
+        )
         print(
             f"{kind:26} {r['tokens_per_s']:7.1f} real tok/s ({r['tokens_per_s'] / limit:4.0%} of "
             f"limit) | {r['s_per_step']:6.2f} s/step | peak RSS {r['peak_rss_mib']:6.0f} MiB | "
-            f"final loss {r['final_loss']:.4f}"
+            f"final loss {r['final_loss']:.4f}{spread}"
         )
         if "settings" in r:
             print(f"{'':26} TRL settings: {r['settings']}")
@@ -310,9 +335,12 @@ def main() -> None:
                 baseline += suffix
         if baseline in results:
             r, b = results[kind], results[baseline]
+            pairs = zip(measured[kind], measured[baseline], strict=False)
+            ratios = sorted(m["tokens_per_s"] / t["tokens_per_s"] for m, t in pairs)
+            spread = f" (per repeat {ratios[0]:.2f}-{ratios[-1]:.2f}x)" if len(ratios) > 1 else ""
             print(
-                f"{kind} / {baseline}: throughput {r['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
-                f"peak memory {r['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"
+                f"{kind} / {baseline}: throughput {r['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+                f"{spread}, peak memory {r['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"
             )
 
 
