@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from train_vs_trl import base_model_dir, conversations, logged_rate
+from train_vs_trl import base_model_dir, conversations, logged_rate, run_child
 
 BINS = ((512, 4), (2048, 1), (4096, 1))
 
@@ -74,16 +72,9 @@ def main() -> None:
         for per_sample in (True, False):
             child = [str(sequence_len), str(micro_batch), "1" if per_sample else "0"]
             command = ["--workdir", str(workdir), "--steps", str(args.steps), "--child", *child]
-            out = subprocess.run(
-                [sys.executable, __file__, *command],
-                capture_output=True,
-                text=True,
-            )
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{sequence_len}x{micro_batch} failed:\n{out.stderr[-3000:]}")
+            result = run_child(__file__, command, f"{sequence_len}x{micro_batch}")
+            if result is None:
                 continue
-            result = json.loads(line[7:])
             results[(sequence_len, per_sample)] = result
             print(
                 f"{result['name']:22} {result['tokens_per_s']:7.1f} real tok/s | peak RSS "

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_vs_trl import run_child
 
 MIB = 1024 * 1024
 
@@ -177,16 +178,9 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, args.rows)))
         return
     for dtype_name in args.dtypes.split(","):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", dtype_name, "--rows", str(args.rows)],
-            capture_output=True,
-            text=True,
-        )
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{dtype_name} failed:\n{out.stderr[-3000:]}")
-            continue
-        report(dtype_name, json.loads(line[7:]))
+        result = run_child(__file__, ["--child", dtype_name, "--rows", str(args.rows)], dtype_name)
+        if result is not None:
+            report(dtype_name, result)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,20 @@ def run_trl(workdir: Path, steps: int, name: str) -> dict:
     }
 
 
+def run_child(script: str, arguments: list[str], name: str, env: dict | None = None) -> dict | None:
+    """Run `script` with `arguments` in a fresh process (peak RSS is per process) and return the
+    JSON of its `RESULT ` line; None, with its stderr printed, when it failed."""
+    out = subprocess.run(
+        [sys.executable, script, *arguments], capture_output=True, text=True, env=env
+    )
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{name} failed:\n{out.stderr[-3000:]}")
+        return None
+    result: dict = json.loads(line[7:])
+    return result
+
+
 def summary(found: list[dict]) -> dict:
     """One row from its repeats: median rate and step time, the largest peak RSS."""
     return {
@@ -290,17 +304,9 @@ def main() -> None:
             (rundir / "chat.jsonl").write_bytes((workdir / "chat.jsonl").read_bytes())
             command = ["--child", kind, "--workdir", str(rundir), "--steps", str(args.steps)]
             env = {**os.environ, "LD_PRELOAD": preload} if preload else None
-            out = subprocess.run(
-                [sys.executable, __file__, *command],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{name} failed:\n{out.stderr[-3000:]}")
-                continue
-            measured.setdefault(name, []).append(json.loads(line[7:]))
+            result = run_child(__file__, command, name, env)
+            if result is not None:
+                measured.setdefault(name, []).append(result)
     results = {name: summary(found) for name, found in measured.items()}
     limits = {
         dtype: matmul_gflops(dtype) * 1e9 / (4 * linear_parameters())

@@ -126,7 +126,8 @@ def sft_patch_model(model: Any, config: Config) -> None:
     if keys is None:
         return
     layers = decoder_layers(model, keys.lisa_layers_attribute)
-    if keys.lisa_n_layers is not None and keys.lisa_n_layers > len(layers):
+    assert keys.lisa_n_layers is not None
+    if keys.lisa_n_layers > len(layers):
         raise ModelError(
             f"lisa_n_layers = {keys.lisa_n_layers}, but {keys.lisa_layers_attribute} has "
             f"{len(layers)} layers\n  fix: set lisa_n_layers to at most {len(layers)}"
@@ -150,7 +151,6 @@ def sft_trainer_callbacks(config: Config) -> Sequence[Any]:
 
         def __init__(self) -> None:
             self.active: list[int] | None = None
-            self.history: list[tuple[int, list[int]]] = []
 
         def on_step_begin(
             self, args: Any, state: Any, control: Any, model: Any = None, **_: Any
@@ -160,7 +160,6 @@ def sft_trainer_callbacks(config: Config) -> Sequence[Any]:
             start = state.global_step - state.global_step % interval
             layers = decoder_layers(model, attribute)
             self.active = draw(len(layers), n_layers, seed, start)
-            self.history.append((state.global_step, self.active))
             for index, layer in enumerate(layers):
                 for parameter in layer.parameters():
                     parameter.requires_grad = index in self.active

@@ -4,7 +4,8 @@ The linear layers (and with `quantize_embedding` the embeddings) compute with we
 `weight_dtype` (integers in groups of `group_size`; float8 per row) and activations rounded per
 token to `activation_dtype`, while the float weights train (straight-through gradients): the
 model learns weights that survive quantization. `mxfp4` (OCP microscaling FP4, blocks of 32)
-rounds weights and activations together, as torchao's MX QAT does. `fake_quant_after_n_steps` trains in full precision first.
+rounds weights and activations together, as torchao's MX QAT does. `fake_quant_after_n_steps`
+trains in full precision first.
 Before the final save the fake-quantized layers are swapped back to plain ones, so the saved model
 is an ordinary float model, ready for quantization with the same settings (e.g. torchao's
 Int8DynamicActivationInt4WeightConfig). Full fine-tunes only, as in Axolotl.
@@ -144,7 +145,7 @@ def _mx_problems(table: dict[str, Any]) -> list[Problem]:
             )
         )
     for name, why in (
-        ("quantize_embedding", "torchao fake-quantizes embeddings with integer types only"),
+        ("quantize_embedding", "torchao's MX QAT has no embedding layer"),
         ("fake_quant_after_n_steps", "torchao's MX layers cannot be switched off"),
     ):
         if table.get(name) not in (None, "", False, 0):

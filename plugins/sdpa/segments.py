@@ -13,6 +13,7 @@ go through transformers' own sdpa function unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any
 
@@ -99,34 +100,23 @@ def segment_attention(
     dropout_p = dropout if module.training else 0.0
     # CPU SDPA in bf16/fp16 is slower than in fp32 on short sequences (its backward most):
     # those segments are computed in fp32, which is also the more precise result.
-    upcast_below = (
-        CPU_UPCAST_BELOW
-        if query.device.type == "cpu"
-        and query.dtype
-        in (
-            torch.bfloat16,
-            torch.float16,
-        )
-        else 0
+    low_precision_cpu = query.device.type == "cpu" and query.dtype in (
+        torch.bfloat16,
+        torch.float16,
     )
+    upcast_below = CPU_UPCAST_BELOW if low_precision_cpu else 0
 
     def attend(row: int, start: int, end: int) -> Any:
         q, k, v = (t[row : row + 1, :, start:end] for t in (query, key, value))
-        if end - start >= upcast_below:
-            return torch.nn.functional.scaled_dot_product_attention(
+        upcast = end - start < upcast_below
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        # autocast would cast the fp32 inputs back to bf16
+        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+            out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout_p, is_causal=True, scale=scaling, enable_gqa=grouped
             )
-        with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.float(),
-                k.float(),
-                v.float(),
-                dropout_p=dropout_p,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=grouped,
-            )
-        return out.to(query.dtype)
+        return out.to(query.dtype) if upcast else out
 
     rows = []
     for row in range(batch):
