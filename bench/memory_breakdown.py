@@ -16,7 +16,7 @@ process gains at each stage:
 Peaks come from the kernel's high-water mark (VmHWM), reset before each stage (Linux
 `/proc/self/clear_refs`). Each dtype runs in its own process.
 
-    python bench/memory_breakdown.py [--rows 64] [--dtypes float32,bfloat16]
+    python bench/memory_breakdown.py [--rows 64] [--dtypes float32,bfloat16] [--lean off,on]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def peak() -> int:
     return _status("VmHWM")
 
 
-def child(dtype_name: str, rows: int) -> dict[str, Any]:
+def child(dtype_name: str, rows: int, lean: bool) -> dict[str, Any]:
     stages: list[tuple[str, int, int]] = []  # (stage, RSS after, peak during)
     start = rss()
 
@@ -88,6 +88,7 @@ def child(dtype_name: str, rows: int) -> dict[str, Any]:
         "max_steps = 1\nlearning_rate = 2e-4\nseed = 1\nsample_packing = true\n"
         f'chunked_cross_entropy = true\noutput_dir = "{workdir / "out"}"\n'
         f"bf16 = {'true' if dtype_name == 'bfloat16' else 'false'}\n"
+        f"lean_activations = {'true' if lean else 'false'}\n"
         f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n'
     )
     plugins = get_plugins()
@@ -172,15 +173,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--lean", default="off,on", help="lean_activations settings to run: off, on or both"
+    )
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.rows)))
+        dtype_name, lean = args.child.split(":")
+        print("RESULT " + json.dumps(child(dtype_name, args.rows, lean == "on")))
         return
     for dtype_name in args.dtypes.split(","):
-        result = run_child(__file__, ["--child", dtype_name, "--rows", str(args.rows)], dtype_name)
-        if result is not None:
-            report(dtype_name, result)
+        for lean in args.lean.split(","):
+            label = f"{dtype_name}, lean_activations {lean}"
+            argv = ["--child", f"{dtype_name}:{lean}", "--rows", str(args.rows)]
+            result = run_child(__file__, argv, label)
+            if result is not None:
+                report(label, result)
 
 
 if __name__ == "__main__":

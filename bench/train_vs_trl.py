@@ -16,7 +16,8 @@ TRL rows (`pip install trl`):
   as sft's `bf16 = true` trains; on a CPU with AMX or AVX-512 BF16 its matmuls are several times
   faster than fp32.
 sft rows: unpacked, packed, packed + chunked cross-entropy, the last with gradient
-checkpointing on, and the last in bf16 (`bf16 = true`).
+checkpointing on, and the last in bf16 (`bf16 = true`); all with sft's default
+`lean_activations` on, and the `-nolean` rows with it off.
 
 Reported per run: real (non-padding) tokens per second from the end of step 1, seconds per
 step, peak RSS, final loss; then each sft row against `trl-matched` (and the gc row against
@@ -83,6 +84,8 @@ SFT_RUNS = (
     "sft-packed-chunked-ce",
     "sft-packed-chunked-ce-gc",
     "sft-packed-chunked-ce-bf16",
+    "sft-packed-chunked-ce-nolean",
+    "sft-packed-chunked-ce-bf16-nolean",
 )
 TRL_RUNS = (
     "trl-defaults",
@@ -96,8 +99,9 @@ TRL_RUNS = (
 def run_sft(workdir: Path, steps: int, name: str) -> dict:
     packed = name != "sft-unpacked"
     chunked = name.startswith("sft-packed-chunked-ce")
-    checkpointing = name.endswith("-gc")
-    bf16 = name.endswith("-bf16")
+    checkpointing = "-gc" in name
+    bf16 = "-bf16" in name
+    lean = not name.endswith("-nolean")
     from rich.console import Console
 
     from sft.config import load_config_text
@@ -108,7 +112,7 @@ def run_sft(workdir: Path, steps: int, name: str) -> dict:
         f"sequence_len = 512\nmicro_batch_size = 4\nmax_steps = {steps}\nlearning_rate = 2e-4\nseed = 1\n"
         f"sample_packing = {'true' if packed else 'false'}\nchunked_cross_entropy = {'true' if chunked else 'false'}\n"
         f'gradient_checkpointing = {"true" if checkpointing else "false"}\nlora_dropout = 0.0\noutput_dir = "{workdir / name}"\n'
-        f"bf16 = {'true' if bf16 else 'false'}\n"
+        f"bf16 = {'true' if bf16 else 'false'}\nlean_activations = {'true' if lean else 'false'}\n"
         f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n'
     )
     train(config, console=Console(quiet=True))
@@ -317,7 +321,7 @@ def main() -> None:
     if args.repeat > 1:
         print(f"each row: median of {args.repeat} runs (their tok/s in brackets), max peak RSS")
     for kind, r in results.items():
-        limit = limits["bfloat16" if kind.split(" ")[0].endswith("-bf16") else "float32"]
+        limit = limits["bfloat16" if "-bf16" in kind.split(" ")[0] else "float32"]
         each = measured[kind]
         spread = (
             " [" + ", ".join(f"{m['tokens_per_s']:.0f}" for m in each) + "]"
@@ -337,7 +341,7 @@ def main() -> None:
         row = kind.split(" ")[0]
         baseline = "trl-matched"
         for suffix in ("-gc", "-bf16"):
-            if row.endswith(suffix):
+            if suffix in row:
                 baseline += suffix
         if baseline in results:
             r, b = results[kind], results[baseline]

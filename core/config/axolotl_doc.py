@@ -70,7 +70,7 @@ RULES: tuple[_Rule, ...] = (
     _rule("Schedules", "", "lr_ cosine_ warmup_"),
     _rule(
         "Precision & memory",
-        "bf16 bfloat16 fp16 float16 tf32 activation_offloading",
+        "bf16 bfloat16 fp16 float16 tf32 activation_offloading lean_activations",
         "gradient_checkpointing",
     ),
     _rule(

@@ -1,0 +1,77 @@
+"""LoRA's update added into the base layer's output in place.
+
+peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`: three full-width temporaries
+(B's output, its scaled copy, the sum) per adapted linear. Here the base output takes
+`scaling * (A x) Bᵀ` as one matrix-multiply-accumulate (`addmm_`): the same value to rounding,
+the same tensors kept for backward (x for A's gradient, A x for B's), no full-width temporary.
+
+Only the plain case: one active adapter, not merged, no DoRA or other variant, no dropout, no
+LoRA bias, a `torch.nn.Linear` base, one dtype, no autocast, no hooks on the layers. Anything else
+runs peft's own forward, call by call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LEAN_CLASSES: dict[type, type] = {}
+
+
+def _plain_case(layer: Any, x: Any) -> tuple[Any, Any, Any, float] | None:
+    """(base, A, B, scaling) when `layer` is in the plain case for input `x`."""
+    import torch
+
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    (name,) = layer.active_adapters
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
+        return None
+    base, lora_a, lora_b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
+    if type(base) is not torch.nn.Linear or type(lora_a) is not torch.nn.Linear:
+        return None
+    if type(lora_b) is not torch.nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
+        return None
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (base, lora_a, lora_b)):
+        return None
+    if not x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    return base, lora_a.weight, lora_b.weight, float(layer.scaling[name])
+
+
+def _forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch.nn.functional as F
+
+    plain = None if args or kwargs else _plain_case(self, x)
+    if plain is None:
+        return super(type(self), self).forward(x, *args, **kwargs)
+    base, a, b, scaling = plain
+    rows = x.reshape(-1, x.shape[-1])
+    out = F.linear(rows, base.weight, base.bias)
+    out.addmm_(F.linear(rows, a), b.t(), alpha=scaling)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def patch_lora_layers(model: Any) -> int:
+    """Give peft's LoRA `Linear` layers in `model` the in-place forward; how many."""
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:
+        return 0
+    lean_classes = set(_LEAN_CLASSES.values())
+    patched = 0
+    for module in model.modules():
+        kind = type(module)
+        if kind in lean_classes:
+            patched += 1
+        elif kind is Linear:
+            if kind not in _LEAN_CLASSES:
+                lean = type(kind.__name__, (kind,), {"forward": _forward})
+                lean.__module__, lean.__qualname__ = kind.__module__, kind.__qualname__
+                _LEAN_CLASSES[kind] = lean
+            module.__class__ = _LEAN_CLASSES[kind]
+            patched += 1
+    return patched

@@ -1,0 +1,265 @@
+"""lean_activations: the same outputs and gradients as the model's own modules, fewer tensors kept
+for backward, and only on modules that compute the standard formulas."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from sft.errors import ConfigError, ModelError
+from sft.plugins import lean_activations as lean
+from sft.plugins.lean_activations import recompute
+from sft.testing import build_model
+
+
+def _batch(model, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=generator)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _loaded(tiny_project, *overrides):
+    """The tiny model as `sft run` loads it (plugins' patches) with a LoRA adapter."""
+    from sft.manager import get_plugins
+    from sft.model import apply_adapter, load_model
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project(
+        "adapter=lora", "lora_r=4", "lora_target_linear=true", "lora_dropout=0", *overrides
+    )
+    plugins = get_plugins()
+    model = load_model(config, load_tokenizer(config, plugins), plugins)
+    torch.manual_seed(0)  # the same LoRA weights in every model
+    model = apply_adapter(model, config)
+    with torch.no_grad():  # B starts at zero; A's gradient (through the kept inputs) needs B
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    model.train()
+    return model
+
+
+def _saved_shapes(model, batch) -> list[tuple[int, ...]]:
+    """The shapes of every tensor autograd keeps for backward during one forward."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).loss.backward()
+    return shapes
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_fine_tune_outputs_equal_and_gradients_match(tokenizer, dtype):
+    model = build_model(tokenizer).to(dtype).train()
+    patched = copy.deepcopy(model)
+    counts = lean.patch_model(patched, lean.OPS)
+    assert counts == {"rms_norm": 5, "swiglu": 2, "rope": 2}  # 2 layers x 2 norms + final
+    batch = _batch(model)
+    reference, candidate = model(**batch), patched(**batch)
+    assert torch.equal(reference.logits, candidate.logits)
+    reference.loss.backward()
+    candidate.loss.backward()
+    expected, got = _grads(model), _grads(patched)
+    assert expected.keys() == got.keys()
+    assert any("norm" in n for n in got)  # the norms' weight gradient is computed too
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for name in expected:
+        scale = expected[name].abs().max().clamp_min(1e-12)
+        error = (expected[name] - got[name]).abs().max() / scale
+        assert error < tolerance, name
+
+
+def test_lora_run_keeps_fewer_tensors_with_the_same_gradients(tiny_project):
+    off = _loaded(tiny_project, "lean_activations=false")
+    on = _loaded(tiny_project)
+    assert on.base_model.model._sft_lean_activations == {"rms_norm": 5, "swiglu": 2, "rope": 2}
+    batch = _batch(on)
+    saved_off, saved_on = _saved_shapes(off, batch), _saved_shapes(on, batch)
+    assert on.base_model.model._sft_lean_activations["lora"] == 2 * 7  # patched at first run
+    tokens = batch["input_ids"].numel()
+
+    def activations(saved: list, width: int) -> int:
+        return sum(bool(s) and s[-1] == width and math.prod(s) == tokens * width for s in saved)
+
+    wide = on.config.intermediate_size
+    # Per layer, autograd keeps SiLU's input and output, the up projection and their product
+    # (down_proj's LoRA input); lean keeps the gate and up projections only.
+    assert activations(saved_off, wide) == 4 * 2
+    assert activations(saved_on, wide) == 2 * 2
+    # the norms' outputs (q/k/v's and gate/up's LoRA input) are recomputed, not kept
+    hidden = on.config.hidden_size
+    assert activations(saved_on, hidden) <= activations(saved_off, hidden) - 2 * 2
+    expected, got = _grads(off), _grads(on)
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_project):
+    off = _loaded(tiny_project, "lean_activations=false", "gradient_checkpointing=true")
+    on = _loaded(tiny_project, "gradient_checkpointing=true")
+    batch = _batch(on, seed=1)
+    off(**batch).loss.backward()
+    on(**batch).loss.backward()
+    expected, got = _grads(off), _grads(on)
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_outer_saved_tensor_hooks_still_see_the_other_tensors(tiny_project):
+    model = _loaded(tiny_project)
+    seen = []
+
+    def pack(tensor):
+        seen.append(tensor.shape)
+        return ("outer", tensor)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed[1]):
+        model(**_batch(model)).loss.backward()
+    assert seen  # everything that is not a recipe went through the outer hooks
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lean_class_survives_train_and_kernel_reselection(tokenizer):
+    model = build_model(tokenizer)
+    lean.patch_model(model, lean.OPS)
+    model.train()  # transformers re-selects its hub-kernel layers' forward here
+    norm = model.model.layers[0].input_layernorm
+    x = torch.randn(1, 3, model.config.hidden_size, requires_grad=True)
+    assert type(norm(x).grad_fn).__name__ == "RMSNormBackward"
+    assert type(norm).__name__ == "LlamaRMSNorm"  # same name, a lean subclass
+    mlp = model.model.layers[0].mlp
+    assert type(mlp(x).grad_fn.next_functions[0][0]).__name__.startswith("MmBackward")
+
+
+def test_rope_is_lean_only_inside_patched_models(tokenizer):
+    patched, plain = build_model(tokenizer), build_model(tokenizer)
+    lean.patch_model(patched, ["rope"])
+    batch = _batch(patched)
+
+    def node_names(model) -> set[str]:
+        names, stack, seen = set(), [model(**batch).loss.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            names.add(type(node).__name__)
+            stack.extend(f for f, _ in node.next_functions)
+        return names
+
+    assert "RopeBackward" in node_names(patched)
+    assert "RopeBackward" not in node_names(plain)  # same model file, not patched
+
+
+def test_other_formulas_keep_their_own_forward(tokenizer):
+    from transformers.models.gemma.modeling_gemma import GemmaMLP, GemmaRMSNorm
+
+    # Gemma: RMSNorm scales by (1 + weight), the MLP is GELU-gated; its rotary embedding is
+    # the standard one.
+    model = build_model(tokenizer, arch="gemma")
+    assert lean.patch_model(model, lean.OPS) == {"rms_norm": 0, "swiglu": 0, "rope": 2}
+    assert type(model.model.layers[0].mlp) is GemmaMLP
+    assert type(model.model.norm) is GemmaRMSNorm
+
+
+def test_true_on_a_model_it_cannot_change_is_an_error(tiny_project):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # LayerNorm, GELU MLP, learned positions: none of the three formulas
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ModelError, match="lean_activations = true applies to none"):
+        lean.sft_patch_model(model, tiny_project("lean_activations=true"))
+    lean.sft_patch_model(model, tiny_project())  # the default: nothing to do, no error
+
+
+def test_off_by_default_under_torch_compile_and_true_conflicts(tiny_project):
+    assert lean._wanted(tiny_project("torch_compile=true")) == []
+    assert lean._wanted(tiny_project()) == list(lean.OPS)
+    assert lean._wanted(tiny_project("lean_activations=false")) == []
+    with pytest.raises(ConfigError) as error:
+        tiny_project("torch_compile=true", "lean_activations=true")
+    assert (
+        "conflicts with torch_compile"
+        in {p.path: p.message for p in error.value.problems}["lean_activations"]
+    )
+
+
+def test_liger_keeps_the_ops_it_replaces(make_config):
+    config = make_config(
+        "liger_rms_norm = true\nliger_glu_activation = true\n"
+        '[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "completion"',
+        machine_checks=False,
+    )
+    assert lean._wanted(config) == ["rope"]
+
+
+def test_an_input_changed_in_place_before_backward_is_an_error():
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    lora_a = torch.randn(8, 2, requires_grad=True)
+    recompute.enter()
+    try:
+        h = x * 1.0
+        y = lean.rms_norm(h, torch.ones(8), 1e-6)
+        out = (y @ lora_a).sum()  # keeps y for lora_a's gradient: stored as its recipe
+    finally:
+        recompute.leave()
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified"):
+        out.backward()
+
+
+def test_a_recomputed_output_equals_the_kept_one():
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    weight = torch.rand(8)
+    lora_a = torch.randn(8, 2, requires_grad=True)
+    expected_out = (lean._rms_norm_value(x, weight, 1e-6)[0] @ lora_a).sum()
+    expected_out.backward()
+    expected = lora_a.grad.clone()
+    lora_a.grad = None
+    recompute.enter()
+    try:
+        out = (lean.rms_norm(x, weight, 1e-6) @ lora_a).sum()
+    finally:
+        recompute.leave()
+    out.backward()
+    assert torch.equal(lora_a.grad, expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "in_place"),
+    [([], True), (["lora_dropout=0.1"], False), (["peft_use_dora=true"], False)],
+)
+def test_lora_update_is_added_in_place_in_the_plain_case(tiny_project, overrides, in_place):
+    from peft.tuners.lora.layer import Linear
+
+    model = _loaded(tiny_project, *overrides)
+    model.eval()  # dropout off: both paths give the same value
+    model(**_batch(model))  # the first forward patches the LoRA layers
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    got = layer(x)
+    expected = Linear.forward(layer, x)  # peft's own
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    ops = {type(got.grad_fn).__name__, type(got.grad_fn.next_functions[0][0]).__name__}
+    assert ("AddmmBackward0" in ops) is in_place
+    (got * expected.detach()).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    for parameter in layer.parameters():
+        parameter.grad = None
+    (expected * expected.detach()).sum().backward()
+    for name, parameter in layer.named_parameters():
+        if parameter.requires_grad:
+            assert torch.allclose(grads[name], parameter.grad, rtol=1e-5, atol=1e-7), name
