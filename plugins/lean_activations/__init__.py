@@ -8,10 +8,10 @@ recomputes the rest in backward, which costs a few elementwise passes and no mat
 bit-identical to the model's own; gradients equal autograd's to rounding.
 
 Applied to the modules that compute exactly these formulas, checked on the loaded model rather
-than by architecture name: each RMSNorm class and each SwiGLU MLP class is run once on a random
-input beside the replacement, each model file's `apply_rotary_pos_emb` on the model's own
-cos/sin; a module whose output differs (Gemma's `1 + weight` norm, GELU MLPs, partial rotary) keeps
-its own forward. Liger's kernels replace the same modules, so with a `liger_*` key for an op the
+than by architecture name: each RMSNorm and each SwiGLU MLP is run on random inputs at three
+scales beside the replacement (modules with dropout are left alone), each model file's
+`apply_rotary_pos_emb` on the model's own cos/sin; a module whose output differs (Gemma's
+`1 + weight` norm, GELU MLPs, clamped gates, partial rotary) keeps its own forward. Liger's kernels replace the same modules, so with a `liger_*` key for an op the
 op is left to liger.
 
 The outputs of the norms and of the SwiGLU product are the inputs LoRA keeps for its weight
@@ -226,14 +226,29 @@ def _plain_parameter(module: Any) -> Any:
     return first
 
 
+def _has_dropout(module: Any) -> bool:
+    """Dropout inside the module (a Dropout layer, or a dropout rate it applies itself): its
+    training forward differs from the eval forward the check runs."""
+    torch = _torch()
+    for inner in module.modules():
+        if isinstance(inner, torch.nn.modules.dropout._DropoutNd) and inner.p > 0:
+            return True
+        for name, value in vars(inner).items():
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                return True
+    return False
+
+
 def _computes_like(module: Any, forward: Callable[..., Any], width: int) -> bool:
-    """Whether `forward` gives `module`'s own output, bit for bit, on a random input."""
+    """Whether `forward` gives `module`'s own output, bit for bit, on random inputs at three
+    scales (1e-3, where an epsilon shows; 1; 100, where a clamp shows)."""
     torch = _torch()
     parameter = _plain_parameter(module)
-    if parameter is None:
+    if parameter is None or _has_dropout(module):
         return False
     generator = torch.Generator(device="cpu").manual_seed(0)
-    sample = torch.randn(2, 3, width, generator=generator)
+    sample = torch.randn(3, 2, width, generator=generator)
+    sample = sample * torch.tensor([1e-3, 1.0, 100.0])[:, None, None]
     sample = sample.to(device=parameter.device, dtype=parameter.dtype)
     with torch.no_grad():
         try:
@@ -264,21 +279,15 @@ def _replace_forwards(
     forward: Callable[..., Any],
     width: Callable[[Any], int],
 ) -> int:
-    """Give every module that `matches` the `forward`, where one instance of its class computes
-    the same output with it as with its own forward."""
-    verdicts: dict[type, bool] = {}
+    """Give every module that `matches` the `forward`, where it computes the same output with
+    it as with its own forward (each module checked: layers of one class may differ)."""
     lean_classes = {lean for (_, f), lean in _LEAN_CLASSES.items() if f is forward}
     replaced = 0
     for module in model.modules():
         kind = type(module)
         if kind in lean_classes:
             replaced += 1
-            continue
-        if not matches(module):
-            continue
-        if kind not in verdicts:
-            verdicts[kind] = _computes_like(module, forward, width(module))
-        if verdicts[kind]:
+        elif matches(module) and _computes_like(module, forward, width(module)):
             module.__class__ = _lean_class(kind, forward)
             replaced += 1
     return replaced
@@ -321,7 +330,8 @@ class _Gate:
 
     @classmethod
     def leave(cls, *_: Any) -> None:
-        cls.local.depth = cls.depth() - 1
+        # always called, also when an earlier pre-hook raised before `enter`
+        cls.local.depth = max(0, cls.depth() - 1)
 
 
 def _lean_rope(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -458,12 +468,24 @@ def patch_model(model: Any, ops: Sequence[str]) -> dict[str, int]:
     return {op: patchers[op](model) for op in ops}
 
 
-def _patch_lora_on_first_forward(model: Any) -> None:
+def _recipes_safe(config: Config) -> bool:
+    """Whether LoRA may store its inputs as recipes. Not under gradient checkpointing (the
+    layers are recomputed anyway, and a recipe would keep the norm's input alive), nor under
+    DeepSpeed or FSDP (a recipe reads the norm's weight in backward, where ZeRO-3 or FSDP may
+    hold only its shard)."""
+    from sft.distributed import selected_backends
+
+    if config.gradient_checkpointing:
+        return False
+    return not selected_backends(config, config.plugin_set)
+
+
+def _patch_lora_on_first_forward(model: Any, recipes: bool) -> None:
     """peft attaches the adapter after `sft_patch_model`: its layers are patched when the model
     first runs (the hook goes once it has found them)."""
 
     def patch(module: Any, _: Any) -> None:
-        found = lora.patch_lora_layers(module)
+        found = lora.patch_lora_layers(module, recipes)
         if found:
             module._sft_lean_activations["lora"] = found
             handle.remove()
@@ -500,11 +522,8 @@ def sft_patch_model(model: Any, config: Config) -> None:
         return
     counts = patch_model(model, ops)
     model._sft_lean_activations = counts
-    if counts.get("rms_norm") or counts.get("swiglu"):
-        model.register_forward_pre_hook(recompute.enter)
-        model.register_forward_hook(recompute.leave, always_call=True)
     if config.adapter in ("lora", "qlora"):
-        _patch_lora_on_first_forward(model)
+        _patch_lora_on_first_forward(model, _recipes_safe(config))
     if config.section(LeanKeys).lean_activations and not any(counts.values()):
         model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise ModelError(

@@ -5,6 +5,9 @@ peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`: three full-width
 `scaling * (A x) Bᵀ` as one matrix-multiply-accumulate (`addmm_`): the same value to rounding,
 the same tensors kept for backward (x for A's gradient, A x for B's), no full-width temporary.
 
+The input x is what A keeps for its gradient; where x is an RMSNorm's or the SwiGLU product's
+output (`recompute`), it is stored as the recipe that rebuilds it.
+
 Only the plain case: one active adapter, not merged, no DoRA or other variant, no dropout, no
 LoRA bias, a `torch.nn.Linear` base, one dtype, no autocast, no hooks on the layers. Anything else
 runs peft's own forward, call by call.
@@ -12,7 +15,10 @@ runs peft's own forward, call by call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from sft.plugins.lean_activations import recompute
 
 _LEAN_CLASSES: dict[type, type] = {}
 
@@ -42,21 +48,30 @@ def _plain_case(layer: Any, x: Any) -> tuple[Any, Any, Any, float] | None:
     return base, lora_a.weight, lora_b.weight, float(layer.scaling[name])
 
 
-def _forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    import torch.nn.functional as F
+def _lean_forward(peft_forward: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch.nn.functional as F
 
-    plain = None if args or kwargs else _plain_case(self, x)
-    if plain is None:
-        return super(type(self), self).forward(x, *args, **kwargs)
-    base, a, b, scaling = plain
-    rows = x.reshape(-1, x.shape[-1])
-    out = F.linear(rows, base.weight, base.bias)
-    out.addmm_(F.linear(rows, a), b.t(), alpha=scaling)
-    return out.view(*x.shape[:-1], out.shape[-1])
+        plain = None if args or kwargs else _plain_case(self, x)
+        if plain is None:
+            return peft_forward(self, x, *args, **kwargs)
+        base, a, b, scaling = plain
+        rows = x.reshape(-1, x.shape[-1])
+        out = F.linear(rows, base.weight, base.bias)
+        if getattr(self, "_sft_recipes", False):
+            with recompute.saving_recipes():  # A's input: rebuilt in backward where it can be
+                projected = F.linear(rows, a)
+        else:
+            projected = F.linear(rows, a)
+        out.addmm_(projected, b.t(), alpha=scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    return forward
 
 
-def patch_lora_layers(model: Any) -> int:
-    """Give peft's LoRA `Linear` layers in `model` the in-place forward; how many."""
+def patch_lora_layers(model: Any, recipes: bool) -> int:
+    """Give peft's LoRA `Linear` layers in `model` the in-place forward; how many. `recipes`:
+    A's input is stored as a recipe where it is a lean op's output."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:
@@ -65,13 +80,14 @@ def patch_lora_layers(model: Any) -> int:
     patched = 0
     for module in model.modules():
         kind = type(module)
-        if kind in lean_classes:
-            patched += 1
-        elif kind is Linear:
-            if kind not in _LEAN_CLASSES:
-                lean = type(kind.__name__, (kind,), {"forward": _forward})
-                lean.__module__, lean.__qualname__ = kind.__module__, kind.__qualname__
-                _LEAN_CLASSES[kind] = lean
-            module.__class__ = _LEAN_CLASSES[kind]
+        if kind in lean_classes or kind is Linear:
+            if kind not in lean_classes:
+                if kind not in _LEAN_CLASSES:
+                    body = {"forward": _lean_forward(kind.forward)}
+                    lean = type(kind.__name__, (kind,), body)
+                    lean.__module__, lean.__qualname__ = kind.__module__, kind.__qualname__
+                    _LEAN_CLASSES[kind] = lean
+                module.__class__ = _LEAN_CLASSES[kind]
+            module._sft_recipes = recipes
             patched += 1
     return patched

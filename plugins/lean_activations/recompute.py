@@ -1,23 +1,25 @@
-"""Outputs that the backward pass recomputes instead of keeping.
+"""LoRA inputs that the backward pass rebuilds instead of keeping.
 
 A lean op's output (an RMSNorm's, the SwiGLU product) is the input of the next linear layers,
-and LoRA keeps that input for its weight gradient: a second full-width activation beside the
-op's own saved inputs. `remember(output, recompute)` registers how to rebuild the output from
-tensors that stay saved anyway; while `Recomputing` is active (a `saved_tensors_hooks` pair,
-entered around the model's forward) a saved tensor that is such an output, or a view of one,
-is stored as that recipe, and rebuilt bit for bit when backward unpacks it.
+and LoRA's A matrix keeps that input for its weight gradient: a second full-width activation
+beside the op's own saved inputs. `remember(output, recompute, inputs)` registers how to rebuild
+the output from tensors the lean op keeps anyway; `saving_recipes()` is entered around LoRA's
+`x @ Aᵀ` only, and stores a saved tensor that is such an output, or a view of one, as its recipe,
+rebuilt bit for bit when backward unpacks it. Every other tensor saved there goes to the hooks
+that were active before (a profiler's, an offloader's), or is kept detached, with autograd's own
+check that it was not modified in place.
 
 An output is matched by its storage while the registered tensor is alive (so the storage
-cannot have been freed and reused), and only at the version it was registered at: an output
-changed in place since is kept as usual. Inputs changed in place before backward are an error,
-as autograd's own saved tensors are.
+cannot have been freed and reused), and only at the version it was registered at; inputs
+changed in place before backward are an error, as for autograd's own saved tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -41,6 +43,17 @@ class _Recipe:
     offset: int
 
 
+@attrs.frozen
+class _Kept:
+    tensor: Any
+    version: int
+
+
+@attrs.frozen
+class _Outer:
+    packed: Any
+
+
 _ENTRIES: dict[int, _Entry] = {}
 
 
@@ -51,10 +64,12 @@ def _forget(key: int, output: weakref.ref) -> None:
 
 
 def remember(output: Any, recompute: Callable[[], Any], inputs: Sequence[Any]) -> None:
-    """`recompute()` rebuilds `output` from `inputs` (tensors kept for backward anyway)."""
+    """`recompute()` rebuilds `output` from `inputs` (tensors kept for backward anyway). The
+    entry lives as long as `output` does."""
     import torch
 
-    if _DEPTH[0] <= 0 or type(output) is not torch.Tensor or not output.requires_grad:
+    # an output without grad (the first norm, over frozen embeddings) is still saved by LoRA
+    if type(output) is not torch.Tensor or not torch.is_grad_enabled():
         return
     storage = output.untyped_storage()
     key = storage.data_ptr()
@@ -72,7 +87,8 @@ def remember(output: Any, recompute: Callable[[], Any], inputs: Sequence[Any]) -
 def _recipe(tensor: Any) -> _Recipe | None:
     import torch
 
-    if type(tensor) is not torch.Tensor:  # parameters, tensor subclasses (quantized, DTensor)
+    # parameters, tensor subclasses (quantized, DTensor) and sparse tensors are never outputs
+    if type(tensor) is not torch.Tensor or tensor.layout is not torch.strided:
         return None
     storage = tensor.untyped_storage()
     entry = _ENTRIES.get(storage.data_ptr())
@@ -103,27 +119,19 @@ def _rebuild(packed: _Recipe) -> Any:
     return full.as_strided(packed.shape, packed.stride, packed.offset)
 
 
-@attrs.frozen
-class _Outer:
-    packed: Any
+def _keep(tensor: Any) -> _Kept:
+    # detached: a tensor that saves itself would otherwise form a cycle through its grad_fn
+    return _Kept(tensor.detach(), tensor._version)
 
 
-def _hooks(outer: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None) -> tuple[Any, Any]:
-    """Pack/unpack functions: registered outputs become recipes; every other tensor goes to the
-    hooks that were active when the forward began (a profiler's, an offloader's), if any."""
-
-    def pack(tensor: Any) -> Any:
-        recipe = _recipe(tensor)
-        if recipe is not None:
-            return recipe
-        return tensor if outer is None else _Outer(outer[0](tensor))
-
-    def unpack(packed: Any) -> Any:
-        if isinstance(packed, _Recipe):
-            return _rebuild(packed)
-        return packed if outer is None else outer[1](packed.packed)
-
-    return pack, unpack
+def _unkeep(kept: _Kept) -> Any:
+    if kept.tensor._version != kept.version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{kept.tensor.dtype} {list(kept.tensor.shape)}] is at version "
+            f"{kept.tensor._version}; expected version {kept.version} instead"
+        )
+    return kept.tensor
 
 
 def _active_hooks() -> tuple[Callable[[Any], Any], Callable[[Any], Any]] | None:
@@ -133,23 +141,27 @@ def _active_hooks() -> tuple[Callable[[Any], Any], Callable[[Any], Any]] | None:
     return None if top is None else top(False)
 
 
-_DEPTH = [0]
-_CONTEXTS: list[Any] = []
+def _hooks(outer: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None) -> tuple[Any, Any]:
+    def pack(tensor: Any) -> Any:
+        recipe = _recipe(tensor)
+        if recipe is not None:
+            return recipe
+        return _keep(tensor) if outer is None else _Outer(outer[0](tensor))
+
+    def unpack(packed: Any) -> Any:
+        if isinstance(packed, _Recipe):
+            return _rebuild(packed)
+        if isinstance(packed, _Outer):
+            return outer[1](packed.packed)  # type: ignore[index]
+        return _unkeep(packed)
+
+    return pack, unpack
 
 
-def enter(*_: Any) -> None:
-    """Forward pre-hook: saved tensors that are registered outputs become recipes."""
+@contextlib.contextmanager
+def saving_recipes() -> Iterator[None]:
+    """Tensors saved inside are stored as recipes where they are remembered outputs."""
     import torch
 
-    context = torch.autograd.graph.saved_tensors_hooks(*_hooks(_active_hooks()))
-    context.__enter__()
-    _CONTEXTS.append(context)
-    _DEPTH[0] += 1
-
-
-def leave(*_: Any) -> None:
-    """Forward hook (always called)."""
-    _DEPTH[0] -= 1
-    _CONTEXTS.pop().__exit__(None, None, None)
-    if _DEPTH[0] == 0:
-        _ENTRIES.clear()
+    with torch.autograd.graph.saved_tensors_hooks(*_hooks(_active_hooks())):
+        yield
