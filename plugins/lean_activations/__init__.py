@@ -11,8 +11,9 @@ Applied to the modules that compute exactly these formulas, checked on the loade
 than by architecture name: each RMSNorm and each SwiGLU MLP is run on random inputs at three
 scales beside the replacement (modules with dropout are left alone), each model file's
 `apply_rotary_pos_emb` on the model's own cos/sin; a module whose output differs (Gemma's
-`1 + weight` norm, GELU MLPs, clamped gates, partial rotary) keeps its own forward. Liger's kernels replace the same modules, so with a `liger_*` key for an op the
-op is left to liger.
+`1 + weight` norm, GELU MLPs, clamped gates, partial rotary) keeps its own forward. Kernel
+plugins (liger's, a third party's) replace the same modules, so with any kernel key on,
+lean_activations is off.
 
 The outputs of the norms and of the SwiGLU product are the inputs LoRA keeps for its weight
 gradient; those are rebuilt in backward from what the lean ops keep anyway (`recompute`). peft's
@@ -36,7 +37,6 @@ from sft.errors import ModelError, Problem
 from sft.plugins.lean_activations import lora, recompute
 
 OPS = ("rms_norm", "swiglu", "rope")
-LIGER_KEYS = {"rms_norm": "liger_rms_norm", "swiglu": "liger_glu_activation", "rope": "liger_rope"}
 
 
 @attrs.frozen
@@ -45,7 +45,8 @@ class LeanKeys:
         None,
         doc="RMSNorm, SwiGLU and RoPE keep only their inputs for backward and recompute the "
         "rest, LoRA adds its update in place (less memory, no extra matmul). Default: on for "
-        "the modules that compute these exact formulas (off under torch_compile); false: the "
+        "the modules that compute these exact formulas (off under torch_compile or a kernel "
+        "plugin such as liger); false: the "
         "model's and peft's own modules; true: an error when none applies.",
     )
 
@@ -452,13 +453,26 @@ def patch_rope(model: Any) -> int:
     return patched
 
 
+def kernel_keys(config: Config) -> list[str]:
+    """The keys of this config that turn on a kernel plugin (liger's, a third party's): those
+    replace the same modules or functions, and which patch came last would decide silently."""
+    kernels = config.plugin_set.kernels()
+    found: list[str] = []
+    for _, kernel in kernels.items():
+        if kernel.enabled_by is not None:
+            found += kernel.enabled_by(config)
+    return found
+
+
 def _wanted(config: Config) -> list[str]:
     from sft.train.options import compile_enabled
 
     setting = config.section(LeanKeys).lean_activations
-    if setting is False or (setting is None and compile_enabled(config)):
+    if setting is False:
         return []
-    return [op for op in OPS if not getattr(config, LIGER_KEYS[op], False)]
+    if setting is None and (compile_enabled(config) or kernel_keys(config)):
+        return []
+    return list(OPS)
 
 
 def patch_model(model: Any, ops: Sequence[str]) -> dict[str, int]:
@@ -502,8 +516,11 @@ def sft_config_keys() -> Sequence[ConfigKeys]:
 def sft_validate_config(config: Config) -> Sequence[Problem]:
     from sft.train.options import compile_enabled
 
-    if config.section(LeanKeys).lean_activations and compile_enabled(config):
-        return [
+    if not config.section(LeanKeys).lean_activations:
+        return []
+    problems = []
+    if compile_enabled(config):
+        problems.append(
             Problem(
                 "lean_activations",
                 "conflicts with torch_compile: the compiled graph already recomputes "
@@ -511,8 +528,18 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
                 "per-module hooks would break that graph",
                 hint="remove lean_activations (it is off by default under torch_compile)",
             )
-        ]
-    return []
+        )
+    kernels = kernel_keys(config)
+    if kernels:
+        problems.append(
+            Problem(
+                "lean_activations",
+                f"conflicts with {', '.join(kernels)}: that kernel replaces the same norms, "
+                "MLPs or rotary embeddings",
+                hint="remove lean_activations (it is off by default beside a kernel plugin)",
+            )
+        )
+    return problems
 
 
 @hookimpl

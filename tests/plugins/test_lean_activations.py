@@ -191,13 +191,14 @@ def test_off_by_default_under_torch_compile_and_true_conflicts(tiny_project):
     )
 
 
-def test_liger_keeps_the_ops_it_replaces(make_config):
-    config = make_config(
-        "liger_rms_norm = true\nliger_glu_activation = true\n"
-        '[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "completion"',
-        machine_checks=False,
-    )
-    assert lean._wanted(config) == ["rope"]
+def test_a_kernel_plugin_turns_it_off(make_config):
+    # liger's keys (any registered Kernel's): the same modules, replaced by the kernel
+    text = 'liger_rms_norm = true\n[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "completion"\n'
+    assert lean._wanted(make_config(text, machine_checks=False)) == []
+    with pytest.raises(ConfigError) as error:
+        make_config("lean_activations = true\n" + text, machine_checks=False)
+    message = {p.path: p.message for p in error.value.problems}["lean_activations"]
+    assert "conflicts with liger_rms_norm" in message
 
 
 def _norm_then_lora_a(x, weight, lora_a):
