@@ -456,11 +456,21 @@ def patch_rope(model: Any) -> int:
 def kernel_keys(config: Config) -> list[str]:
     """The keys of this config that turn on a kernel plugin (liger's, a third party's): those
     replace the same modules or functions, and which patch came last would decide silently."""
+    from sft.errors import PluginError
+
     kernels = config.plugin_set.kernels()
     found: list[str] = []
-    for _, kernel in kernels.items():
-        if kernel.enabled_by is not None:
+    for name, kernel in kernels.items():
+        if kernel.enabled_by is None:
+            continue
+        try:
             found += kernel.enabled_by(config)
+        except Exception as exc:  # the kernel plugin's bug, named as such
+            owner = kernels.owner(name)
+            raise PluginError(
+                f"plugin {owner!r}: kernel {name!r} raised {type(exc).__name__}: {exc}",
+                plugin=owner,
+            ) from exc
     return found
 
 

@@ -9,7 +9,8 @@ The input x is what A keeps for its gradient; where x is an RMSNorm's or the Swi
 output (`recompute`), it is stored as the recipe that rebuilds it.
 
 Only the plain case: one active adapter, not merged, no DoRA or other variant, no dropout, no
-LoRA bias, a `torch.nn.Linear` base, one dtype, no autocast, no hooks on the layers. Anything else
+LoRA bias, a `torch.nn.Linear` base, one dtype (autocast only to that dtype), no hooks on the
+layers. Anything else
 runs peft's own forward, call by call.
 """
 
@@ -43,7 +44,10 @@ def _plain_case(layer: Any, x: Any) -> tuple[Any, Any, Any, float] | None:
         return None
     if not x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    device = x.device.type
+    # autocast to the dtype everything already has (a bf16 model under the Trainer's bf16
+    # autocast) casts nothing: the in-place path holds
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
         return None
     return base, lora_a.weight, lora_b.weight, float(layer.scaling[name])
 

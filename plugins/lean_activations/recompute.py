@@ -91,12 +91,15 @@ def _recipe(tensor: Any) -> _Recipe | None:
     if type(tensor) is not torch.Tensor or tensor.layout is not torch.strided:
         return None
     storage = tensor.untyped_storage()
-    entry = _ENTRIES.get(storage.data_ptr())
-    if entry is None:
+    key = storage.data_ptr()
+    entry = _ENTRIES.get(key)
+    if entry is None or not entry.nbytes:
         return None
     output = entry.output()
     if (
         output is None
+        or output.untyped_storage().data_ptr() != key  # `.data` or `set_` moved it since
+        or output.device != tensor.device
         or entry.nbytes != storage.nbytes()
         or tensor._version != entry.version
         or tensor.dtype != output.dtype

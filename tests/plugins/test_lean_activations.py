@@ -267,8 +267,8 @@ def test_mlps_with_dropout_or_a_clamp_keep_their_forward(tokenizer):
             return torch.nn.functional.dropout(out, self.residual_dropout, self.training)
 
     model = build_model(tokenizer)
-    model.model.layers[0].mlp = ClampedMLP(model.config)
-    model.model.layers[1].mlp = DropoutMLP(model.config)
+    model.model.layers[0].mlp = ClampedMLP(model.config).eval()
+    model.model.layers[1].mlp = DropoutMLP(model.config).eval()  # eval: the same output
     assert lean.patch_mlps(model) == 0
     assert type(model.model.layers[0].mlp) is ClampedMLP
     assert type(model.model.layers[1].mlp) is DropoutMLP
@@ -311,3 +311,27 @@ def test_lora_update_is_added_in_place_in_the_plain_case(tiny_project, overrides
     for name, parameter in layer.named_parameters():
         if parameter.requires_grad:
             assert torch.allclose(grads[name], parameter.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_lora_under_autocast_to_its_own_dtype_adds_in_place(tiny_project):
+    from peft.tuners.lora.layer import Linear
+
+    model = _loaded(tiny_project).to(torch.bfloat16)  # as a bf16 model under bf16 autocast
+    model(**_batch(model))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected = Linear.forward(layer, x)
+    ops = {type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None}
+    assert "AddmmBackward0" in ops | {type(out.grad_fn).__name__}
+    assert torch.allclose(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_no_entry_outlives_its_step(tiny_project):
+    import gc
+
+    model = _loaded(tiny_project)
+    model(**_batch(model)).loss.backward()
+    gc.collect()
+    assert recompute._ENTRIES == {}
