@@ -83,12 +83,20 @@ class Kernel:
     - `enabled_by(config)`: the config keys that turn it on in this config (empty: not used).
       A config that turns on an unavailable kernel is refused by `sft validate` (a machine
       problem, skipped by `--portable`), naming those keys.
+    - `replaces(config)`: the parts of the model it replaces in this config, named from
+      `MODEL_PARTS`, so that other plugins patching the same parts step aside. None (the
+      default): any part, as far as they can tell.
     """
 
     name: str
     available: Callable[[], tuple[bool, str]]
     description: str = ""
     enabled_by: Callable[[Config], Sequence[str]] | None = None
+    replaces: Callable[[Config], Sequence[str]] | None = None
+
+
+# The parts of a model a Kernel's `replaces` names.
+MODEL_PARTS = ("rms_norm", "layer_norm", "swiglu", "geglu", "rope", "cross_entropy", "lm_head")
 
 
 @attrs.frozen

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from sft import hookimpl
 from sft.components import (
+    MODEL_PARTS,
     AttentionBackend,
     ConfigKeys,
     DistributedBackend,
@@ -30,6 +31,7 @@ from sft.errors import ConfigError, DataError, PluginError, Problem
 
 __all__ = [
     "IGNORE_INDEX",
+    "MODEL_PARTS",
     "AttentionBackend",
     "Config",
     "ConfigError",

@@ -12,8 +12,8 @@ than by architecture name: each RMSNorm and each SwiGLU MLP is run on random inp
 scales beside the replacement (modules with dropout are left alone), each model file's
 `apply_rotary_pos_emb` on the model's own cos/sin; a module whose output differs (Gemma's
 `1 + weight` norm, GELU MLPs, clamped gates, partial rotary) keeps its own forward. Kernel
-plugins (liger's, a third party's) replace the same modules, so with any kernel key on,
-lean_activations is off.
+plugins (liger's, a third party's) may replace the same modules: a part a kernel replaces
+(`Kernel.replaces`) is left to it, and a kernel that does not say which parts leaves none.
 
 The outputs of the norms and of the SwiGLU product are the inputs LoRA keeps for its weight
 gradient; those are rebuilt in backward from what the lean ops keep anyway (`recompute`). peft's
@@ -45,8 +45,8 @@ class LeanKeys:
         None,
         doc="RMSNorm, SwiGLU and RoPE keep only their inputs for backward and recompute the "
         "rest, LoRA adds its update in place (less memory, no extra matmul). Default: on for "
-        "the modules that compute these exact formulas (off under torch_compile or a kernel "
-        "plugin such as liger); false: the "
+        "the modules that compute these exact formulas (off under torch_compile; a part a "
+        "kernel plugin such as liger replaces is left to it); false: the "
         "model's and peft's own modules; true: an error when none applies.",
     )
 
@@ -453,24 +453,29 @@ def patch_rope(model: Any) -> int:
     return patched
 
 
-def kernel_keys(config: Config) -> list[str]:
-    """The keys of this config that turn on a kernel plugin (liger's, a third party's): those
-    replace the same modules or functions, and which patch came last would decide silently."""
+def kernel_conflicts(config: Config) -> dict[str, list[str]]:
+    """For each lean op, the keys of this config that turn on a kernel plugin (liger's, a third
+    party's) replacing the same part of the model (its `Kernel.replaces`; a kernel that does not
+    say replaces every part): which patch came last would decide silently."""
     from sft.errors import PluginError
 
     kernels = config.plugin_set.kernels()
-    found: list[str] = []
+    found: dict[str, list[str]] = {}
     for name, kernel in kernels.items():
         if kernel.enabled_by is None:
             continue
         try:
-            found += kernel.enabled_by(config)
+            keys = list(kernel.enabled_by(config))
+            parts = None if kernel.replaces is None or not keys else set(kernel.replaces(config))
         except Exception as exc:  # the kernel plugin's bug, named as such
             owner = kernels.owner(name)
             raise PluginError(
                 f"plugin {owner!r}: kernel {name!r} raised {type(exc).__name__}: {exc}",
                 plugin=owner,
             ) from exc
+        for op in OPS if keys else ():
+            if parts is None or op in parts:
+                found.setdefault(op, []).extend(keys)
     return found
 
 
@@ -478,11 +483,10 @@ def _wanted(config: Config) -> list[str]:
     from sft.train.options import compile_enabled
 
     setting = config.section(LeanKeys).lean_activations
-    if setting is False:
+    if setting is False or (setting is None and compile_enabled(config)):
         return []
-    if setting is None and (compile_enabled(config) or kernel_keys(config)):
-        return []
-    return list(OPS)
+    taken = kernel_conflicts(config)
+    return [op for op in OPS if op not in taken]
 
 
 def patch_model(model: Any, ops: Sequence[str]) -> dict[str, int]:
@@ -539,14 +543,15 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
                 hint="remove lean_activations (it is off by default under torch_compile)",
             )
         )
-    kernels = kernel_keys(config)
-    if kernels:
+    taken = kernel_conflicts(config)
+    if taken:
+        keys = list(dict.fromkeys(key for found in taken.values() for key in found))
         problems.append(
             Problem(
                 "lean_activations",
-                f"conflicts with {', '.join(kernels)}: that kernel replaces the same norms, "
-                "MLPs or rotary embeddings",
-                hint="remove lean_activations (it is off by default beside a kernel plugin)",
+                f"conflicts with {', '.join(keys)}: that kernel replaces the same "
+                f"{', '.join(taken)}",
+                hint="remove lean_activations (by default it leaves those parts to the kernel)",
             )
         )
     return problems

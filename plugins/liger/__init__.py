@@ -128,6 +128,21 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
     return problems
 
 
+# The model parts each key's kernel replaces (sft.components.MODEL_PARTS).
+KEY_PARTS = {
+    "liger_rope": ("rope",),
+    "liger_rms_norm": ("rms_norm",),
+    "liger_glu_activation": ("swiglu", "geglu"),
+    "liger_layer_norm": ("layer_norm",),
+    "liger_cross_entropy": ("cross_entropy",),
+    "liger_fused_linear_cross_entropy": ("cross_entropy", "lm_head"),
+}
+
+
+def replaced_parts(config: Config) -> list[str]:
+    return [part for key in _enabled(config.section(LigerKeys)) for part in KEY_PARTS[key]]
+
+
 @hookimpl
 def sft_register_kernels(register: Callable[[Kernel], None]) -> None:
     register(
@@ -136,6 +151,7 @@ def sft_register_kernels(register: Callable[[Kernel], None]) -> None:
             available,
             "Liger Triton kernels (RoPE, RMSNorm, GLU, CE, fused linear CE)",
             enabled_by=lambda config: _enabled(config.section(LigerKeys)),
+            replaces=replaced_parts,
         )
     )
 

@@ -191,14 +191,49 @@ def test_off_by_default_under_torch_compile_and_true_conflicts(tiny_project):
     )
 
 
-def test_a_kernel_plugin_turns_it_off(make_config):
-    # liger's keys (any registered Kernel's): the same modules, replaced by the kernel
-    text = 'liger_rms_norm = true\n[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "completion"\n'
-    assert lean._wanted(make_config(text, machine_checks=False)) == []
+def test_a_kernel_plugin_keeps_the_parts_it_replaces(make_config):
+    dataset = '[[datasets]]\npath = "{tmp}/d.jsonl"\ntype = "completion"\n'
+    norms = make_config("liger_rms_norm = true\n" + dataset, machine_checks=False)
+    assert lean._wanted(norms) == ["swiglu", "rope"]  # liger's RMSNorm; the rest stays lean
+    loss = make_config("liger_fused_linear_cross_entropy = true\n" + dataset, machine_checks=False)
+    assert lean._wanted(loss) == list(lean.OPS)  # the loss is no part lean replaces
+    make_config(  # and no conflict
+        "lean_activations = true\nliger_fused_linear_cross_entropy = true\n" + dataset,
+        machine_checks=False,
+    )
     with pytest.raises(ConfigError) as error:
-        make_config("lean_activations = true\n" + text, machine_checks=False)
+        make_config(
+            "lean_activations = true\nliger_rms_norm = true\n" + dataset, machine_checks=False
+        )
     message = {p.path: p.message for p in error.value.problems}["lean_activations"]
-    assert "conflicts with liger_rms_norm" in message
+    assert "conflicts with liger_rms_norm: that kernel replaces the same rms_norm" in message
+
+
+def test_a_kernel_that_does_not_name_its_parts_takes_them_all():
+    from types import SimpleNamespace
+
+    from sft.components import Kernel
+
+    class Registry(dict):
+        def owner(self, name):
+            return "someone"
+
+    kernels = Registry(
+        silent=Kernel("silent", lambda: (True, ""), enabled_by=lambda c: ["silent_key"]),
+        named=Kernel(
+            "named",
+            lambda: (True, ""),
+            enabled_by=lambda c: ["rope_key"],
+            replaces=lambda c: ["rope"],
+        ),
+        off=Kernel("off", lambda: (True, ""), enabled_by=lambda c: [], replaces=lambda c: ["rope"]),
+    )
+    config = SimpleNamespace(plugin_set=SimpleNamespace(kernels=lambda: kernels))
+    assert lean.kernel_conflicts(config) == {
+        "rms_norm": ["silent_key"],
+        "swiglu": ["silent_key"],
+        "rope": ["silent_key", "rope_key"],
+    }
 
 
 def _norm_then_lora_a(x, weight, lora_a):

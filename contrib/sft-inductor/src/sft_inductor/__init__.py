@@ -41,6 +41,12 @@ def enabled_keys(config: plugin.Config) -> list[str]:
     return [name for name in ("inductor_rms_norm", "inductor_rope") if getattr(keys, name)]
 
 
+def replaced_parts(config: plugin.Config) -> list[str]:
+    """The model parts the enabled keys compile (`sft.plugin.MODEL_PARTS`)."""
+    parts = {"inductor_rms_norm": "rms_norm", "inductor_rope": "rope"}
+    return [parts[name] for name in enabled_keys(config)]
+
+
 def available() -> tuple[bool, str]:
     """TorchInductor's CPU backend writes C++ and builds it with the system's compiler (`CXX`,
     else g++). Checked without importing torch: `sft plugins list` must stay light."""
@@ -93,6 +99,7 @@ def sft_register_kernels(register: Callable[[plugin.Kernel], None]) -> None:
             available,
             "TorchInductor-compiled RMSNorm and rotary embeddings (CPU or GPU)",
             enabled_by=enabled_keys,
+            replaces=replaced_parts,
         )
     )
 
