@@ -203,13 +203,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)  # every problem before launching
     if wants_launch(args):
         return launch(args, args.argv)
-    from sft.distributed import close_process_group
     from sft.train.run import train
 
-    try:
-        train(config, console=_console())
-    finally:
-        close_process_group()
+    train(config, console=_console())
     return 0
 
 
@@ -436,6 +432,23 @@ def _show_error(error: SftError, show_traceback: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sft import distributed
+
+    try:
+        exit_code = _main(argv)
+    except Exception:
+        distributed.close_process_group()
+        if not distributed.worker_skips_teardown():
+            raise
+        traceback.print_exc()
+        exit_code = 1
+    distributed.close_process_group()  # a no-op where none was joined
+    if distributed.worker_skips_teardown():
+        distributed.end_worker_process(exit_code)
+    return exit_code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
     show_traceback = "--traceback" in raw or os.environ.get("SFT_DEBUG", "") not in ("", "0")

@@ -5,8 +5,10 @@ group exists (data preparation runs before one does).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sft.config.schema import Config
 
@@ -36,19 +38,52 @@ def is_local_main_process() -> bool:
     return local_rank() == 0
 
 
-def close_process_group() -> None:
-    """Tear down the process group this process joined (gloo/NCCL threads, DeepSpeed's comm)
-    before the interpreter exits: left to interpreter shutdown, a process now and then aborts
-    ("terminate called without an active exception") after its work is done, and the launcher
-    then reports the whole run as failed. Local to this process: no collective."""
-    import sys
+_closed_a_group = False
 
+
+def close_process_group() -> None:
+    """Tear down the process group this process joined (gloo/NCCL threads, DeepSpeed's comm),
+    so no collective is left half-way. Local to this process: no collective. A worker that
+    closed one ends through `end_worker_process`."""
+    global _closed_a_group
     if "torch" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _closed_a_group = True
+
+
+def worker_skips_teardown() -> bool:
+    """Whether this process is one of a launcher's workers and closed its process group: it
+    ends through `end_worker_process`, not through interpreter teardown."""
+    return _closed_a_group and world_size() > 1
+
+
+def end_worker_process(exit_code: int) -> NoReturn:
+    """End a launcher's worker process (one of several, which joined a process group) without
+    interpreter teardown.
+
+    `destroy_process_group` stops only the groups nothing else references: the engines keep
+    theirs (DeepSpeed's groups, FSDP's device mesh, accelerate's state), and with them gloo's
+    worker threads and any collective still in flight (a prefetch nobody waited for). When
+    the interpreter then tears down, such a thread that needs the GIL is killed half-way and
+    the process aborts ("terminate called without an active exception", exit -6) after its
+    work is done, and the launcher reports the whole run as failed. So, once the run's own
+    work has returned: the exit handlers run, non-daemon threads finish, output is flushed,
+    and the process exits with the run's exit code."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what a normal exit runs: logging, trackers, temporary folders
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe
+            stream.flush()
+    os._exit(exit_code)
 
 
 def selected_backends(config: Config, plugins: SftPlugins) -> list[Any]:
@@ -59,10 +94,13 @@ def selected_backends(config: Config, plugins: SftPlugins) -> list[Any]:
 
 
 __all__ = [
+    "close_process_group",
+    "end_worker_process",
     "is_local_main_process",
     "is_main_process",
     "local_rank",
     "rank",
     "selected_backends",
+    "worker_skips_teardown",
     "world_size",
 ]

@@ -45,6 +45,7 @@ class StopRequest:
     console: Any = None
     signum: int | None = None
     training: bool = False  # between the Trainer's on_train_begin and on_train_end
+    trained: bool = False  # after on_train_end: the final save and what follows
     _previous: dict[int, Any] = attrs.field(factory=dict)
     _pid: int = attrs.field(factory=os.getpid)
 
@@ -79,6 +80,11 @@ class StopRequest:
             return
         if self.training:
             text = f"{_name(signum)} again: stopped at once, without saving a checkpoint"
+        elif self.trained:
+            text = (
+                f"{_name(signum)}: stopped after training, before the final save finished; "
+                "the output directory may be incomplete (a checkpoint-N in it, if any, is whole)"
+            )
         else:
             text = f"{_name(signum)}: stopped before training (nothing to save)"
         raise Interrupted(text if is_main_process() else "", EXIT_CODES.get(signum, 130))
@@ -152,6 +158,7 @@ class StopOnSignal(TrainerCallback):  # type: ignore[misc]
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.stop.training = False
+        self.stop.trained = True
 
 
 __all__ = ["EXIT_CODES", "StopOnSignal", "StopRequest", "make_stop_callback"]

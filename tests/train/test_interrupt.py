@@ -199,3 +199,22 @@ def test_api_train_raises_interrupted_with_the_checkpoint_and_restores_signal_ha
     assert stopped.value.checkpoint == str(out / "checkpoint-3")
     assert latest_checkpoint(out) == out / "checkpoint-3"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize(
+    ("phase", "says"),
+    [
+        ({}, "SIGTERM: stopped before training (nothing to save)"),
+        ({"trained": True}, "SIGTERM: stopped after training, before the final save finished"),
+        ({"training": True, "signum": signal.SIGTERM}, "SIGTERM again: stopped at once"),
+    ],
+)
+def test_a_signal_outside_a_step_says_which_phase_it_stopped(phase, says):
+    from sft.errors import Interrupted
+    from sft.train.interrupt import StopRequest
+
+    stop = StopRequest(**phase)
+    with pytest.raises(Interrupted) as stopped:
+        stop._handle(signal.SIGTERM, None)
+    assert stopped.value.message.startswith(says)
+    assert stopped.value.exit_code == 143
