@@ -407,9 +407,15 @@ SPEED_ONLY_INTEGRATIONS: dict[str, str] = {
 # Keys found in Axolotl's own example configs that are not Axolotl keys: Axolotl drops them
 # unread (its schema ignores unknown keys). sft refuses every unknown key; for these the
 # message says so, and what the writer most likely meant.
+# Keys that Axolotl's own example configs set but its schema does not have: Axolotl drops them
+# unread, so they never did anything. Accepted with a warning (the run is the one Axolotl ran);
+# the hint says what the key was presumably meant to do.
 NOT_AXOLOTL_KEYS: dict[str, str] = {
     "eta_min": "the floor of the cosine schedule is cosine_min_lr_ratio, a fraction of "
     "learning_rate (eta_min / learning_rate)",
+    "adam_eps": "AdamW's epsilon is adam_epsilon",
+    "context_parapllel_size": "a misspelling of context_parallel_size, which sft does not "
+    "support (context parallelism needs several GPUs); remove it",
     "test_value": "remove it",
 }
 

@@ -255,6 +255,17 @@ def axolotl_markdown(plugins: SftPlugins) -> str:
     ]
     lines += [
         "",
+        "## Keys Axolotl itself drops",
+        "",
+        "Some of Axolotl's example configs set keys that are not in Axolotl's schema: Axolotl\n"
+        "drops them unread. sft accepts them with a warning that says what was presumably meant.",
+        "",
+        "| key | what was presumably meant |",
+        "|---|---|",
+    ]
+    lines += [f"| `{key}` | {_cell(meant)} |" for key, meant in axolotl.NOT_AXOLOTL_KEYS.items()]
+    lines += [
+        "",
         "## Axolotl integrations (`plugins:`)",
         "",
         "A `plugins:` entry loads when an installed sft plugin stands in for it:",

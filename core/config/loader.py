@@ -313,9 +313,10 @@ def _structure_scope(
                 ctx.add(path, *axolotl.unsupported_message(name, dataset=dataset))
             continue
         if not prefix and name in axolotl.NOT_AXOLOTL_KEYS:
-            ctx.add(
+            ctx.warn(
                 path,
-                "unknown key, in Axolotl too (Axolotl drops it unread, so it never did anything)",
+                "has no effect: not a key of Axolotl either (Axolotl drops it unread, so it "
+                "never did anything there)",
                 hint=axolotl.NOT_AXOLOTL_KEYS[name],
             )
             continue

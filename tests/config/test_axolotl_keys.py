@@ -262,17 +262,20 @@ def test_zero_stays_out_of_bounds_for_other_keys(plugins):
         load_yaml("evals_per_epoch: -1\n")
 
 
-def test_keys_axolotl_itself_drops_are_refused_saying_so(plugins):
-    """eta_min / test_value appear in Axolotl's examples but not in its schema: it drops them."""
-    with pytest.raises(ConfigError) as error:
-        load_config_text(
-            "base_model: m\ndatasets:\n  - path: a\nlr_scheduler: cosine\neta_min: 7e-7\n",
-            "yaml",
-            machine_checks=False,
-        )
-    (problem,) = error.value.problems
-    assert (problem.path, problem.line) == ("eta_min", 5)
-    assert "in Axolotl too (Axolotl drops it unread" in problem.message
-    assert "cosine_min_lr_ratio" in (problem.hint or "")
+def test_keys_axolotl_itself_drops_are_accepted_with_a_warning_saying_so(plugins):
+    """eta_min / adam_eps / test_value appear in Axolotl's examples but not in its schema: it
+    drops them, so the run is Axolotl's run; the warning says what was presumably meant."""
+    config = load_config_text(
+        "base_model: m\ndatasets:\n  - path: a\nlr_scheduler: cosine\neta_min: 7e-7\n"
+        "adam_eps: 1e-6\n",
+        "yaml",
+        machine_checks=False,
+    )
+    eta_min, adam_eps = config.warnings
+    assert (eta_min.path, eta_min.line, adam_eps.path) == ("eta_min", 5, "adam_eps")
+    assert "has no effect" in eta_min.message and "Axolotl drops it unread" in eta_min.message
+    assert "cosine_min_lr_ratio" in (eta_min.hint or "")
+    assert "adam_epsilon" in (adam_eps.hint or "")
+    assert config.cosine_min_lr_ratio is None and config.adam_epsilon == 1e-8  # the defaults
     fields = {f.name for f in attrs.fields(Config)}
     assert not set(axolotl.NOT_AXOLOTL_KEYS) & fields
