@@ -9,6 +9,8 @@ experts' forward reads it, and LoRA on it (`lora_target_parameters`) stacks on t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from sft.errors import ModelError
@@ -164,3 +166,99 @@ def _fix_peft_stacked_lora_removal() -> None:
     wrapper._remove_parametrizations = remove
     wrapper._activate_lora = activate
     wrapper._sft_fixed = True
+
+
+# -- Llama 4 experts as one nn.Linear each (`llama4_linearized_experts`) ----------------------
+
+
+def _linearized_llama4_experts_class() -> type:
+    import torch
+    from torch import nn
+    from transformers.activations import ACT2FN
+
+    class LinearizedLlama4Experts(nn.Module):
+        """transformers' `Llama4TextExperts` with each expert's gate, up and down projections
+        as their own `nn.Linear` (`gate_projs.N`, `up_projs.N`, `down_projs.N`): the layout of
+        checkpoints saved for per-expert LoRA and bitsandbytes quantization. The same
+        computation as the fused module, expert by expert."""
+
+        def __init__(self, config: Any) -> None:
+            super().__init__()
+            self.num_experts = config.num_local_experts
+            self.hidden_size = config.hidden_size
+            self.expert_dim = config.intermediate_size
+
+            def linears(width_in: int, width_out: int) -> nn.ModuleList:
+                return nn.ModuleList(
+                    nn.Linear(width_in, width_out, bias=False) for _ in range(self.num_experts)
+                )
+
+            self.gate_projs = linears(self.hidden_size, self.expert_dim)
+            self.up_projs = linears(self.hidden_size, self.expert_dim)
+            self.down_projs = linears(self.expert_dim, self.hidden_size)
+            self.act_fn = ACT2FN[config.hidden_act]
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            # (experts × tokens, hidden), sorted by expert, as Llama4TextMoe hands it over
+            per_expert = hidden_states.view(self.num_experts, -1, self.hidden_size)
+            outputs = [
+                self.down_projs[e](self.up_projs[e](x) * self.act_fn(self.gate_projs[e](x)))
+                for e, x in enumerate(per_expert)
+            ]
+            return torch.stack(outputs).view(-1, self.hidden_size)
+
+    return LinearizedLlama4Experts
+
+
+@contextlib.contextmanager
+def linearized_llama4_experts() -> Iterator[None]:
+    """While active, Llama 4 MoE blocks are built with `LinearizedLlama4Experts` as their
+    experts. The MoE block's constructor is wrapped, not the experts class replaced in its
+    module: transformers' weight init tells the fused class apart by `isinstance`."""
+    from transformers.models.llama4 import modeling_llama4
+
+    moe = modeling_llama4.Llama4TextMoe
+    stock_init = moe.__init__
+    linearized = _linearized_llama4_experts_class()
+
+    def init(block: Any, config: Any) -> None:
+        stock_init(block, config)
+        block.experts = linearized(config)
+
+    moe.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        moe.__init__ = stock_init  # type: ignore[method-assign]
+
+
+def stores_linearized_llama4_experts(unexpected_keys: list[str]) -> bool:
+    """Whether a checkpoint loaded with transformers' fused Llama 4 experts held them in the
+    linearized layout instead (its per-expert weights went unused)."""
+    return any(".experts.gate_projs." in key for key in unexpected_keys)
+
+
+def check_linearized_llama4_load(model: Any, missing_keys: list[str], base_model: str) -> None:
+    """After loading with `llama4_linearized_experts`: the model must be a Llama 4 model, and
+    the checkpoint must hold the experts in the linearized layout (a fused checkpoint leaves
+    the per-expert weights uninitialised, which would train from noise)."""
+    linearized = [
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__ == "LinearizedLlama4Experts"
+    ]
+    if not linearized:
+        raise ModelError(
+            f"llama4_linearized_experts = true, but {base_model!r} is not a Llama 4 model (no "
+            "Llama 4 MoE experts were built)\n  fix: remove llama4_linearized_experts"
+        )
+    uninitialised = [key for key in missing_keys if ".experts." in key]
+    if uninitialised:
+        raise ModelError(
+            f"llama4_linearized_experts = true, but {base_model!r} has no linearized expert "
+            f"weights (missing {uninitialised[0]} and {len(uninitialised) - 1} more): its "
+            "experts are stored fused (experts.gate_up_proj, experts.down_proj)\n"
+            "  fix: remove llama4_linearized_experts to train this checkpoint as it is, or use "
+            "a checkpoint saved with linearized experts (experts.gate_projs.N, up_projs.N, "
+            "down_projs.N)"
+        )

@@ -25,6 +25,7 @@ class Trained:
     mistral_common: bool = False  # tokenizer_use_mistral_common: its tekken.json is the tokenizer
     # chat_template_kwargs: the variables the training data was rendered with
     template_variables: dict[str, Any] = attrs.field(factory=dict)
+    llama4_linearized_experts: bool = False  # the base and the result keep that layout
 
 
 def locate(
@@ -47,12 +48,14 @@ def locate(
         base, trust = config.base_model, config.trust_remote_code or trust_remote_code
         mistral = config.tokenizer_use_mistral_common
         variables = getattr(config, "chat_template_kwargs", None) or {}
+        linearized = config.llama4_linearized_experts
     elif path.is_dir():
         directory = path
         resolved = read_resolved_config(path) or read_resolved_config(path.parent) or {}
         base, trust = resolved.get("base_model", ""), trust_remote_code
         mistral = bool(resolved.get("tokenizer_use_mistral_common"))
         variables = resolved.get("chat_template_kwargs") or {}
+        linearized = bool(resolved.get("llama4_linearized_experts"))
     else:
         raise UsageError(f"{target}: no such config file or directory")
     adapter = (directory / "adapter_config.json").exists()
@@ -67,18 +70,47 @@ def locate(
             "naming its base model\n  fix: chat with the config file the adapter was trained "
             "with, or copy that run's sft_config.yaml beside the adapter"
         )
-    return Trained(directory, base, adapter, trust, mistral, dict(variables))
+    return Trained(directory, base, adapter, trust, mistral, dict(variables), linearized)
 
 
-def load_base(base_model: str, dtype: Any = None, trust_remote_code: bool = False) -> Any:
+def load_base(
+    base_model: str,
+    dtype: Any = None,
+    trust_remote_code: bool = False,
+    llama4_linearized_experts: bool = False,
+) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from sft.model import model_path
 
-    return AutoModelForCausalLM.from_pretrained(
-        model_path(base_model), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+    return _load_causal_lm(
+        model_path(base_model),
+        llama4_linearized_experts,
+        dtype=dtype or torch.float32,
+        trust_remote_code=trust_remote_code,
     )
+
+
+def _load_causal_lm(source: Any, llama4_linearized_experts: bool, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained`, in the Llama 4 experts layout of the checkpoint
+    (a merged model written elsewhere has no config saying which)."""
+    from transformers import AutoModelForCausalLM
+
+    auto: Any = AutoModelForCausalLM  # from_pretrained(output_loading_info=True): a pair
+    from sft.experts import (
+        check_linearized_llama4_load,
+        linearized_llama4_experts,
+        stores_linearized_llama4_experts,
+    )
+
+    if not llama4_linearized_experts:
+        model, loading = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+        if not stores_linearized_llama4_experts(list(loading["unexpected_keys"])):
+            return model
+    with linearized_llama4_experts():
+        model, loading = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+    check_linearized_llama4_load(model, list(loading["missing_keys"]), str(source))
+    return model
 
 
 def load_trained(trained: Trained, base_only: bool = False) -> tuple[Any, Any]:
@@ -95,7 +127,7 @@ def load_trained(trained: Trained, base_only: bool = False) -> tuple[Any, Any]:
 
 
 def _load_trained(trained: Trained, base_only: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if trained.mistral_common:
         from transformers.tokenization_mistral_common import MistralCommonBackend
@@ -103,18 +135,19 @@ def _load_trained(trained: Trained, base_only: bool) -> tuple[Any, Any]:
         tokenizer = MistralCommonBackend.from_pretrained(trained.directory)
     else:
         tokenizer = AutoTokenizer.from_pretrained(trained.directory)
+    linearized = trained.llama4_linearized_experts
     if base_only:
-        model = load_base(trained.base_model, trust_remote_code=trained.trust_remote_code)
+        model = load_base(trained.base_model, None, trained.trust_remote_code, linearized)
     elif trained.adapter:
         from peft import PeftModel
 
-        base = load_base(trained.base_model, trust_remote_code=trained.trust_remote_code)
+        base = load_base(trained.base_model, None, trained.trust_remote_code, linearized)
         if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
             base.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(base, trained.directory)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            trained.directory, trust_remote_code=trained.trust_remote_code
+        model = _load_causal_lm(
+            trained.directory, linearized, trust_remote_code=trained.trust_remote_code
         )
     model.eval()
     return model, tokenizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -97,16 +98,26 @@ def load_model(config: Config, tokenizer: Any, plugins: SftPlugins) -> Any:
         if engine.model_kwargs is not None:
             kwargs.update(engine.model_kwargs(config))
     model_class = transformers_class(config.model_type, "model_type") or AutoModelForCausalLM
+    layout: Any = contextlib.nullcontext()
+    if config.llama4_linearized_experts:
+        from sft.experts import linearized_llama4_experts
+
+        layout = linearized_llama4_experts()
     try:
-        if config.reinit_weights:
-            model = _random_model(model_class, source, config, kwargs)
-        else:
-            model = model_class.from_pretrained(source, **kwargs)
+        with layout:
+            if config.reinit_weights:
+                model = _random_model(model_class, source, config, kwargs)
+            else:
+                model, loading = model_class.from_pretrained(  # type: ignore[misc]
+                    source, output_loading_info=True, **kwargs
+                )
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load base_model {config.base_model!r}: {exc}\n"
             "  fix: check the Hub id or path (a Hub id needs network access or a local cache)"
         ) from exc
+    if not config.reinit_weights:
+        _check_experts_layout(model, loading, config)
     model.config.use_cache = False  # a cache disables the packed-sequence mask and wastes memory
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and getattr(kwargs.get("quantization_config"), "dequantize", False):
@@ -361,6 +372,7 @@ def apply_adapter(model: Any, config: Config) -> Any:
         targets = config.lora_target_modules  # peft: a regex matched against full module names
     elif config.lora_target_modules:
         targets = list(config.lora_target_modules)
+        _check_each_target_names_a_module(model, targets)
     elif config.lora_target_parameters:
         targets = []  # parameters only (peft's rule for target_parameters alone)
     else:
@@ -383,6 +395,44 @@ def apply_adapter(model: Any, config: Config) -> Any:
             f"cannot attach the adapter: {exc}\n  fix: set lora_target_modules to module names "
             f"of this model ({', '.join(linear_module_names(model))}) or lora_target_linear = true"
         ) from exc
+
+
+def _check_experts_layout(model: Any, loading: dict[str, Any], config: Config) -> None:
+    """The Llama 4 experts layout the config asks for is the checkpoint's: either way round,
+    a mismatch leaves the experts' weights uninitialised."""
+    from sft.experts import check_linearized_llama4_load, stores_linearized_llama4_experts
+
+    if config.llama4_linearized_experts:
+        check_linearized_llama4_load(model, list(loading["missing_keys"]), config.base_model)
+    elif stores_linearized_llama4_experts(list(loading["unexpected_keys"])):
+        raise ModelError(
+            f"{config.base_model!r} stores its Llama 4 experts linearized (experts.gate_projs.N, "
+            "up_projs.N, down_projs.N), which transformers' Llama 4 class does not load: its "
+            "experts would train from uninitialised weights\n"
+            "  fix: set llama4_linearized_experts = true"
+        )
+
+
+def _check_each_target_names_a_module(model: Any, targets: list[str]) -> None:
+    """peft matches a list entry as a module name or a name's last parts, and attaches nothing
+    for an entry that matches no module, silently (only a list matching nothing at all is an
+    error there): the run would train fewer layers than the config says."""
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if any(name == target or name.endswith(f".{target}") for name in names):
+            continue
+        if re.search(r"[\\^$*+?()\[\]{}|]", target):
+            hint = (
+                "a list entry is a module name, not a regex; for a regex, give "
+                "lora_target_modules as one string, matched against whole module names "
+                f"(e.g. '.*{target.removesuffix('$')}')"
+            )
+        else:
+            hint = f"the model's linear modules are: {', '.join(linear_module_names(model))}"
+        raise ModelError(
+            f"lora_target_modules entry {target!r} names no module of this model, so the "
+            f"adapter would not reach it\n  fix: {hint}"
+        )
 
 
 def _target_parameters(model: Any, config: Config) -> list[str] | None:

@@ -119,6 +119,16 @@ def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) 
         "",
         f"or `sft chat {output_dir}`. The full resolved config is in `{RESOLVED_CONFIG}`.",
         "",
+        *(
+            [
+                "The Llama 4 experts are in the linearized layout (one `nn.Linear` per expert "
+                "and projection, `llama4_linearized_experts`): transformers' own Llama 4 class "
+                "does not load them; `sft chat` and `sft merge-lora` do.",
+                "",
+            ]
+            if config.llama4_linearized_experts
+            else []
+        ),
     ]
     path = output_dir / "README.md"
     path.write_text("\n".join(lines))

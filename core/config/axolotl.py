@@ -291,7 +291,6 @@ _KERNELS: dict[str, Unsupported] = {
     "moe_persistent_kernel": U(
         "persistent-kernel variant of the moe_kernels plugin", speed_only=True
     ),
-    "llama4_linearized_experts": U("Llama 4: loads the MoE experts as linear layers"),
 }
 
 # -- evaluation ------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         "Quantization & adapters",
-        "adapter unfrozen_parameters quantize_moe_experts qat model_quantization_config "
+        "adapter unfrozen_parameters quantize_moe_experts llama4_linearized_experts qat "
+        "model_quantization_config "
         "model_quantization_config_kwargs",
         "load_in_ lora_ peft_ loraplus_ bnb_",
     ),

@@ -274,6 +274,13 @@ class Config(_Sections):
         doc="Also quantize the fused 3-D MoE expert weights (which load_in_4bit/8bit leave in the "
         "load dtype) right after loading; LoRA reaches them through lora_target_parameters.",
     )
+    llama4_linearized_experts: bool = key(
+        False,
+        doc="Llama 4: build each MoE expert as its own gate/up/down nn.Linear "
+        "(experts.gate_projs.N, up_projs.N, down_projs.N) instead of fused 3-D weights, to load a "
+        "checkpoint saved in that layout (e.g. a pre-quantized one) and let LoRA target single "
+        "experts. The model is saved in the same layout.",
+    )
 
     # -- adapter -------------------------------------------------------------------------------
     adapter: Literal["lora", "qlora"] | None = key(
