@@ -266,7 +266,18 @@ def _axolotl_value_problems(config: Config, plugins: SftPlugins) -> list[Problem
                 warning=True,
             )
         )
-    if config.model_type and not config.model_type.endswith("ForCausalLM"):
+    if config.model_type and config.model_type.endswith("ForConditionalGeneration"):
+        problems.append(
+            Problem(
+                "model_type",
+                f"{config.model_type!r} is a multimodal class: it trains here on text only (the "
+                "datasets carry no images), its vision/audio towers loaded and left unchanged",
+                hint="use AutoModelForCausalLM (or the text model's …ForCausalLM) to load the "
+                "language model alone, or remove model_type to silence this",
+                warning=True,
+            )
+        )
+    elif config.model_type and not config.model_type.endswith("ForCausalLM"):
         problems.append(
             Problem(
                 "model_type",

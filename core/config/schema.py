@@ -155,7 +155,8 @@ class Config(_Sections):
     model_type: str | None = key(
         None,
         doc="transformers class that loads base_model: AutoModelForCausalLM (the default) or the "
-        "model's own causal-LM class, e.g. LlamaForCausalLM.",
+        "model's own causal-LM class, e.g. LlamaForCausalLM; a multimodal …ForConditionalGeneration "
+        "class trains on text only (a warning).",
     )
     reinit_weights: bool = key(
         False,

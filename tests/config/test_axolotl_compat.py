@@ -83,9 +83,14 @@ def test_causal_lm_model_types_are_accepted(plugins, name):
     assert load_yaml(f"model_type: {name}\n").model_type == name
 
 
-@pytest.mark.parametrize(
-    "name", ["Llama4ForConditionalGeneration", "AutoModelForVision2Seq", "MambaLMHeadModel"]
-)
+def test_a_multimodal_class_is_accepted_for_text_training_with_a_warning(plugins):
+    config = load_yaml("model_type: Llama4ForConditionalGeneration\n")
+    assert config.model_type == "Llama4ForConditionalGeneration"
+    (warning,) = config.warnings
+    assert warning.path == "model_type" and "trains here on text only" in warning.message
+
+
+@pytest.mark.parametrize("name", ["AutoModelForVision2Seq", "MambaLMHeadModel"])
 def test_other_model_types_are_refused_as_not_causal_lms(plugins, name):
     message = problems_of(f"model_type: {name}\n")["model_type"]
     assert f"{name!r} is not a causal-LM class" in message

@@ -166,3 +166,47 @@ def test_a_list_entry_that_names_no_module_is_refused_not_left_out(tiny_project,
     config = tiny_project("adapter=lora", "lora_target_modules=['q_proj', 'w1']")
     with pytest.raises(ModelError, match=r"(?s)'w1' names no module.*linear modules are: .*q_proj"):
         apply_adapter(_loaded(config), config)
+
+
+def test_the_multimodal_class_trains_on_text_with_linearized_experts(tiny_project, llama4):
+    """Axolotl's Llama 4 examples load `Llama4ForConditionalGeneration` (the checkpoints are
+    multimodal) and train it on text."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer, Llama4Config, Llama4ForConditionalGeneration
+
+    fused, _ = llama4
+    text = AutoConfig.from_pretrained(fused).to_dict()
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+    )
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision))
+    path = tiny_project.tmp_path / "llama4-multimodal-linearized"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(fused).save_pretrained(path)
+    (path / "model.safetensors").unlink()
+    save_file(_linearized_state_dict(model), path / "model.safetensors")
+    config = tiny_project(
+        f"base_model={path}",
+        "model_type=Llama4ForConditionalGeneration",
+        "llama4_linearized_experts=true",
+        "adapter=lora",
+        "lora_target_modules=['self_attn.q_proj', 'shared_expert.gate_proj']",
+        "sample_packing=true",
+        "max_steps=2",
+    )
+    (warning,) = [w for w in config.warnings if w.path == "model_type"]
+    assert "trains here on text only" in warning.message
+    result = train(config)
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.train_loss))
+    saved = load_file(result.output_dir / "adapter_model.safetensors")
+    trained = [n for n in saved if "language_model" in n and "lora_B" in n]
+    assert trained and all(saved[n].abs().sum() > 0 for n in trained), sorted(saved)
