@@ -26,6 +26,7 @@ class Trained:
     # chat_template_kwargs: the variables the training data was rendered with
     template_variables: dict[str, Any] = attrs.field(factory=dict)
     llama4_linearized_experts: bool = False  # the base and the result keep that layout
+    model_type: str | None = None  # the transformers class the run loaded its base with
 
 
 def locate(
@@ -49,6 +50,7 @@ def locate(
         mistral = config.tokenizer_use_mistral_common
         variables = getattr(config, "chat_template_kwargs", None) or {}
         linearized = config.llama4_linearized_experts
+        model_type = config.model_type
     elif path.is_dir():
         directory = path
         resolved = read_resolved_config(path) or read_resolved_config(path.parent) or {}
@@ -56,6 +58,7 @@ def locate(
         mistral = bool(resolved.get("tokenizer_use_mistral_common"))
         variables = resolved.get("chat_template_kwargs") or {}
         linearized = bool(resolved.get("llama4_linearized_experts"))
+        model_type = resolved.get("model_type")
     else:
         raise UsageError(f"{target}: no such config file or directory")
     adapter = (directory / "adapter_config.json").exists()
@@ -70,7 +73,9 @@ def locate(
             "naming its base model\n  fix: chat with the config file the adapter was trained "
             "with, or copy that run's sft_config.yaml beside the adapter"
         )
-    return Trained(directory, base, adapter, trust, mistral, dict(variables), linearized)
+    return Trained(
+        directory, base, adapter, trust, mistral, dict(variables), linearized, model_type
+    )
 
 
 def load_base(
@@ -78,6 +83,7 @@ def load_base(
     dtype: Any = None,
     trust_remote_code: bool = False,
     llama4_linearized_experts: bool = False,
+    model_type: str | None = None,
 ) -> Any:
     import torch
 
@@ -86,17 +92,24 @@ def load_base(
     return _load_causal_lm(
         model_path(base_model),
         llama4_linearized_experts,
+        model_type,
         dtype=dtype or torch.float32,
         trust_remote_code=trust_remote_code,
     )
 
 
-def _load_causal_lm(source: Any, llama4_linearized_experts: bool, **kwargs: Any) -> Any:
-    """`AutoModelForCausalLM.from_pretrained`, in the Llama 4 experts layout of the checkpoint
-    (a merged model written elsewhere has no config saying which)."""
+def _load_causal_lm(
+    source: Any, llama4_linearized_experts: bool, model_type: str | None, **kwargs: Any
+) -> Any:
+    """The model's `from_pretrained` with the class the run used (`model_type`, else
+    AutoModelForCausalLM), in the Llama 4 experts layout of the checkpoint (a merged model
+    written elsewhere has no config saying which)."""
     from transformers import AutoModelForCausalLM
 
-    auto: Any = AutoModelForCausalLM  # from_pretrained(output_loading_info=True): a pair
+    from sft.classes import transformers_class
+
+    # from_pretrained(output_loading_info=True) returns a pair
+    auto: Any = transformers_class(model_type, "model_type") or AutoModelForCausalLM
     from sft.experts import (
         check_linearized_llama4_load,
         linearized_llama4_experts,
@@ -135,19 +148,23 @@ def _load_trained(trained: Trained, base_only: bool) -> tuple[Any, Any]:
         tokenizer = MistralCommonBackend.from_pretrained(trained.directory)
     else:
         tokenizer = AutoTokenizer.from_pretrained(trained.directory)
-    linearized = trained.llama4_linearized_experts
+    linearized, model_type = trained.llama4_linearized_experts, trained.model_type
     if base_only:
-        model = load_base(trained.base_model, None, trained.trust_remote_code, linearized)
+        model = load_base(
+            trained.base_model, None, trained.trust_remote_code, linearized, model_type
+        )
     elif trained.adapter:
         from peft import PeftModel
 
-        base = load_base(trained.base_model, None, trained.trust_remote_code, linearized)
+        base = load_base(
+            trained.base_model, None, trained.trust_remote_code, linearized, model_type
+        )
         if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
             base.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(base, trained.directory)
     else:
         model = _load_causal_lm(
-            trained.directory, linearized, trust_remote_code=trained.trust_remote_code
+            trained.directory, linearized, model_type, trust_remote_code=trained.trust_remote_code
         )
     model.eval()
     return model, tokenizer

@@ -210,3 +210,14 @@ def test_the_multimodal_class_trains_on_text_with_linearized_experts(tiny_projec
     saved = load_file(result.output_dir / "adapter_model.safetensors")
     trained = [n for n in saved if "language_model" in n and "lora_B" in n]
     assert trained and all(saved[n].abs().sum() > 0 for n in trained), sorted(saved)
+    # chat and merge-lora load the base with the class the run used
+    from sft.cli import main
+    from sft.inference import load_trained, locate
+
+    adapted, _ = load_trained(locate(result.output_dir))
+    assert type(adapted.base_model.model).__name__ == "Llama4ForConditionalGeneration"
+    assert main(["merge-lora", str(result.output_dir)]) == 0
+    merged, _ = load_trained(locate(result.output_dir / "merged"))
+    ids = torch.randint(0, merged.config.text_config.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
