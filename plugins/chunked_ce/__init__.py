@@ -2,7 +2,8 @@
 in chunks, recomputed in backward — never the full `[tokens × vocab]` fp32 logits tensor.
 
 Works on CPU and GPU with any causal LM whose `forward` splits into the decoder (the model's
-`base_model_prefix` attribute) and the output embeddings. The loss equals the plain path's
+text decoder: `text_decoder`, multimodal models' language model included) and the output
+embeddings. The loss equals the plain path's
 (sum over trained tokens / `num_items_in_batch`), tested to 1e-5 in fp32 with its gradients.
 Generation and calls without labels go through the model's own forward.
 
@@ -28,7 +29,7 @@ from sft import hookimpl
 from sft.components import ConfigKeys
 from sft.config.schema import Config, key
 from sft.data.sample import IGNORE_INDEX
-from sft.errors import Problem
+from sft.errors import ModelError, Problem
 
 
 @attrs.frozen
@@ -150,12 +151,38 @@ def chunked_loss(
     return total / count
 
 
+def text_decoder(model: Any) -> Any:
+    """The module that turns input ids into the last hidden states the LM head reads: a causal
+    LM's base model, or a multimodal model's language model (its text-only forward is the
+    same). A language model that is itself a whole causal LM (Llama 4's) is descended into."""
+    decoder = model.get_decoder()
+    while decoder.get_output_embeddings() is not None:  # a whole LM, head and all
+        inner = next(
+            (
+                module
+                for name in ("model", "language_model", "transformer")
+                if (module := getattr(decoder, name, None)) is not None
+                and module is not decoder
+                and hasattr(module, "forward")
+            ),
+            None,
+        )
+        if inner is None:
+            raise ModelError(
+                f"chunked cross-entropy cannot find the decoder inside {type(model).__name__} "
+                "(the module whose forward gives the hidden states the LM head reads)\n"
+                "  fix: set chunked_cross_entropy = false for this model"
+            )
+        decoder = inner
+    return decoder
+
+
 def patch(model: Any, chunk: int, weight: TokenWeight | None = None) -> None:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     original = model.forward
-    decoder = getattr(model, model.base_model_prefix)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    decoder = text_decoder(model)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
     def forward(
         input_ids: Any = None, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any

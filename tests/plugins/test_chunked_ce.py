@@ -49,6 +49,64 @@ def test_loss_and_gradients_equal_the_plain_path(tokenizer, arch, packed):
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _llama4(multimodal: bool):
+    from transformers import (
+        Llama4Config,
+        Llama4ForCausalLM,
+        Llama4ForConditionalGeneration,
+        Llama4TextConfig,
+    )
+
+    text = dict(
+        vocab_size=500,
+        hidden_size=32,
+        intermediate_size=16,
+        intermediate_size_mlp=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+    )
+    torch.manual_seed(3)
+    if not multimodal:
+        return Llama4ForCausalLM(Llama4TextConfig(**text))
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+    )
+    return Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision))
+
+
+@pytest.mark.parametrize("multimodal", [False, True])
+def test_models_whose_decoder_is_nested_or_renamed_give_the_plain_loss(multimodal):
+    """Llama 4's causal LM names its base model `language_model` but keeps it in `model`; the
+    multimodal class holds a whole causal LM as its language model: the loss still reads the
+    text decoder's hidden states, and equals the model's own."""
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    losses = []
+    for chunked in (False, True):
+        model = _llama4(multimodal)
+        model.config.use_cache = False
+        if chunked:
+            patch(model, chunk=5)
+        out = model(input_ids=ids, labels=labels)
+        assert (out.logits is None) == chunked
+        losses.append(out.loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+
 def test_without_num_items_the_loss_is_the_mean_over_trained_tokens(tokenizer):
     # The eval path passes no num_items_in_batch: divide by the trained positions, as plain
     # cross-entropy with ignore_index does, never by all positions.

@@ -201,6 +201,7 @@ def test_the_multimodal_class_trains_on_text_with_linearized_experts(tiny_projec
         "adapter=lora",
         "lora_target_modules=['self_attn.q_proj', 'shared_expert.gate_proj']",
         "sample_packing=true",
+        "chunked_cross_entropy=true",  # what Axolotl's CutCrossEntropyPlugin there maps to
         "max_steps=2",
     )
     (warning,) = [w for w in config.warnings if w.path == "model_type"]
