@@ -121,6 +121,8 @@ def chunked_loss(
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
+    from sft.plugins.chunked_ce.fused import LinearCrossEntropy, fusable_head
+
     shifted = labels[:, 1:]
     trained = shifted != IGNORE_INDEX
     states = hidden[:, :-1][trained]
@@ -138,13 +140,13 @@ def chunked_loss(
         return (losses * weights).sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
+    fused = weight is None and fusable_head(head)
     for start in range(0, states.shape[0], chunk):
-        total = total + checkpoint(
-            piece,
-            states[start : start + chunk],
-            targets[start : start + chunk],
-            use_reentrant=False,
-        )
+        h, t = states[start : start + chunk], targets[start : start + chunk]
+        if fused:
+            total = total + LinearCrossEntropy.apply(h, head.weight, t, softcap or 0.0)
+        else:
+            total = total + checkpoint(piece, h, t, use_reentrant=False)
     count = num_items if num_items is not None else trained.sum()
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sft.config import load_config_text
-from sft.plugins.chunked_ce import ChunkedCEKeys, patch
+from sft.plugins.chunked_ce import ChunkedCEKeys, chunked_loss, patch
+from sft.plugins.chunked_ce.fused import fusable_head
 from sft.testing import build_model, build_tokenizer
 
 
@@ -36,6 +37,7 @@ def test_loss_and_gradients_equal_the_plain_path(tokenizer, arch, packed):
             model.config.final_logit_softcapping = 30.0
         if chunked:
             patch(model, chunk=7)  # chunks smaller than the trained tokens
+            assert fusable_head(model.get_output_embeddings())  # the fused path is the one tested
         out = model(**batch, num_items_in_batch=torch.tensor(50))
         out.loss.backward()
         return out, {n: p.grad for n, p in model.named_parameters()}
@@ -47,6 +49,34 @@ def test_loss_and_gradients_equal_the_plain_path(tokenizer, arch, packed):
     torch.testing.assert_close(chunked.loss, plain.loss, atol=1e-5, rtol=1e-5)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_head_loss_equals_the_checkpointed_one(dtype, softcap):
+    """The fused path against the generic one (a hooked head takes the generic path), with
+    a trainable head, in fp32 and under bf16 autocast."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 33, 16, generator=generator)
+    labels = torch.randint(0, 300, (2, 33), generator=generator)
+    labels[0, :5] = -100
+    results = []
+    for hooked in (False, True):
+        head = torch.nn.Linear(16, 300, bias=False)
+        torch.nn.init.normal_(head.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+        if hooked:
+            head.register_forward_pre_hook(lambda module, args: None)
+        assert fusable_head(head) is not hooked
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = chunked_loss(h, labels, head, chunk=10, softcap=softcap)
+        loss.backward()
+        results.append((loss, h.grad, head.weight.grad))
+    tolerance = (
+        {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-2}
+    )
+    for fused, generic in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(fused, generic, **tolerance)
 
 
 def _llama4(multimodal: bool):

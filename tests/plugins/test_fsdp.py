@@ -759,3 +759,15 @@ def test_quantized_moe_experts_with_4bit_qlora_are_accepted_under_fsdp(plugins):
         'adapter = "qlora"\nload_in_4bit = true\nquantize_moe_experts = true\nfsdp_version = 2',
     )
     assert config.quantize_moe_experts and fsdp.selected(config)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_full_fsdp2_with_chunked_cross_entropy_trains_what_one_process_trains(tiny_project):
+    """The chunked loss reads the (tied, trained) LM head's weight inside the model's forward:
+    under FSDP2 it must see the gathered weight and hand its gradient back to the shards."""
+    one, two, output = _run_both(tiny_project, ("chunked_cross_entropy=true",))
+    assert SHARDED.search(output), output[-3000:]
+    base = _weights(tiny_project.tmp_path / "tiny" / "model.safetensors")
+    final = _weights(two / "model.safetensors")
+    _assert_same_weights(final, _weights(one / "model.safetensors"), base)
