@@ -434,16 +434,15 @@ def _show_error(error: SftError, show_traceback: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from sft import distributed
 
+    worker = distributed.world_size() > 1  # one of a launcher's processes
     try:
         exit_code = _main(argv)
     except Exception:
-        distributed.close_process_group()
-        if not distributed.worker_skips_teardown():
+        if not (distributed.close_process_group() and worker):
             raise
         traceback.print_exc()
-        exit_code = 1
-    distributed.close_process_group()  # a no-op where none was joined
-    if distributed.worker_skips_teardown():
+        distributed.end_worker_process(1)
+    if distributed.close_process_group() and worker:  # this call joined a group
         distributed.end_worker_process(exit_code)
     return exit_code
 

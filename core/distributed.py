@@ -38,27 +38,18 @@ def is_local_main_process() -> bool:
     return local_rank() == 0
 
 
-_closed_a_group = False
-
-
-def close_process_group() -> None:
+def close_process_group() -> bool:
     """Tear down the process group this process joined (gloo/NCCL threads, DeepSpeed's comm),
-    so no collective is left half-way. Local to this process: no collective. A worker that
-    closed one ends through `end_worker_process`."""
-    global _closed_a_group
+    so no collective is left half-way; whether there was one. Local to this process: no
+    collective. A launcher's worker that closed one ends through `end_worker_process`."""
     if "torch" not in sys.modules:
-        return
+        return False
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        _closed_a_group = True
-
-
-def worker_skips_teardown() -> bool:
-    """Whether this process is one of a launcher's workers and closed its process group: it
-    ends through `end_worker_process`, not through interpreter teardown."""
-    return _closed_a_group and world_size() > 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
 
 
 def end_worker_process(exit_code: int) -> NoReturn:
@@ -71,18 +62,27 @@ def end_worker_process(exit_code: int) -> NoReturn:
     the interpreter then tears down, such a thread that needs the GIL is killed half-way and
     the process aborts ("terminate called without an active exception", exit -6) after its
     work is done, and the launcher reports the whole run as failed. So, once the run's own
-    work has returned: the exit handlers run, non-daemon threads finish, output is flushed,
-    and the process exits with the run's exit code."""
+    work has returned, the process does what a normal exit does before teardown: thread pools
+    shut down and non-daemon threads finish, the exit handlers run, Python's and C's output
+    buffers are flushed; then it exits with the run's exit code."""
     import atexit
     import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what a normal exit runs: logging, trackers, temporary folders
+    shutdown = getattr(threading, "_shutdown", None)  # what interpreter exit calls first
+    if shutdown is not None:
+        shutdown()
+    else:  # pragma: no cover - CPython has had threading._shutdown since 3.x
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+    atexit._run_exitfuncs()  # logging, trackers, temporary folders
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe
             stream.flush()
+    with contextlib.suppress(OSError, AttributeError):  # C/C++ libraries' stdio buffers
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
     os._exit(exit_code)
 
 
@@ -101,6 +101,5 @@ __all__ = [
     "local_rank",
     "rank",
     "selected_backends",
-    "worker_skips_teardown",
     "world_size",
 ]

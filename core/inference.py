@@ -120,6 +120,7 @@ def _load_causal_lm(
         model, loading = auto.from_pretrained(source, output_loading_info=True, **kwargs)
         if not stores_linearized_llama4_experts(list(loading["unexpected_keys"])):
             return model
+        del model  # before loading it again in the other layout: one copy in memory
     with linearized_llama4_experts():
         model, loading = auto.from_pretrained(source, output_loading_info=True, **kwargs)
     check_linearized_llama4_load(model, list(loading["missing_keys"]), str(source))

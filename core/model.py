@@ -116,6 +116,12 @@ def load_model(config: Config, tokenizer: Any, plugins: SftPlugins) -> Any:
             f"cannot load base_model {config.base_model!r}: {exc}\n"
             "  fix: check the Hub id or path (a Hub id needs network access or a local cache)"
         ) from exc
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"{config.base_model!r} loaded as {type(model).__name__}, an encoder-decoder model: "
+            "sft fine-tunes decoder-only causal LMs (its packed, masked rows would reach the "
+            "encoder answer and all)\n  fix: use a decoder-only model, or remove model_type"
+        )
     if not config.reinit_weights:
         _check_experts_layout(model, loading, config)
     model.config.use_cache = False  # a cache disables the packed-sequence mask and wastes memory

@@ -10,6 +10,7 @@ run writes it. The model skeleton is built on the meta device: no base weights a
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ def _skeleton(config: Any, trust_remote_code: bool, vocab: int | None) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sft.classes import transformers_class
     from sft.model import apply_adapter, model_path
 
     try:
@@ -96,8 +98,17 @@ def _skeleton(config: Any, trust_remote_code: bool, vocab: int | None) -> Any:
             "  fix: the base model must be reachable (a local path or the Hub cache); pass "
             "--trust-remote-code if it needs its own code"
         ) from exc
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    model_class: Any = transformers_class(config.model_type, "model_type")  # the run's class
+    layout: Any = contextlib.nullcontext()
+    if config.llama4_linearized_experts:
+        from sft.experts import linearized_llama4_experts
+
+        layout = linearized_llama4_experts()
+    with torch.device("meta"), layout:
+        if model_class is None:
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        else:
+            model = model_class._from_config(hf_config)
     if vocab is not None and vocab != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocab, mean_resizing=False)  # new tokens were added
     if config.adapter:

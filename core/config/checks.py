@@ -270,8 +270,9 @@ def _axolotl_value_problems(config: Config, plugins: SftPlugins) -> list[Problem
         problems.append(
             Problem(
                 "model_type",
-                f"{config.model_type!r} is a multimodal class: it trains here on text only (the "
-                "datasets carry no images), its vision/audio towers loaded and left unchanged",
+                f"{config.model_type!r} is not a causal-LM class: a multimodal one trains here "
+                "on text only (the datasets carry no images), its vision/audio towers loaded "
+                "and left unchanged (an encoder-decoder model is refused when it loads)",
                 hint="use AutoModelForCausalLM (or the text model's …ForCausalLM) to load the "
                 "language model alone, or remove model_type to silence this",
                 warning=True,

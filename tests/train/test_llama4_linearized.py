@@ -222,3 +222,31 @@ def test_the_multimodal_class_trains_on_text_with_linearized_experts(tiny_projec
     ids = torch.randint(0, merged.config.text_config.vocab_size, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_checkpoints_rebuild_the_model_in_the_runs_layout(tiny_project, llama4):
+    """`sft merge-sharded` builds the run's model around the shards: linearized experts too."""
+    from sft.sharded import _skeleton
+
+    _, linearized = llama4
+    config = tiny_project(f"base_model={linearized}", "llama4_linearized_experts=true")
+    names = list(_skeleton(config, False, None).state_dict())
+    assert any(".experts.gate_projs.3." in name for name in names)
+    assert not any("gate_up_proj" in name for name in names)
+
+
+def test_an_encoder_decoder_class_is_refused_when_it_loads(tiny_project):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from sft.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_project())
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8)
+    )
+    path = tiny_project.tmp_path / "t5"
+    t5.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = tiny_project(f"base_model={path}", "model_type=T5ForConditionalGeneration")
+    with pytest.raises(ModelError, match=r"an encoder-decoder model: sft fine-tunes decoder-only"):
+        _loaded(config)

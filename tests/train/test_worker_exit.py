@@ -20,6 +20,7 @@ pytestmark = pytest.mark.distributed
 
 WORKER = """
 import atexit, sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,6 +38,9 @@ def start_a_collective_nobody_waits_for():  # still running when the process end
 
 
 atexit.register(start_a_collective_nobody_waits_for)
+# a library's long-lived thread pool (torch inductor keeps one): shut down before threads join
+pool = ThreadPoolExecutor(max_workers=1)
+pool.submit(sum, [1, 2]).result()
 marker = Path(sys.argv[1]) / f"atexit-{rank}"
 atexit.register(marker.write_text, "ran")
 
