@@ -202,3 +202,45 @@ def tiny_moe(tiny_project):
     moe.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_llama4(vocab_size: int, multimodal: bool = False, experts: int = 4, seed: int = 0):
+    """A two-layer Llama 4 text MoE (`Llama4ForCausalLM`), or the multimodal
+    `Llama4ForConditionalGeneration` around it with a one-layer vision tower; random weights."""
+    import torch
+    from transformers import (
+        Llama4Config,
+        Llama4ForCausalLM,
+        Llama4ForConditionalGeneration,
+        Llama4TextConfig,
+    )
+
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=16,
+        intermediate_size_mlp=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=experts,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    if not multimodal:
+        return Llama4ForCausalLM(Llama4TextConfig(**text))
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+    )
+    return Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision))

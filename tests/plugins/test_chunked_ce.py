@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama4
 
 from sft.config import load_config_text
 from sft.plugins.chunked_ce import ChunkedCEKeys, chunked_loss, patch
@@ -79,44 +80,6 @@ def test_the_fused_head_loss_equals_the_checkpointed_one(dtype, softcap):
         torch.testing.assert_close(fused, generic, **tolerance)
 
 
-def _llama4(multimodal: bool):
-    from transformers import (
-        Llama4Config,
-        Llama4ForCausalLM,
-        Llama4ForConditionalGeneration,
-        Llama4TextConfig,
-    )
-
-    text = dict(
-        vocab_size=500,
-        hidden_size=32,
-        intermediate_size=16,
-        intermediate_size_mlp=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-        interleave_moe_layer_step=1,
-    )
-    torch.manual_seed(3)
-    if not multimodal:
-        return Llama4ForCausalLM(Llama4TextConfig(**text))
-    vision = dict(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=28,
-        patch_size=14,
-        vision_output_dim=32,
-        projector_input_dim=32,
-        projector_output_dim=32,
-    )
-    return Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision))
-
-
 @pytest.mark.parametrize("multimodal", [False, True])
 def test_models_whose_decoder_is_nested_or_renamed_give_the_plain_loss(multimodal):
     """Llama 4's causal LM names its base model `language_model` but keeps it in `model`; the
@@ -127,7 +90,7 @@ def test_models_whose_decoder_is_nested_or_renamed_give_the_plain_loss(multimoda
     labels[:, :6] = -100
     losses = []
     for chunked in (False, True):
-        model = _llama4(multimodal)
+        model = tiny_llama4(500, multimodal, experts=2, seed=3)
         model.config.use_cache = False
         if chunked:
             patch(model, chunk=5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama4
 from safetensors.torch import load_file
 
 from sft.errors import ModelError
@@ -43,28 +44,11 @@ def llama4(tiny_project):
     """A two-layer Llama 4 text MoE saved twice beside the tiny project's tokenizer: as
     transformers saves it (fused experts) and in the linearized layout."""
     from safetensors.torch import save_file
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
 
     from sft.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_project())
-    torch.manual_seed(0)
-    model = Llama4ForCausalLM(
-        Llama4TextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=16,
-            intermediate_size_mlp=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            num_local_experts=4,
-            num_experts_per_tok=1,
-            interleave_moe_layer_step=1,
-            max_position_embeddings=512,
-        )
-    )
+    model = tiny_llama4(len(tokenizer))
     fused = tiny_project.tmp_path / "llama4"
     model.save_pretrained(fused)
     tokenizer.save_pretrained(fused)
@@ -172,26 +156,14 @@ def test_the_multimodal_class_trains_on_text_with_linearized_experts(tiny_projec
     """Axolotl's Llama 4 examples load `Llama4ForConditionalGeneration` (the checkpoints are
     multimodal) and train it on text."""
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer, Llama4Config, Llama4ForConditionalGeneration
+    from transformers import AutoTokenizer
 
     fused, _ = llama4
-    text = AutoConfig.from_pretrained(fused).to_dict()
-    vision = dict(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=28,
-        patch_size=14,
-        vision_output_dim=32,
-        projector_input_dim=32,
-        projector_output_dim=32,
-    )
-    torch.manual_seed(0)
-    model = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision))
+    tokenizer = AutoTokenizer.from_pretrained(fused)
+    model = tiny_llama4(len(tokenizer), multimodal=True)
     path = tiny_project.tmp_path / "llama4-multimodal-linearized"
     model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(fused).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     (path / "model.safetensors").unlink()
     save_file(_linearized_state_dict(model), path / "model.safetensors")
     config = tiny_project(
