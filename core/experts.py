@@ -211,10 +211,14 @@ def _linearized_llama4_experts_class() -> type:
 
 
 @contextlib.contextmanager
-def linearized_llama4_experts() -> Iterator[None]:
+def linearized_llama4_experts(active: bool = True) -> Iterator[None]:
     """While active, Llama 4 MoE blocks are built with `LinearizedLlama4Experts` as their
-    experts. The MoE block's constructor is wrapped, not the experts class replaced in its
-    module: transformers' weight init tells the fused class apart by `isinstance`."""
+    experts (`llama4_linearized_experts`; inactive, nothing changes). The MoE block's
+    constructor is wrapped, not the experts class replaced in its module: transformers' weight
+    init tells the fused class apart by `isinstance`."""
+    if not active:
+        yield
+        return
     from transformers.models.llama4 import modeling_llama4
 
     moe = modeling_llama4.Llama4TextMoe

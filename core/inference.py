@@ -107,14 +107,14 @@ def _load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     from sft.classes import transformers_class
-
-    # from_pretrained(output_loading_info=True) returns a pair
-    auto: Any = transformers_class(model_type, "model_type") or AutoModelForCausalLM
     from sft.experts import (
         check_linearized_llama4_load,
         linearized_llama4_experts,
         stores_linearized_llama4_experts,
     )
+
+    # Any: from_pretrained(output_loading_info=True) returns a pair
+    auto: Any = transformers_class(model_type, "model_type") or AutoModelForCausalLM
 
     if not llama4_linearized_experts:
         model, loading = auto.from_pretrained(source, output_loading_info=True, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -98,13 +97,10 @@ def load_model(config: Config, tokenizer: Any, plugins: SftPlugins) -> Any:
         if engine.model_kwargs is not None:
             kwargs.update(engine.model_kwargs(config))
     model_class = transformers_class(config.model_type, "model_type") or AutoModelForCausalLM
-    layout: Any = contextlib.nullcontext()
-    if config.llama4_linearized_experts:
-        from sft.experts import linearized_llama4_experts
+    from sft.experts import linearized_llama4_experts
 
-        layout = linearized_llama4_experts()
     try:
-        with layout:
+        with linearized_llama4_experts(config.llama4_linearized_experts):
             if config.reinit_weights:
                 model = _random_model(model_class, source, config, kwargs)
             else:
@@ -119,8 +115,8 @@ def load_model(config: Config, tokenizer: Any, plugins: SftPlugins) -> Any:
     if getattr(model.config, "is_encoder_decoder", False):
         raise ModelError(
             f"{config.base_model!r} loaded as {type(model).__name__}, an encoder-decoder model: "
-            "sft fine-tunes decoder-only causal LMs (its packed, masked rows would reach the "
-            "encoder answer and all)\n  fix: use a decoder-only model, or remove model_type"
+            "sft fine-tunes decoder-only causal LMs (its packed, masked rows are a decoder's "
+            "input)\n  fix: use a decoder-only model, or remove model_type"
         )
     if not config.reinit_weights:
         _check_experts_layout(model, loading, config)

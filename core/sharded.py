@@ -10,7 +10,6 @@ run writes it. The model skeleton is built on the meta device: no base weights a
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -84,6 +83,7 @@ def _skeleton(config: Any, trust_remote_code: bool, vocab: int | None) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sft.classes import transformers_class
+    from sft.experts import linearized_llama4_experts
     from sft.model import apply_adapter, model_path
 
     try:
@@ -99,12 +99,7 @@ def _skeleton(config: Any, trust_remote_code: bool, vocab: int | None) -> Any:
             "--trust-remote-code if it needs its own code"
         ) from exc
     model_class: Any = transformers_class(config.model_type, "model_type")  # the run's class
-    layout: Any = contextlib.nullcontext()
-    if config.llama4_linearized_experts:
-        from sft.experts import linearized_llama4_experts
-
-        layout = linearized_llama4_experts()
-    with torch.device("meta"), layout:
+    with torch.device("meta"), linearized_llama4_experts(config.llama4_linearized_experts):
         if model_class is None:
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
         else:
