@@ -4,10 +4,12 @@ The linear layers (and with `quantize_embedding` the embeddings) compute with we
 `weight_dtype` (integers in groups of `group_size`; float8 per row) and activations rounded per
 token to `activation_dtype`, while the float weights train (straight-through gradients): the
 model learns weights that survive quantization. `mxfp4` (OCP microscaling FP4, blocks of 32)
-rounds weights and activations together, as torchao's MX QAT does. `fake_quant_after_n_steps`
-trains in full precision first.
-Before the final save the fake-quantized layers are swapped back to plain ones, so the saved model
-is an ordinary float model, ready for quantization with the same settings (e.g. torchao's
+rounds weights and activations together, as torchao's MX QAT does; `nvfp4` (NVIDIA FP4, blocks of
+16) rounds the weights, and the activations too when activation_dtype is nvfp4 (torchao's rounding,
+an emulated matmul, so it runs on any device); `ternary` is Axolotl's BitNet b1.58 QAT, with int8
+activations (rounding.py has both). `fake_quant_after_n_steps` trains in full precision first.
+Before the final save the fake-quantized layers are swapped back to plain ones (ternary ones
+holding their ternary values, as Axolotl saves them), so the saved model is an ordinary float model, ready for quantization with the same settings (e.g. torchao's
 Int8DynamicActivationInt4WeightConfig). Full fine-tunes only, as in Axolotl.
 """
 
@@ -26,10 +28,11 @@ from sft.errors import ModelError, Problem
 INT_DTYPES = tuple(f"int{bits}" for bits in range(1, 9))
 FLOAT8_NAMES = ("float8_e4m3fn", "float8", "fp8")  # Axolotl's spellings of one type
 MX_BLOCK = 32  # the OCP MX block size, the only one Axolotl's mxfp4 takes
-DTYPES = (*INT_DTYPES, *FLOAT8_NAMES, "mxfp4")
+NVFP4_BLOCK = 16  # NVFP4's block size
+DTYPES = (*INT_DTYPES, *FLOAT8_NAMES, "mxfp4", "nvfp4", "ternary")
 FIELDS = {
-    "weight_dtype": "int1 … int8, float8_e4m3fn or mxfp4: the weights' type",
-    "activation_dtype": "int1 … int8, float8_e4m3fn, mxfp4 or blank: the activations' type",
+    "weight_dtype": "int1 … int8, float8_e4m3fn, mxfp4, nvfp4 or ternary: the weights' type",
+    "activation_dtype": "int1 … int8, float8_e4m3fn, mxfp4, nvfp4 or blank: the activations' type",
     "group_size": "weights per quantization group (default 32)",
     "quantize_embedding": "also fake-quantize the input embeddings (default false)",
     "fake_quant_after_n_steps": "train in full precision for this many steps first",
@@ -42,8 +45,9 @@ class QatKeys:
         None,
         doc="Quantization-aware training (torchao fake quantization of the linear layers): "
         "{weight_dtype = 'int4', activation_dtype = 'int8', group_size = 32, quantize_embedding "
-        "= false, fake_quant_after_n_steps = N}; types int1…int8, float8_e4m3fn (fp8) and "
-        "mxfp4 (weights and activations); full fine-tunes only.",
+        "= false, fake_quant_after_n_steps = N}; types int1…int8, float8_e4m3fn (fp8), "
+        "mxfp4 (weights and activations), nvfp4 and ternary (int8 activations); full fine-tunes "
+        "only.",
     )
 
 
@@ -84,24 +88,23 @@ def _table_problems(table: dict[str, Any]) -> list[Problem]:
                 problems.append(Problem("qat.weight_dtype", "is required", hint="e.g. 'int4'"))
             continue
         if value not in DTYPES:
-            why = {
-                "nvfp4": "torchao's NVFP4 QAT runs NVFP4 matmuls in the forward pass, on "
-                "Blackwell GPUs only, which sft has not tested",
-                "ternary": "Axolotl's ternary (BitNet 1.58-bit) QAT is its own module swap",
-            }.get(str(value), "")
             problems.append(
                 Problem(
                     f"qat.{name}",
-                    f"{value!r} is not supported by sft" + (f": {why}" if why else ""),
+                    f"{value!r} is not supported by sft",
                     hint=f"one of {', '.join(DTYPES)}",
                 )
             )
     problems += _mx_problems(table)
-    if table.get("weight_dtype") in FLOAT8_NAMES and table.get("group_size") not in (None, ""):
+    problems += _nvfp4_problems(table)
+    problems += _ternary_problems(table)
+    per_row = {"ternary": "ternary", **{name: "float8" for name in FLOAT8_NAMES}}
+    if table.get("weight_dtype") in per_row and table.get("group_size") not in (None, ""):
         problems.append(
             Problem(
                 "qat.group_size",
-                "has no effect with float8 weights: they are scaled per row",
+                f"has no effect with {per_row[table['weight_dtype']]} weights: they are scaled "
+                "per row",
                 hint="remove group_size",
                 warning=True,
             )
@@ -136,14 +139,7 @@ def _mx_problems(table: dict[str, Any]) -> list[Problem]:
                 hint="set weight_dtype and activation_dtype both to 'mxfp4'",
             )
         )
-    if table.get("group_size") not in (None, "", MX_BLOCK):
-        problems.append(
-            Problem(
-                "qat.group_size",
-                f"mxfp4 scales blocks of {MX_BLOCK} values, found {table['group_size']!r}",
-                hint=f"set group_size = {MX_BLOCK} or remove it",
-            )
-        )
+    problems += _block_size_problems(table, "mxfp4", MX_BLOCK)
     for name, why in (
         ("quantize_embedding", "torchao's MX QAT has no embedding layer"),
         ("fake_quant_after_n_steps", "torchao's MX layers cannot be switched off"),
@@ -152,6 +148,75 @@ def _mx_problems(table: dict[str, Any]) -> list[Problem]:
             problems.append(
                 Problem(f"qat.{name}", f"cannot be used with mxfp4: {why}", hint=f"remove {name}")
             )
+    return problems
+
+
+def _block_size_problems(table: dict[str, Any], dtype: str, block: int) -> list[Problem]:
+    if table.get("group_size") in (None, "", block):
+        return []
+    return [
+        Problem(
+            "qat.group_size",
+            f"{dtype} scales blocks of {block} values, found {table['group_size']!r}",
+            hint=f"set group_size = {block} or remove it",
+        )
+    ]
+
+
+def _ternary_problems(table: dict[str, Any]) -> list[Problem]:
+    """Axolotl's ternary QAT: int8 activations (per-token absmax) or none."""
+    weights, activations = table.get("weight_dtype"), table.get("activation_dtype")
+    if weights == "ternary" and activations not in (None, "", "int8"):
+        return [
+            Problem(
+                "qat.activation_dtype",
+                f"ternary weights go with int8 activations or none, found {activations!r}",
+                hint="set activation_dtype = 'int8', or remove it to round the weights only",
+            )
+        ]
+    if activations == "ternary":
+        return [
+            Problem(
+                "qat.activation_dtype",
+                "ternary is a weight type",
+                hint="set weight_dtype = 'ternary' and activation_dtype = 'int8'",
+            )
+        ]
+    return []
+
+
+def _nvfp4_problems(table: dict[str, Any]) -> list[Problem]:
+    """nvfp4 weights, optionally with nvfp4 activations; blocks of 16; linear layers only."""
+    weights, activations = table.get("weight_dtype"), table.get("activation_dtype")
+    if "nvfp4" not in (weights, activations):
+        return []
+    problems = []
+    if weights != "nvfp4":
+        problems.append(
+            Problem(
+                "qat.weight_dtype",
+                f"nvfp4 activations need nvfp4 weights, found weight_dtype = {weights!r}",
+                hint="set weight_dtype = 'nvfp4'",
+            )
+        )
+    elif activations not in (None, "", "nvfp4"):
+        problems.append(
+            Problem(
+                "qat.activation_dtype",
+                f"nvfp4 weights go with nvfp4 activations or none, found {activations!r}",
+                hint="set activation_dtype = 'nvfp4', or remove it to round the weights only",
+            )
+        )
+    problems += _block_size_problems(table, "nvfp4", NVFP4_BLOCK)
+    if table.get("quantize_embedding") not in (None, "", False):
+        problems.append(
+            Problem(
+                "qat.quantize_embedding",
+                "cannot be used with nvfp4: torchao quantizes only linear layers to NVFP4, so "
+                "the saved model's embeddings could not be quantized as they were trained",
+                hint="remove quantize_embedding",
+            )
+        )
     return problems
 
 
@@ -257,15 +322,51 @@ def sft_patch_model(model: Any, config: Config) -> None:
     import torch
 
     _quiet_torchao_import()
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
-
-    activations, weights = _fake_quantize_configs(settings)
     head = model.get_output_embeddings()
 
     def is_linear(module: Any, _name: str) -> bool:
         return isinstance(module, torch.nn.Linear) and module is not head
 
+    if settings.weight_dtype in ("nvfp4", "ternary"):
+        _prepare_rounding_layers(model, settings, is_linear)
+    else:
+        _prepare_with_torchao(model, settings, is_linear)
+    if settings.fake_quant_after_n_steps:
+        set_fake_quant(model, enabled=False)
+
+
+def _prepare_rounding_layers(
+    model: Any, settings: QatSettings, is_linear: Callable[..., bool]
+) -> None:
+    from sft.plugins.qat import rounding
+
+    if settings.weight_dtype == "nvfp4":
+        activations = rounding.round_to_nvfp4 if settings.activation_dtype else None
+        rounding.prepare(model, rounding.round_to_nvfp4, activations, is_linear, NVFP4_BLOCK)
+        return
+    activations = rounding.round_to_int8_per_token if settings.activation_dtype else None
+    rounding.prepare(model, rounding.round_to_ternary, activations, is_linear)
+    if settings.quantize_embedding:  # int8 rows, as Axolotl's ternary QAT does
+        import torch
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+        rows = IntxFakeQuantizeConfig(torch.int8, granularity="per_channel")
+        quantize_(
+            model,
+            QATConfig(weight_config=rows, step="prepare"),
+            filter_fn=lambda module, _name: isinstance(module, torch.nn.Embedding),
+        )
+
+
+def _prepare_with_torchao(
+    model: Any, settings: QatSettings, is_linear: Callable[..., bool]
+) -> None:
+    import torch
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    activations, weights = _fake_quantize_configs(settings)
     if settings.weight_dtype == "mxfp4":
         _check_mx_layers(model, is_linear)
     try:
@@ -285,8 +386,6 @@ def sft_patch_model(model: Any, config: Config) -> None:
             f"qat: torchao cannot fake-quantize this model with {settings}: {exc}\n  fix: "
             "choose a qat.group_size that divides the layers' input sizes (e.g. 32)"
         ) from exc
-    if settings.fake_quant_after_n_steps:
-        set_fake_quant(model, enabled=False)
 
 
 def set_fake_quant(model: Any, enabled: bool) -> int:
@@ -326,14 +425,18 @@ def sft_trainer_callbacks(config: Config) -> Sequence[Any]:
 @hookimpl
 def sft_before_save(config: Config, model: Any, output_dir: str, trainer: Any) -> None:
     """The trained float weights, in plain layers: what a quantizer then reads."""
-    if settings_of(config) is None:
+    settings = settings_of(config)
+    if settings is None:
         return
     _quiet_torchao_import()
     import torch
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
+    from sft.plugins.qat import rounding
+
     target = trainer.model if trainer is not None else model
+    rounding.convert(target, bake=settings.weight_dtype == "ternary")
     quantize_(
         target,
         QATConfig(step="convert"),  # no base config: only the swap back to plain layers

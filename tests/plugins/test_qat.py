@@ -143,10 +143,36 @@ def test_floating_point_qat_rounds_like_torchao_and_trains(tiny_project, dtypes,
         ),
         (["qat={activation_dtype = 'int8'}"], "qat.weight_dtype", "is required"),
         (
-            ["qat={weight_dtype = 'nvfp4'}"],
-            "qat.weight_dtype",
-            "'nvfp4' is not supported by sft: torchao's NVFP4 QAT runs NVFP4 matmuls",
+            ["qat={weight_dtype = 'nvfp4', group_size = 32}"],
+            "qat.group_size",
+            "nvfp4 scales blocks of 16 values, found 32",
         ),
+        (
+            ["qat={weight_dtype = 'nvfp4', activation_dtype = 'int8'}"],
+            "qat.activation_dtype",
+            "nvfp4 weights go with nvfp4 activations or none, found 'int8'",
+        ),
+        (
+            ["qat={weight_dtype = 'int4', activation_dtype = 'nvfp4'}"],
+            "qat.weight_dtype",
+            "nvfp4 activations need nvfp4 weights",
+        ),
+        (
+            ["qat={weight_dtype = 'nvfp4', quantize_embedding = true}"],
+            "qat.quantize_embedding",
+            "cannot be used with nvfp4",
+        ),
+        (
+            ["qat={weight_dtype = 'ternary', activation_dtype = 'int4'}"],
+            "qat.activation_dtype",
+            "ternary weights go with int8 activations or none, found 'int4'",
+        ),
+        (
+            ["qat={weight_dtype = 'int4', activation_dtype = 'ternary'}"],
+            "qat.activation_dtype",
+            "ternary is a weight type",
+        ),
+        (["qat={weight_dtype = 'int16'}"], "qat.weight_dtype", "'int16' is not supported by sft"),
         (
             ["qat={weight_dtype = 'mxfp4', activation_dtype = 'int8'}"],
             "qat.activation_dtype",
@@ -225,3 +251,154 @@ def test_mxfp4_refuses_layers_torchao_cannot_train(tmp_path, plugins, arch, mess
     )
     with pytest.raises(ModelError, match=message):
         _loaded(config)
+
+
+FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _on_the_nvfp4_grid(rounded: torch.Tensor) -> bool:
+    """Each block of 16 is FP4 values (E2M1: 0, ±0.5 … ±6) times one scale; the block's largest
+    magnitude is 6 × the scale."""
+    blocks = rounded.reshape(-1, 16)
+    top = blocks.abs().amax(dim=-1, keepdim=True)
+    scaled = (blocks.abs() / torch.where(top > 0, top / 6, 1)).reshape(-1, 1)
+    return bool(((scaled - FP4_GRID).abs().amin(dim=-1) < 1e-3).all())
+
+
+@pytest.mark.parametrize("activations", [True, False])
+def test_nvfp4_qat_rounds_weights_and_activations_in_blocks_of_16(tiny_project, activations):
+    """Axolotl's `qat: {weight_dtype: nvfp4, activation_dtype: nvfp4, group_size: 16}`: the
+    layers compute with NVFP4-rounded weights (and inputs), on this CPU, and gradients pass
+    straight through the rounding."""
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+    table = "weight_dtype = 'nvfp4', group_size = 16"
+    if activations:
+        table += ", activation_dtype = 'nvfp4'"
+    model = _loaded(tiny_project(f"qat={{{table}}}"))
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "RoundingLinear"
+    assert type(model.lm_head).__name__ == "Linear"
+
+    def rounded(values: torch.Tensor) -> torch.Tensor:
+        rows = values.reshape(-1, values.shape[-1])
+        scale = per_tensor_amax_to_scale(rows.abs().max())
+        return NVFP4Tensor.to_nvfp4(rows, per_tensor_scale=scale).dequantize(values.dtype)
+
+    weight = layer.weight.detach()
+    assert _on_the_nvfp4_grid(layer.weight_fake_quantizer(weight))
+    assert not _on_the_nvfp4_grid(weight)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    x_used = rounded(x).reshape(x.shape) if activations else x
+    expected = x_used @ rounded(weight).T
+    torch.testing.assert_close(layer(x), expected)
+    assert (layer(x) - x @ weight.T).abs().max() > 1e-3
+    if activations:
+        assert _on_the_nvfp4_grid(layer.activation_fake_quantizer(x))
+    else:
+        assert layer.activation_fake_quantizer is None
+
+    x.requires_grad_(True)
+    layer(x).pow(2).sum().backward()
+    grad_out = 2 * expected
+    torch.testing.assert_close(
+        layer.weight.grad,
+        grad_out.reshape(-1, grad_out.shape[-1]).T @ x_used.reshape(-1, x.shape[-1]),
+    )
+    torch.testing.assert_close(x.grad, grad_out @ rounded(weight))
+
+
+def test_nvfp4_qat_trains_switches_on_late_and_saves_plain_layers(tiny_project):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sft.plugins.qat import set_fake_quant
+    from sft.train.run import train
+
+    table = "qat={weight_dtype = 'nvfp4', activation_dtype = 'nvfp4', fake_quant_after_n_steps = 1}"
+    config = tiny_project(table, "max_steps=2", "learning_rate=0.001")
+    model = _loaded(config)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)  # off until the step comes
+    assert set_fake_quant(model, enabled=True) == 2 * sum(
+        type(m).__name__ == "RoundingLinear" for m in model.modules()
+    )
+    assert (layer(x) - x @ layer.weight.T).abs().max() > 1e-3
+
+    result = train(config)
+    assert result.global_step == 2
+    saved = load_file(result.output_dir / "model.safetensors")
+    base = load_file(tiny_project.tmp_path / "tiny" / "model.safetensors")
+    assert set(saved) == set(base)
+    assert any(not torch.equal(saved[k], base[k]) for k in base)
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+
+
+def test_nvfp4_refuses_a_layer_not_in_whole_blocks(tmp_path, plugins):
+    from sft.config import load_config_text
+    from sft.errors import ModelError
+    from sft.plugins.chat_template.templates import builtin_template
+    from sft.testing import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(chat_template=builtin_template("chatml"))
+    build_model(tokenizer, "llama", intermediate_size=72).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    config = load_config_text(
+        f'base_model = "{tmp_path / "m"}"\nqat = {{weight_dtype = "nvfp4"}}\n'
+        '[[datasets]]\npath = "x.jsonl"\n',
+        plugins=plugins,
+        machine_checks=False,
+    )
+    with pytest.raises(
+        ModelError, match=r"down_proj takes 72 inputs, not a multiple of the 16-value block"
+    ):
+        _loaded(config)
+
+
+def _ternary(weight: torch.Tensor) -> torch.Tensor:
+    """{-1, 0, 1} × the row's mean magnitude, written out by hand."""
+    scale = weight.abs().mean(dim=-1, keepdim=True)
+    return torch.clamp(torch.round(weight / scale), -1, 1) * scale
+
+
+def test_ternary_qat_rounds_like_bitnet_and_saves_the_ternary_weights(tiny_project):
+    """Axolotl's `qat: {weight_dtype: ternary, activation_dtype: int8, quantize_embedding: true}`:
+    ternary weights per row, int8 activations per token, int8 embedding rows; the saved linear
+    layers hold the ternary values (three per row, up to sign), the head stays float."""
+    from safetensors.torch import load_file
+
+    from sft.train.run import train
+
+    table = "qat={weight_dtype = 'ternary', activation_dtype = 'int8', quantize_embedding = true}"
+    config = tiny_project(table, "max_steps=2", "learning_rate=0.001")
+    model = _loaded(config)
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "RoundingLinear"
+    assert type(model.model.embed_tokens).__name__ == "FakeQuantizedEmbedding"
+    assert type(model.lm_head).__name__ == "Linear"
+    weight = layer.weight.detach()
+    torch.testing.assert_close(layer.weight_fake_quantizer(weight), _ternary(weight))
+    x = torch.randn(3, 4, layer.in_features, generator=torch.Generator().manual_seed(0))
+    step = x.abs().amax(dim=-1, keepdim=True) / 127
+    x_int8 = torch.round(x / step) * step
+    torch.testing.assert_close(layer(x), x_int8 @ _ternary(weight).T)
+    assert (layer(x) - x @ weight.T).abs().max() > 1e-3
+
+    result = train(config)
+    assert result.global_step == 2
+    saved = load_file(result.output_dir / "model.safetensors")
+    base = load_file(tiny_project.tmp_path / "tiny" / "model.safetensors")
+    assert set(saved) == set(base)
+    down = saved["model.layers.0.mlp.down_proj.weight"]
+    assert all(len(row.abs().unique()) == 2 for row in down)  # baked: 0 and the row's scale
+    assert all(len(row.abs().unique()) > 2 for row in saved["lm_head.weight"])  # float head
+
+
+def test_ternary_weights_alone_leave_the_activations_float(tiny_project):
+    model = _loaded(tiny_project("qat={weight_dtype = 'ternary'}"))
+    layer = model.model.layers[0].self_attn.o_proj
+    assert layer.activation_fake_quantizer is None
+    x = torch.randn(2, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ _ternary(layer.weight.detach()).T)
