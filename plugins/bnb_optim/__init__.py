@@ -1,4 +1,5 @@
-"""bitsandbytes 8-bit and paged optimizers: less optimizer memory (paged ones need CUDA)."""
+"""bitsandbytes 8-bit and paged optimizers: less optimizer memory (paged ones need CUDA); under
+FSDP2 they update each process's shards (sharded.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def _bnb(name: str, paged: bool) -> Callable[[Any, Config], Any]:
             raise ModelError(
                 f"optimizer {config.optimizer!r} needs bitsandbytes\n  fix: pip install bitsandbytes"
             ) from exc
-        cls = getattr(bnb_optim, name)
+        from sft.plugins.bnb_optim.sharded import on_local_shards
+
+        cls = on_local_shards(getattr(bnb_optim, name))
         kwargs: dict[str, Any] = {
             "lr": config.learning_rate,
             "weight_decay": config.weight_decay,

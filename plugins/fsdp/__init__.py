@@ -27,7 +27,6 @@ from sft.components import ConfigKeys, DistributedBackend
 from sft.config.schema import Config, key
 from sft.errors import ModelError, Problem
 from sft.plugins.fsdp import native
-from sft.plugins.fsdp.native import BNB_OPTIMIZERS
 from sft.plugins.fsdp.settings import FsdpSettings, is_on, resolve
 
 
@@ -152,16 +151,6 @@ def check(config: Config) -> list[Problem]:
                 "load_in_8bit",
                 "FSDP cannot shard bitsandbytes 8-bit weights",
                 hint="use load_in_4bit with adapter = 'qlora', or no quantization",
-            )
-        )
-    if settings.version == 2 and config.optimizer in BNB_OPTIMIZERS:
-        problems.append(
-            Problem(
-                "optimizer",
-                f"{config.optimizer} (bitsandbytes) cannot update FSDP2's sharded parameters "
-                "(on CPU its kernel gets a mix of DTensor and plain tensors; a one-GPU FSDP2 "
-                "run with paged_adamw_8bit or adamw_bnb_8bit fails too)",
-                hint="use adamw_torch or adamw_torch_fused with FSDP2",
             )
         )
     if settings.activation_checkpointing and config.adapter:

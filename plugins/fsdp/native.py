@@ -48,7 +48,7 @@ class ParallelKeys:
 SIZES = ("dp_shard_size", "dp_replicate_size", "expert_parallel_size")
 # Axolotl's expert-parallel integration: its key is expert_parallel_size, read here.
 EP_INTEGRATION = "axolotl.integrations.expert_parallel.ExpertParallelPlugin"
-# The bnb_optim plugin's optimizers: bitsandbytes kernels that take plain tensors only.
+# The bnb_optim plugin's optimizers (their shard-wise form is tested under accelerate's FSDP2).
 BNB_OPTIMIZERS = (
     "adamw_8bit",
     "adamw_bnb_8bit",
@@ -133,8 +133,9 @@ def problems(keys: ParallelKeys, settings: FsdpSettings | None, config: Config) 
         found.append(
             Problem(
                 "optimizer",
-                f"{config.optimizer} (bitsandbytes) cannot update FSDP2's sharded parameters "
-                f"({where})",
+                f"{config.optimizer} (bitsandbytes) is not supported with transformers' native "
+                f"sharding ({where}): sft runs bitsandbytes optimizers on the shards of "
+                "accelerate's FSDP2 only, and has not tested them here",
                 hint="use adamw_torch or adamw_torch_fused",
             )
         )

@@ -339,6 +339,12 @@ learning_rate: 2e-5
 
 QAT_NVFP4 = QAT_MXFP4.replace("mxfp4", "nvfp4").replace("group_size: 32", "group_size: 16")
 
+QAT_TERNARY = QAT_MXFP4.replace("activation_dtype: mxfp4", "activation_dtype: int8").replace(
+    "weight_dtype: mxfp4\n  group_size: 32", "weight_dtype: ternary\n  quantize_embedding: true"
+)
+
+FSDP2_BNB_ADAMW = FSDP2_LORA + "optimizer: paged_adamw_8bit\n"
+
 # name → (config, exit code of `sft validate --portable`, texts the output must hold)
 CASES = {
     "lora-llama3": (LORA_LLAMA3, 0, ["warning: lora_qkv_kernel", "only changes speed"]),
@@ -373,7 +379,9 @@ CASES = {
     "curriculum-alpaca-phi-jeopardy": (CURRICULUM, 0, []),
     "lisa-full-ft-old-tokens-table": (LISA_FFT, 0, []),
     "qat-mxfp4": (QAT_MXFP4, 0, []),
-    "qat-nvfp4": (QAT_NVFP4, 4, ["torchao's NVFP4 QAT runs NVFP4 matmuls"]),
+    "qat-nvfp4": (QAT_NVFP4, 0, []),
+    "qat-ternary": (QAT_TERNARY, 0, []),
+    "fsdp2-lora-paged-adamw-8bit": (FSDP2_BNB_ADAMW, 0, []),
 }
 
 

@@ -344,7 +344,7 @@ activation_checkpointing = true
 """,
     )
     assert "load_in_8bit (line 2): FSDP cannot shard bitsandbytes 8-bit weights" in text
-    assert "optimizer (line 3): adamw_8bit (bitsandbytes) cannot update FSDP2's sharded" in text
+    assert "optimizer" not in text  # bitsandbytes optimizers update FSDP2's shards
     assert "gradient_checkpointing (line 4): recomputes activations a second time" in text
     assert "[this machine]" not in text  # machine problems are skipped here (portable check)
     config = _config(plugins, 'adapter = "lora"\n[fsdp_config]\nactivation_checkpointing = true')
@@ -771,3 +771,79 @@ def test_full_fsdp2_with_chunked_cross_entropy_trains_what_one_process_trains(ti
     base = _weights(tiny_project.tmp_path / "tiny" / "model.safetensors")
     final = _weights(two / "model.safetensors")
     _assert_same_weights(final, _weights(one / "model.safetensors"), base)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_bnb_8bit_adamw_under_fsdp2_trains_and_resumes_exactly(tiny_project, state_dict_type):
+    """Axolotl's FSDP2 examples train with `adamw_bnb_8bit` / `paged_adamw_8bit`: the 8-bit
+    AdamW updates each process's shards, and checkpoints hold every process's 8-bit state,
+    so a run resumed from one ends with the weights of the uninterrupted run."""
+    import shutil
+
+    from conftest import TINY_CONFIG
+
+    from sft.plugins.bnb_optim.sharded import SHARDS
+
+    adam = ("optimizer=adamw_bnb_8bit", "learning_rate=0.001", "max_steps=4", "save_steps=2")
+    fsdp_keys = (f"fsdp_config.state_dict_type={state_dict_type}",)
+    one, two, output = _run_both(tiny_project, adam, fsdp_keys)
+    assert SHARDED.search(output), output[-3000:]
+    base = _weights(tiny_project.tmp_path / "tiny" / "model.safetensors")
+    final, want = _weights(two / "model.safetensors"), _weights(one / "model.safetensors")
+    assert sorted(final) == sorted(want)
+    for name, tensor in want.items():  # the same optimizer, its 8-bit blocks laid over shards
+        moved = (tensor - base[name]).norm()
+        assert moved > 0, name
+        assert (final[name] - tensor).norm() <= 0.05 * moved, name
+
+    if state_dict_type == "FULL_STATE_DICT":  # every process's 8-bit state, in one file
+        saved = torch.load(two / "checkpoint-2" / "optimizer.bin", weights_only=True)["state"]
+        shards = [entry[SHARDS] for entry in saved.values()]
+        assert all(sorted(s) == ["0", "1"] for s in shards)
+        assert any(s["1"]["state1"].dtype == torch.uint8 for s in shards)
+
+    tmp = tiny_project.tmp_path
+    three = tmp / "three"
+    three.mkdir()
+    shutil.copytree(two / "checkpoint-2", three / "checkpoint-2")
+    path = tmp / "fsdp.toml"
+    path.write_text(TINY_CONFIG.replace("{tmp}", str(tmp)))
+    keys = (*SHARED, f"dataset_prepared_path={tmp}/prepared", *adam, "micro_batch_size=1")
+    _launch(
+        path,
+        [
+            *keys,
+            f"output_dir={three}",
+            "fsdp_version=2",
+            *fsdp_keys,
+            "auto_resume_from_checkpoints=true",
+        ],
+    )
+    resumed = _weights(three / "model.safetensors")
+    for name, tensor in final.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_an_8bit_optimizer_state_from_another_number_of_processes_is_refused():
+    """Each process's 8-bit blocks lie over its own shard: such a state cannot be loaded by
+    another number of processes (here one)."""
+    pytest.importorskip("bitsandbytes")
+    from sft.errors import ModelError
+    from sft.manager import get_plugins
+    from sft.plugins.bnb_optim.sharded import SHARDS
+
+    factory = get_plugins().optimizers().get("adamw_bnb_8bit").factory
+    layer = torch.nn.Linear(64, 64)
+
+    class Keys:
+        learning_rate, weight_decay = 1e-3, 0.0
+        optimizer = "adamw_bnb_8bit"
+
+    optimizer = factory([{"params": list(layer.parameters())}], Keys())
+    state = optimizer.state_dict()
+    shard = {"state1": torch.zeros(32, 64, dtype=torch.uint8)}
+    state["state"] = {0: {"step": 2, SHARDS: {"0": shard, "1": shard}}}
+    with pytest.raises(ModelError, match="saved by 2 processes, and this run has 1"):
+        optimizer.load_state_dict(state)

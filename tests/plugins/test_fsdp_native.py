@@ -51,7 +51,7 @@ def test_what_expert_parallelism_cannot_do_is_refused(plugins):
     )
     assert "cannot be sharded by transformers' FSDP2" in problems["load_in_4bit"]
     assert "must divide dp_shard_size (4)" in problems["expert_parallel_size"]
-    assert "cannot update FSDP2's sharded parameters" in problems["optimizer"]
+    assert "not supported with transformers' native sharding" in problems["optimizer"]
     assert "keeps no optimizer state" in problems["load_best_model_at_end"]
     assert "false is not available" in problems["fsdp_config.reshard_after_forward"]
     assert "by the model's own plan" in problems["fsdp_config.auto_wrap_policy"]
