@@ -91,8 +91,8 @@ RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         "Tracking",
-        "logging_steps use_tensorboard hf_mlflow_log_artifacts",
-        "wandb_ use_wandb mlflow_ use_mlflow comet_ use_comet",
+        "logging_steps use_tensorboard hf_mlflow_log_artifacts use_otel_metrics",
+        "wandb_ use_wandb mlflow_ use_mlflow comet_ use_comet otel_metrics_",
     ),
     _rule(
         "Distributed",
