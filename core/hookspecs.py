@@ -234,6 +234,35 @@ def sft_train_end(config: Config, trainer: Any, metrics: dict[str, float]) -> No
     """
 
 
+@hookspec
+def sft_save_checkpoint(config: Config, trainer: Any, checkpoint_dir: str) -> None:
+    """Write a plugin's own training state (state the model, optimizer and scheduler do not
+    hold) into a checkpoint being written.
+
+    Called on the main process for every checkpoint, after the trainer wrote its files:
+    `checkpoint_dir` is the checkpoint's staging directory, renamed into place only after
+    every implementation returned, so a kill never leaves a checkpoint without this state.
+
+    :param config: the run's config.
+    :param trainer: the trainer (`trainer.model`, `trainer.state.global_step`, ...).
+    :param checkpoint_dir: the directory to write into.
+    """
+
+
+@hookspec
+def sft_resume_checkpoint(config: Config, trainer: Any, checkpoint_dir: str) -> None:
+    """Restore what `sft_save_checkpoint` wrote, before training resumes.
+
+    Called on every process when a run resumes, before the trainer loads the checkpoint's
+    model, optimizer and scheduler state and takes its first step. A checkpoint lacking the
+    plugin's state (written without the plugin) should raise an `SftError` saying so.
+
+    :param config: the run's config.
+    :param trainer: the trainer.
+    :param checkpoint_dir: the checkpoint being resumed.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------

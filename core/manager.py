@@ -394,6 +394,16 @@ class SftPlugins:
     def train_end(self, config: Config, trainer: Any, metrics: dict[str, float]) -> None:
         self._each("sft_train_end", config=config, trainer=trainer, metrics=metrics)
 
+    def save_checkpoint(self, config: Config, trainer: Any, checkpoint_dir: str) -> None:
+        self._each(
+            "sft_save_checkpoint", config=config, trainer=trainer, checkpoint_dir=checkpoint_dir
+        )
+
+    def resume_checkpoint(self, config: Config, trainer: Any, checkpoint_dir: str) -> None:
+        self._each(
+            "sft_resume_checkpoint", config=config, trainer=trainer, checkpoint_dir=checkpoint_dir
+        )
+
     def before_save(self, config: Config, model: Any, output_dir: str, trainer: Any = None) -> None:
         self._each(
             "sft_before_save", config=config, model=model, output_dir=output_dir, trainer=trainer

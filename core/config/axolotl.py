@@ -113,12 +113,6 @@ _QUANT: dict[str, Unsupported] = {
     "relora_steps": U("ReLoRA: merges the adapter into the model and restarts every N steps"),
     "relora_warmup_steps": U("ReLoRA: warmup steps after each restart"),
     "relora_anneal_steps": U("ReLoRA: anneal steps before each restart"),
-    "relora_prune_ratio": U("ReLoRA: optimizer-state pruning threshold at each restart"),
-    "relora": U("ReLoRA: merges the adapter into the model and restarts it periodically"),
-    "jagged_restart_steps": U("ReLoRA: steps between restarts of the learning-rate schedule"),
-    "jagged_restart_warmup_steps": U("ReLoRA: warmup steps after each restart"),
-    "jagged_restart_anneal_steps": U("ReLoRA: anneal steps before each restart"),
-    "relora_cpu_offload": U("ReLoRA: merges the adapter on the CPU at each restart"),
 }
 
 # -- datasets & formats ----------------------------------------------------------------------

@@ -66,9 +66,9 @@ RULES: tuple[_Rule, ...] = (
         "seed batch_size micro_batch_size gradient_accumulation_steps num_epochs max_steps "
         "learning_rate weight_decay max_grad_norm neftune_noise_alpha dataloader_drop_last "
         "group_by_length use_dft use_dynamic_finetuning use_eaft objective",
-        "optim adam_ sgd_ loss_watchdog_ eaft_ lisa_",
+        "optim adam_ sgd_ loss_watchdog_ eaft_ lisa_ relora",
     ),
-    _rule("Schedules", "", "lr_ cosine_ warmup_"),
+    _rule("Schedules", "", "lr_ cosine_ warmup_ jagged_restart_"),
     _rule(
         "Precision & memory",
         "bf16 bfloat16 fp16 float16 tf32 activation_offloading lean_activations",

@@ -413,6 +413,8 @@ def _train(config: Config, plugins: SftPlugins, console: Any, stop: StopRequest)
         console.print(f"resuming from {resumed_from}")
 
     plugins.train_start(config, trainer)
+    if resumed_from:
+        plugins.resume_checkpoint(config, trainer, str(resumed_from))
     result = trainer.train(resume_from_checkpoint=resumed_from)
     if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
         # The Trainer saved a checkpoint at this step and stopped: no final save.

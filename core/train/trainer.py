@@ -246,6 +246,8 @@ class SftTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             if self.args.should_save and self.sft_checkpoint_record is not None:
                 self.sft_checkpoint_record(staging / name)
+            if self.args.should_save:
+                self.sft_plugins.save_checkpoint(self.sft_config, self, str(staging / name))
         except Exception as exc:
             _raise_storage_error(exc, root / name, staging)
             raise
