@@ -345,6 +345,30 @@ QAT_TERNARY = QAT_MXFP4.replace("activation_dtype: mxfp4", "activation_dtype: in
 
 FSDP2_BNB_ADAMW = FSDP2_LORA + "optimizer: paged_adamw_8bit\n"
 
+RELORA_QLORA_OTEL = """
+base_model: NousResearch/Llama-2-7b-hf
+load_in_4bit: true
+adapter: qlora
+lora_r: 8
+lora_alpha: 16
+lora_target_linear: true
+datasets:
+  - path: teknium/GPT4-LLM-Cleaned
+    type: alpaca
+relora: true
+relora_prune_ratio: 0.9
+relora_cpu_offload: false
+jagged_restart_steps: 150
+jagged_restart_warmup_steps: 10
+jagged_restart_anneal_steps: false
+optimizer: adamw_bnb_8bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+use_otel_metrics: true
+otel_metrics_host: "localhost"
+otel_metrics_port: 8000
+"""
+
 # name → (config, exit code of `sft validate --portable`, texts the output must hold)
 CASES = {
     "lora-llama3": (LORA_LLAMA3, 0, ["warning: lora_qkv_kernel", "only changes speed"]),
@@ -382,6 +406,12 @@ CASES = {
     "qat-nvfp4": (QAT_NVFP4, 0, []),
     "qat-ternary": (QAT_TERNARY, 0, []),
     "fsdp2-lora-paged-adamw-8bit": (FSDP2_BNB_ADAMW, 0, []),
+    "relora-qlora-otel-metrics": (RELORA_QLORA_OTEL, 0, []),
+    "relora-without-restart-steps": (
+        RELORA_QLORA_OTEL.replace("jagged_restart_steps: 150", ""),
+        4,
+        ["relora (line 11): needs jagged_restart_steps"],
+    ),
 }
 
 
