@@ -84,6 +84,7 @@ def load_base(
     trust_remote_code: bool = False,
     llama4_linearized_experts: bool = False,
     model_type: str | None = None,
+    revision: str | None = None,
 ) -> Any:
     import torch
 
@@ -95,6 +96,7 @@ def load_base(
         model_type,
         dtype=dtype or torch.float32,
         trust_remote_code=trust_remote_code,
+        **({"revision": revision} if revision else {}),
     )
 
 

@@ -76,10 +76,14 @@ def read_resolved_config(directory: Path) -> dict[str, Any] | None:
 
 
 def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) -> Path:
+    # What was written decides (a plugin may save a full model from an adapter run: ReLoRA)
+    adapter = config.adapter if (output_dir / "adapter_config.json").exists() else None
     kind = (
-        f"{config.adapter} adapter (r={config.lora_r}, alpha={config.lora_alpha})"
-        if config.adapter
+        f"{adapter} adapter (r={config.lora_r}, alpha={config.lora_alpha})"
+        if adapter
         else "full fine-tune"
+        if not config.adapter
+        else f"full model: the base with the {config.adapter} updates merged"
     )
     datasets = "\n".join(
         f"- `{redact(d.path)}` ({d.type or 'pre-tokenized'})" for d in config.datasets
@@ -91,7 +95,7 @@ def write_model_card(config: Config, output_dir: Path, summary: dict[str, Any]) 
     load = (
         "from peft import AutoPeftModelForCausalLM\n"
         f"model = AutoPeftModelForCausalLM.from_pretrained({where!r})"
-        if config.adapter
+        if adapter
         else "from transformers import AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained({where!r})"
     )

@@ -11,11 +11,12 @@ Checkpoints: a shard's 8-bit state (codes plus one scale per 256-value block of 
 no place in the DTensor layout torch's distributed checkpointing expects, and bitsandbytes' own
 FSDP wrapping would keep rank 0's shard only. So `state_dict()` gathers every process's shard
 state of each parameter into one entry (`SHARDS`: process index → that process's state, on the
-CPU), which is the same on every process: a full checkpoint written by rank 0 and a sharded one
+CPU, gathered over a gloo group), which is the same on every process: a full checkpoint written by rank 0 and a sharded one
 written once both hold all of it. `load_state_dict()` takes this process's part back, bit for
 bit, so a resumed run continues exactly; a checkpoint from another number of processes is
 refused (its blocks fall on other shards). Gathering costs each process the whole 8-bit state
-in CPU memory while a checkpoint is written.
+(2 bytes per parameter) in CPU memory while a checkpoint is written; resuming from a full state
+dict with `rank0_only`, torch's loader broadcasts it through the GPU.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def _to(state: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
+_CPU_GROUPS: dict[int, Any] = {}
+
+
+def _cpu_group() -> Any:
+    """A gloo group over all processes (created once, by all of them: `state_dict` is a
+    collective), so the gathered states stay in CPU memory; None when the default is gloo."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    world = id(dist.group.WORLD)
+    if world not in _CPU_GROUPS:
+        _CPU_GROUPS[world] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[world]
+
+
 def on_local_shards(cls: type) -> type:
     """A subclass of the bitsandbytes optimizer `cls` that updates DTensor parameters through
     their local shards (plain parameters as `cls` does)."""
@@ -51,13 +68,13 @@ def on_local_shards(cls: type) -> type:
     class OnLocalShards(cls):  # type: ignore[misc, valid-type]
         @torch.no_grad()
         def step(self, closure: Any = None) -> Any:
+            params = [p for group in self.param_groups for p in group["params"]]
+            if not any(_is_sharded(p) for p in params):
+                return super().step(closure)
             loss = None
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            params = [p for group in self.param_groups for p in group["params"]]
-            if not any(_is_sharded(p) for p in params):
-                return super().step()
             groups = [group["params"] for group in self.param_groups]
             by_param = self.state  # type: ignore[has-type]
             shards = [_local(p) for p in params]
@@ -87,22 +104,27 @@ def on_local_shards(cls: type) -> type:
         def state_dict(self) -> dict[str, Any]:
             state = super().state_dict()
             params = [p for group in self.param_groups for p in group["params"]]
-            sharded = {i for i, p in enumerate(params) if _is_sharded(p) and state["state"].get(i)}
-            if not sharded:
+            if not any(_is_sharded(p) for p in params):  # the same answer on every process
                 return state
             import torch.distributed as dist
 
-            mine = {i: _to(self._raw_state(params[i]), "cpu") for i in sorted(sharded)}
+            mine = {}
+            for i, param in enumerate(params):
+                if _is_sharded(param) and (raw := self._raw_state(param)):
+                    mine[i] = _to(raw, "cpu")
             everyone: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
-            for i in sharded:
-                entry = {"step": state["state"][i].get("step", 0)}
-                entry[SHARDS] = {str(rank): states[i] for rank, states in enumerate(everyone)}
-                state["state"][i] = entry
+            dist.all_gather_object(everyone, mine, group=_cpu_group())
+            for i, param in enumerate(params):
+                parts = {
+                    str(rank): states[i] for rank, states in enumerate(everyone) if i in states
+                }
+                if _is_sharded(param) and parts:
+                    step = state["state"].get(i, {}).get("step", 0)
+                    state["state"][i] = {"step": step, SHARDS: parts}
             return state
 
         def _raw_state(self, param: torch.Tensor) -> dict[str, Any]:
-            return {k: v for k, v in self.state[param].items() if k != "step"}
+            return {k: v for k, v in self.state.get(param, {}).items() if k != "step"}
 
         def load_state_dict(self, state_dict: dict[str, Any], move_to_device: bool = True) -> None:
             import torch.distributed as dist

@@ -231,6 +231,16 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
     if not table:
         return []
     problems = _table_problems(table)
+    half = next((name for name in ("fp16", "float16") if getattr(config, name, False)), None)
+    if "nvfp4" in (table.get("weight_dtype"), table.get("activation_dtype")) and half:
+        problems.append(
+            Problem(
+                half,
+                "cannot be used with nvfp4 QAT: torchao's NVFP4 rounding takes bfloat16 or "
+                "float32 values only",
+                hint="use bf16 = true (or full precision) with nvfp4",
+            )
+        )
     if config.adapter:
         problems.append(
             Problem(

@@ -28,8 +28,11 @@ def round_to_nvfp4(values: torch.Tensor) -> torch.Tensor:
     from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
     rows = values.reshape(-1, values.shape[-1]).contiguous()
+    # an all-zero tensor (amax 0) would divide by a zero scale: zeros round to zeros
+    amax = rows.abs().max()
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     quantized = NVFP4Tensor.to_nvfp4(
-        rows, block_size=NVFP4_BLOCK, per_tensor_scale=per_tensor_amax_to_scale(rows.abs().max())
+        rows, block_size=NVFP4_BLOCK, per_tensor_scale=per_tensor_amax_to_scale(amax)
     )
     return quantized.dequantize(values.dtype).reshape(values.shape)
 

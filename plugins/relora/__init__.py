@@ -14,9 +14,10 @@ in the adapter's dtype) and rounds `original + sum` at each restart; the final m
 full-precision base (loaded again on the CPU) + that sum + the last adapter.
 
 Jagged restarts (`jagged_restart_steps`, with or without ReLoRA): the run's learning-rate schedule
-times a factor that drops to 0.001 at each restart, ramps back up over
-`jagged_restart_warmup_steps` (default 10) and ramps down over the `jagged_restart_anneal_steps`
-before the next restart (default 1: none). Axolotl's formula.
+times a factor that drops to 0.001 (a cosine schedule's cosine_min_lr_ratio, when set) at each
+restart, ramps back up over `jagged_restart_warmup_steps` (default 10; 0 is read as 10, as in
+Axolotl) and down over the `jagged_restart_anneal_steps` before the next restart (default 1:
+none). Axolotl's formula.
 
 Checkpoints hold what the merges changed (`relora/`: the merged base weights, or for a 4-bit base
 the sum of updates), so a resumed run continues from the same model. One process only.
@@ -121,6 +122,14 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
             if is_set(keys, name):
                 problems.append(_no_effect(name, "relora is not true", f"remove {name}"))
         return problems + _schedule_problems(config)
+    if keys.relora_cpu_offload and not config.load_in_4bit:
+        problems.append(
+            _no_effect(
+                "relora_cpu_offload",
+                "it moves the merges of a 4-bit base to the CPU, and this base is not 4-bit",
+                "remove relora_cpu_offload",
+            )
+        )
     if not keys.jagged_restart_steps:
         problems.append(
             Problem(
@@ -144,6 +153,15 @@ def sft_validate_config(config: Config) -> Sequence[Problem]:
         ("load_in_8bit", "sft merges ReLoRA's updates into 4-bit (QLoRA) or float bases only"),
         ("deepspeed", "ReLoRA runs in one process"),
         ("lora_target_parameters", "ReLoRA merges LoRA on linear and embedding layers only"),
+        (
+            "load_best_model_at_end",
+            "the best checkpoint's adapter would be loaded onto the latest merged base",
+        ),
+        (
+            "early_stopping_patience",
+            "it reloads the best checkpoint's adapter onto the latest merged base",
+        ),
+        ("reinit_weights", "the final model is rebuilt from the base checkpoint's weights"),
     ):
         if getattr(config, name, None):
             problems.append(Problem(name, f"cannot be used with relora: {why}"))
@@ -214,14 +232,23 @@ def sft_train_start(config: Config | None, trainer: Any) -> None:
                 scheduler,
                 trainer.optimizer if optimizer is None else optimizer,
                 every=keys.jagged_restart_steps,
-                warmup=10
-                if keys.jagged_restart_warmup_steps is None
-                else keys.jagged_restart_warmup_steps,
+                warmup=keys.jagged_restart_warmup_steps or 10,  # Axolotl's `or 10`: 0 is 10
                 anneal=int(keys.jagged_restart_anneal_steps or 1),
+                floor=_floor(config),
             )
         return trainer.lr_scheduler
 
     trainer.create_scheduler = create_scheduler
+
+
+def _floor(config: Config) -> float:
+    """The factor at a restart: Axolotl's `cosine_min_lr_ratio or 0.001`. sft applies
+    cosine_min_lr_ratio to the cosine schedule only, so the floor follows it there."""
+    from sft.plugins.relora.schedule import JAGGED_FLOOR
+
+    if config.lr_scheduler == "cosine" and config.cosine_min_lr_ratio:
+        return float(config.cosine_min_lr_ratio)
+    return JAGGED_FLOOR
 
 
 def _callback(trainer: Any) -> Any:

@@ -56,7 +56,11 @@ def _prune(values: torch.Tensor, method: str, ratio: float) -> None:
     """Zero a `ratio` share of `values` in place: the smallest magnitudes, or random ones."""
     if method == "magnitude":
         magnitude = values.abs().flatten().float()
-        keep = magnitude > torch.quantile(magnitude, ratio) if magnitude.numel() else magnitude
+        if not magnitude.numel():
+            return
+        # kthvalue, not quantile: quantile refuses tensors of more than 2**24 values
+        rank = min(magnitude.numel(), max(1, round(ratio * magnitude.numel())))
+        keep = magnitude > magnitude.kthvalue(rank).values
         values.mul_(keep.reshape(values.shape).to(values.dtype))
     else:
         values.mul_((torch.rand(values.shape, device=values.device) > ratio).to(values.dtype))
@@ -117,12 +121,16 @@ class ReloraCallback(TrainerCallback):  # type: ignore[misc]
 
     # -- training ------------------------------------------------------------------------------
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **_: Any
+    ) -> None:
         if args.world_size > 1:
             raise ModelError(
                 f"relora runs in one process, and this run has {args.world_size}\n  fix: run "
                 "it without a launcher (or with --nproc-per-node 1)"
             )
+        if model is not None:
+            lora_layers(model)  # a layer ReLoRA cannot merge: said now, not at the first restart
 
     def on_step_begin(
         self,
@@ -155,8 +163,9 @@ class ReloraCallback(TrainerCallback):  # type: ignore[misc]
             base.weight.data += delta.to(base.weight.dtype)
             return
         self._keep_original(name, base)
+        update = delta.to("cpu", getattr(base, "compute_dtype", None) or delta.dtype)
         total = self.merged.get(name)
-        self.merged[name] = delta.cpu() if total is None else total + delta.cpu()
+        self.merged[name] = update if total is None else total + update
         self._requantize(name, base)
 
     def _keep_original(self, name: str, base: Any) -> None:
@@ -240,37 +249,77 @@ class ReloraCallback(TrainerCallback):  # type: ignore[misc]
     def save_merged(self, model: Any, tokenizer: Any, output_dir: str) -> str:
         """The base with every update merged, the last adapter's included: a full model."""
         layers = lora_layers(model)
-        if not any(_is_4bit(layer.get_base_layer()) for layer in layers.values()):
-            merged = model.merge_and_unload()  # the merges so far are in the base already
-        else:
-            merged = self._full_precision_merge(layers)
+        if any(_is_4bit(m) for m in model.modules() if hasattr(m, "weight")):
+            self._dequantize_from_the_original(model, layers)
+        merged = model.merge_and_unload()  # the float layers hold their merges already
         merged.config.use_cache = True
         merged.save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         return f"model (ReLoRA: {self.restarts} restarts, every update merged)"
 
-    def _full_precision_merge(self, layers: dict[str, Any]) -> Any:
-        """A 4-bit base: its full-precision weights (loaded again, on the CPU) + the merged
-        updates + the last adapter's."""
+    def _dequantize_from_the_original(self, model: Any, layers: dict[str, Any]) -> None:
+        """Swap every 4-bit linear layer for a float one: its full-precision weights (the base
+        checkpoint's, read again on the CPU) + the updates merged into it + the last adapter's.
+        The rest (float layers and their merges, modules_to_save, new tokens, the run's model
+        config) stays the live model's."""
+        import bitsandbytes as bnb
+
+        inner = model.get_base_model()
+        quantized = {
+            name.removesuffix(".base_layer"): module
+            for name, module in inner.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit)
+        }
+        dtype = inner.get_input_embeddings().weight.dtype
+        originals = self._original_weights(sorted(quantized), dtype)
+        with torch.no_grad():
+            for name, module in quantized.items():
+                weight = originals[name]
+                if tuple(weight.shape) != (module.out_features, module.in_features):
+                    raise ModelError(
+                        f"relora: {name} of {self.config.base_model} is {tuple(weight.shape)} "
+                        f"on disk but {(module.out_features, module.in_features)} in the run: "
+                        "the final model cannot be rebuilt from the checkpoint\n  fix: the last "
+                        "checkpoint-N holds the trained state"
+                    )
+                if name in layers:
+                    update = self._delta(layers[name]).cpu()
+                    if name in self.merged:
+                        update = update + self.merged[name].to(update.dtype)
+                    weight = weight + update.to(weight.dtype)
+                plain = torch.nn.Linear(
+                    module.in_features,
+                    module.out_features,
+                    bias=module.bias is not None,
+                    device="meta",
+                )
+                plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+                if module.bias is not None:
+                    plain.bias = torch.nn.Parameter(module.bias.detach().cpu().to(dtype))
+                parent, _, child = name.rpartition(".")
+                setattr(inner.get_submodule(parent) if parent else inner, child, plain)
+        for name in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(inner.config, name):
+                delattr(inner.config, name)
+        inner.hf_quantizer = None
+        inner.is_loaded_in_4bit = False
+        inner.config.dtype = dtype
+
+    def _original_weights(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         from sft.inference import load_base
 
         config = self.config
-        dtype = torch.bfloat16 if config.bf16 is True else torch.float32
         base = load_base(
             config.base_model,
             dtype=dtype,
             trust_remote_code=config.trust_remote_code,
             llama4_linearized_experts=config.llama4_linearized_experts,
             model_type=config.model_type,
+            revision=config.revision_of_model,
         )
-        with torch.no_grad():
-            for name, layer in layers.items():
-                weight = base.get_submodule(name).weight
-                update = self._delta(layer).cpu()
-                if name in self.merged:
-                    update = update + self.merged[name]
-                weight.add_(update.to(weight.dtype))
-        return base
+        weights = {name: base.get_submodule(name).weight.detach() for name in names}
+        del base
+        return weights
 
 
 def _adapter_params(layer: Any) -> list[torch.Tensor]:

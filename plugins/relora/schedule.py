@@ -7,9 +7,11 @@ from typing import Any
 JAGGED_FLOOR = 0.001  # the factor at a restart (Axolotl's default floor)
 
 
-def jagged_factor(step: int, every: int, warmup: int, anneal: int) -> float:
+def jagged_factor(
+    step: int, every: int, warmup: int, anneal: int, floor: float = JAGGED_FLOOR
+) -> float:
     """Axolotl's factor for the optimizer step `step` (0-based): 1 until the first restart
-    nears; then 0.001 at each restart, rising linearly over `warmup` steps, and falling over the
+    nears; then `floor` at each restart, rising linearly over `warmup` steps, and falling over the
     last `anneal` steps before the next restart."""
     if step < every - anneal:
         return 1.0
@@ -20,7 +22,7 @@ def jagged_factor(step: int, every: int, warmup: int, anneal: int) -> float:
         ramp = min(1.0, (every - progress) / anneal)
     else:
         ramp = 1.0
-    return ramp * (1 - JAGGED_FLOOR) + JAGGED_FLOOR
+    return ramp * (1 - floor) + floor
 
 
 class JaggedRestarts:
@@ -32,9 +34,17 @@ class JaggedRestarts:
     from its step.
     """
 
-    def __init__(self, inner: Any, optimizer: Any, every: int, warmup: int, anneal: int) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        optimizer: Any,
+        every: int,
+        warmup: int,
+        anneal: int,
+        floor: float = JAGGED_FLOOR,
+    ) -> None:
         self.inner, self.optimizer = inner, optimizer
-        self.every, self.warmup, self.anneal = every, warmup, anneal
+        self.every, self.warmup, self.anneal, self.floor = every, warmup, anneal, floor
         self._apply()
 
     @property
@@ -42,7 +52,7 @@ class JaggedRestarts:
         return int(self.inner.last_epoch)
 
     def factor(self) -> float:
-        return jagged_factor(self.last_epoch, self.every, self.warmup, self.anneal)
+        return jagged_factor(self.last_epoch, self.every, self.warmup, self.anneal, self.floor)
 
     def _apply(self) -> None:
         factor = self.factor()

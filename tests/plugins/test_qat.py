@@ -158,6 +158,11 @@ def test_floating_point_qat_rounds_like_torchao_and_trains(tiny_project, dtypes,
             "nvfp4 activations need nvfp4 weights",
         ),
         (
+            ["qat={weight_dtype = 'nvfp4', activation_dtype = 'nvfp4'}", "fp16=true"],
+            "fp16",
+            "torchao's NVFP4 rounding takes bfloat16 or float32 values only",
+        ),
+        (
             ["qat={weight_dtype = 'nvfp4', quantize_embedding = true}"],
             "qat.quantize_embedding",
             "cannot be used with nvfp4",
@@ -402,3 +407,11 @@ def test_ternary_weights_alone_leave_the_activations_float(tiny_project):
     assert layer.activation_fake_quantizer is None
     x = torch.randn(2, layer.in_features)
     torch.testing.assert_close(layer(x), x @ _ternary(layer.weight.detach()).T)
+
+
+def test_nvfp4_rounds_an_all_zero_tensor_to_zeros():
+    from sft.plugins.qat.rounding import round_to_nvfp4
+
+    for dtype in (torch.float32, torch.bfloat16):
+        zeros = torch.zeros(4, 32, dtype=dtype)
+        assert torch.equal(round_to_nvfp4(zeros), zeros)

@@ -142,6 +142,9 @@ def test_relora_trains_restarts_and_saves_the_merged_full_model(tiny_project):
     restarts = [r["num_lora_restarts"] for r in logs if "num_lora_restarts" in r]
     assert restarts == [0, 0, 1, 1, 2]  # merged at the start of steps 3 and 5
     AutoModelForCausalLM.from_pretrained(out)  # loads as it is
+    card = (out / "README.md").read_text()
+    assert "full model: the base with the lora updates merged" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "Peft" not in card
 
 
 @pytest.mark.parametrize("flags", [RELORA, QLORA], ids=["lora", "qlora-4bit"])
@@ -219,6 +222,11 @@ def test_a_4bit_base_is_rounded_again_from_its_original_plus_the_merged_updates(
         ([*RELORA, "optimizer=sgd"], "optimizer", "ReLoRA prunes AdamW's optimizer state"),
         ([*RELORA, "peft_use_dora=true"], "peft_use_dora", "cannot be used with relora"),
         (
+            [*RELORA, "val_set_size=0.2", "load_best_model_at_end=true"],
+            "load_best_model_at_end",
+            "cannot be used with relora",
+        ),
+        (
             ["jagged_restart_steps=5", "jagged_restart_anneal_steps=-1"],
             "jagged_restart_anneal_steps",
             "expected an integer ≥ 0",
@@ -242,6 +250,7 @@ def test_relora_mistakes_are_named(tiny_project, overrides, path, message):
     [
         (["relora_prune_ratio=0.5"], "relora_prune_ratio"),
         (["jagged_restart_warmup_steps=3"], "jagged_restart_warmup_steps"),
+        ([*RELORA, "relora_cpu_offload=true"], "relora_cpu_offload"),
     ],
 )
 def test_relora_keys_without_effect_are_warnings(tiny_project, overrides, path):
@@ -257,3 +266,99 @@ def test_axolotls_false_anneal_steps_read_as_none(tiny_project):
     config = tiny_project(*RELORA, "jagged_restart_anneal_steps=false")
     assert keys_of(config).jagged_restart_anneal_steps is False
     assert config.warnings == () or all("anneal" not in w.path for w in config.warnings)
+
+
+def test_a_4bit_runs_final_model_keeps_every_trained_weight(tiny_project):
+    """The final model of a QLoRA ReLoRA run: 4-bit layers from the base checkpoint's full-
+    precision weights + the merged updates + the last adapter's (untargeted ones exactly as in
+    the checkpoint); a float LoRA target (lm_head) with all its merged updates; a
+    lora_modules_to_save copy as trained; no quantization left in its config."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from sft.plugins.relora.restarts import ReloraCallback, lora_layers
+    from sft.tokenizer import load_tokenizer
+
+    config = tiny_project(
+        "adapter=qlora",
+        "load_in_4bit=true",
+        "relora=true",
+        "jagged_restart_steps=2",
+        'lora_target_modules=["q_proj", "lm_head"]',
+        'lora_modules_to_save=["embed_tokens"]',
+    )
+    model = _loaded(config)
+    layers = lora_layers(model)
+    q_proj, head = layers["model.layers.0.self_attn.q_proj"], layers["lm_head"]
+    callback = ReloraCallback(config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    torch.manual_seed(0)
+    totals = {"q": 0, "head": 0}
+    for restart in (1, 2, 3):  # two restarts, then the last adapter
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
+        totals["q"] = totals["q"] + q_proj.get_delta_weight("default").detach()
+        totals["head"] = totals["head"] + head.get_delta_weight("default").detach()
+        if restart < 3:
+            callback.on_step_begin(
+                None, SimpleNamespace(global_step=2 * restart), None, model, optimizer
+            )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(1.0)  # the trained copy of the embeddings
+
+    out = tiny_project.tmp_path / "final"
+    out.mkdir()
+    saved_as = callback.save_merged(model, load_tokenizer(config), str(out))
+    assert saved_as.startswith("model (ReLoRA: 2 restarts")
+    saved = load_file(out / "model.safetensors")
+    base = load_file(tiny_project.tmp_path / "tiny" / "model.safetensors")
+    assert sorted(saved) == sorted(base)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(saved[q], base[q] + totals["q"])
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(saved[k], base[k])  # 4-bit, not targeted: the checkpoint's own weights
+    torch.testing.assert_close(saved["lm_head.weight"], base["lm_head.weight"] + totals["head"])
+    embed = "model.embed_tokens.weight"
+    torch.testing.assert_close(saved[embed], base[embed] + 1.0)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_magnitude_pruning_takes_tensors_beyond_torch_quantiles_limit():
+    from sft.plugins.relora.restarts import prune_optimizer_state
+
+    weight = torch.nn.Parameter(torch.zeros(2**24 + 64))  # quantile() refuses > 2**24 values
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    optimizer.step()
+    assert prune_optimizer_state(optimizer, [weight], "magnitude", 0.9) == 2
+    zeroed = (optimizer.state[weight]["exp_avg"] == 0).float().mean().item()
+    assert zeroed == pytest.approx(0.9, abs=1e-3)
+
+
+def test_the_jagged_floor_and_warmup_read_axolotls_way(tiny_project):
+    from sft.plugins.relora import _floor
+
+    assert _floor(tiny_project("lr_scheduler=cosine", "cosine_min_lr_ratio=0.1")) == 0.1
+    assert _floor(tiny_project("lr_scheduler=linear")) == 0.001
+    # `jagged_restart_warmup_steps: 0` is Axolotl's `or 10`: a ten-step ramp
+    result = train(
+        tiny_project(
+            "jagged_restart_steps=3",
+            "jagged_restart_warmup_steps=0",
+            "max_steps=5",
+            "lr_scheduler=constant",
+            "logging_steps=1",
+            "learning_rate=0.01",
+        )
+    )
+    logs = [
+        json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    lrs = [r["learning_rate"] for r in logs if "learning_rate" in r]
+    # the rate each step trained with: ramping over ten steps from the restart at step 3
+    assert lrs[2] == pytest.approx(0.01 * (0.2 * 0.999 + 0.001))  # Axolotl's first cycle
+    assert lrs[3] == pytest.approx(0.01 * 0.001)
+    assert lrs[4] == pytest.approx(0.01 * (0.1 * 0.999 + 0.001))
