@@ -97,9 +97,15 @@ def labels_from_spans(
     return labels
 
 
-def labels_from_encoding(encoding: Any, spans: Sequence[tuple[int, int]]) -> list[int]:
-    """`labels_from_spans` through the Rust encoding's char → token map (O(spans), not O(tokens))."""
-    ids = encoding.ids
+def labels_from_encoding(
+    encoding: Any, spans: Sequence[tuple[int, int]], ids: list[int] | None = None
+) -> list[int]:
+    """`labels_from_spans` through the Rust encoding's char → token map (O(spans), not O(tokens)).
+
+    `ids` is `encoding.ids` when the caller has it already (each read builds a new list).
+    """
+    if ids is None:
+        ids = encoding.ids
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in spans:
         first = encoding.char_to_token(start)
@@ -207,11 +213,11 @@ def _finish(
             continue
         if opts.train_on_inputs and not explicit_labels:
             piece_labels = list(piece_ids)
-        if all(label == IGNORE_INDEX for label in piece_labels):
+        if piece_labels.count(IGNORE_INDEX) == len(piece_labels):
             out.dropped["no trainable tokens"] += 1
             continue
-        out.input_ids.append(list(piece_ids))
-        out.labels.append(list(piece_labels))
+        out.input_ids.append(piece_ids)  # the caller's own lists: kept, not copied
+        out.labels.append(piece_labels)
         out.sources.append(source)
 
 
@@ -330,7 +336,7 @@ def process_chunk(
                     sample.spans,
                     special_ids,
                 )
-                pairs.append((ids, labels_from_encoding(encoding, sample.spans), cut))
+                pairs.append((ids, labels_from_encoding(encoding, sample.spans, ids), cut))
         else:
             encoded = tokenizer(
                 texts, add_special_tokens=add_special, return_offsets_mapping=True, verbose=False

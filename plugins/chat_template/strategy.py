@@ -16,6 +16,7 @@ from sft.plugins.chat_template.keys import (
 from sft.plugins.chat_template.layout import Policies, TurnLocator
 from sft.plugins.chat_template.messages import MessageReader
 from sft.plugins.chat_template.mistral import MistralChatStrategy, is_mistral_common
+from sft.plugins.chat_template.rendering import TemplateRenderer
 from sft.plugins.chat_template.templates import resolve_template
 
 
@@ -44,6 +45,7 @@ class ChatTemplateStrategy:
         self.template = template
         self.tokenizer = tokenizer
         self.template_variables = dict(root.chat_template_kwargs or {})
+        self.renderer = TemplateRenderer(tokenizer, template, self.template_variables)
         self.read = message_reader(keys, root)
         eot_tokens = keys.eot_tokens or root.eot_tokens
         policies = Policies(
@@ -76,16 +78,7 @@ class ChatTemplateStrategy:
         variables: dict[str, str],
     ) -> str:
         try:
-            return str(
-                self.tokenizer.apply_chat_template(
-                    list(messages),
-                    tools=tools,
-                    chat_template=self.template,
-                    tokenize=False,
-                    add_generation_prompt=generation_prompt,
-                    **{**self.template_variables, **variables},
-                )
-            )
+            return self.renderer(messages, tools, generation_prompt, variables)
         except Exception as exc:  # jinja raises TemplateError, and templates raise_exception(...)
             raise RowError(
                 "template error", f"the chat template failed: {exc}", key="chat_template"
