@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sft.classes import transformers_class
@@ -38,18 +40,38 @@ def _mistral_common_tokenizer(name: str, config: Config) -> Any:
         ) from exc
 
 
-def load_tokenizer(config: Config, plugins: SftPlugins | None = None) -> Any:
-    from transformers import AutoTokenizer
+def _saved_generic_class(directory: Path) -> Any:
+    """The generic fast-tokenizer class sft's own converted GGUF tokenizer was saved as, if so.
 
+    AutoTokenizer loads such a directory as that class too, but its import pulls in torch and
+    every model's configuration (~2 s); the class itself imports without them.
+    """
+    try:
+        saved = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if saved.get("tokenizer_class") != "TokenizersBackend" or "auto_map" in saved:
+        return None
+    from transformers import TokenizersBackend
+
+    return TokenizersBackend
+
+
+def load_tokenizer(config: Config, plugins: SftPlugins | None = None) -> Any:
     name = config.tokenizer_config or config.base_model
     if config.tokenizer_use_mistral_common:
         return apply_token_config(_mistral_common_tokenizer(name, config), config, plugins)
     source, extra = model_source(name)
     from_gguf = bool(extra)  # converted from the .gguf file below, then kept in transformers form
+    tokenizer_class = transformers_class(config.tokenizer_type, "tokenizer_type")
     if from_gguf and (gguf_tokenizer_dir(name) / "tokenizer_config.json").exists():
         source, extra = str(gguf_tokenizer_dir(name)), {}  # converted once, loads in ~0.1 s
         from_gguf = False
-    tokenizer_class = transformers_class(config.tokenizer_type, "tokenizer_type") or AutoTokenizer
+        tokenizer_class = tokenizer_class or _saved_generic_class(Path(source))
+    if tokenizer_class is None:
+        from transformers import AutoTokenizer
+
+        tokenizer_class = AutoTokenizer
     if config.tokenizer_legacy is not None:
         extra = {**extra, "legacy": config.tokenizer_legacy}
     try:

@@ -212,3 +212,28 @@ def test_a_cache_hit_loads_no_tokenizer_and_a_changed_input_does(tmp_path):
     shorter, _ = _preprocess_importing(config, tmp_path)
     assert "written to" in shorter
     assert len(list((tmp_path / "prepared").glob("*/complete"))) == 2
+
+
+@pytest.mark.slow
+def test_preprocess_with_a_gguf_model_does_not_import_torch(tmp_path, smollm2_gguf, monkeypatch):
+    """The GGUF's tokenizer, converted once, loads as the class AutoTokenizer gives it (without
+    AutoTokenizer, whose import pulls in torch): a cold `sft preprocess` then needs no torch."""
+    from transformers import AutoTokenizer
+
+    from sft.config import load_config_text
+    from sft.gguf import gguf_tokenizer_dir
+    from sft.tokenizer import load_tokenizer
+
+    config = make_project(tmp_path)
+    config.write_text(config.read_text().replace(f'"{tmp_path / "tok"}"', f'"{smollm2_gguf}"', 1))
+    monkeypatch.chdir(tmp_path)
+    tokenizer = load_tokenizer(load_config_text(config.read_text()))  # converts it, once
+    reference = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(str(smollm2_gguf)))
+    assert type(tokenizer) is type(reference)
+    assert tokenizer.special_tokens_map == reference.special_tokens_map
+    assert tokenizer.get_vocab() == reference.get_vocab()
+    text = "<|im_start|>user\nWho are you? ünïcode<|im_end|>\n"
+    assert tokenizer(text).input_ids == reference(text).input_ids
+
+    out, heavy = _preprocess_importing(config, tmp_path)
+    assert "written to" in out and heavy == ["transformers"], out

@@ -555,7 +555,7 @@ def _process_sources(
     """
     from collections import Counter
 
-    from sft.data.streaming import SourceStats, iter_rows
+    from sft.data.rows import SourceStats, iter_rows
 
     prepared = []
     for index, (ds, raw) in enumerate(zip(entries, raws, strict=True)):

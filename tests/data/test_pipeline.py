@@ -209,11 +209,11 @@ def test_parallel_tokenising_gives_the_same_result(make_config, tokenizer, tmp_p
 def test_rows_are_read_as_they_are_tokenised_never_a_whole_source(
     make_config, tokenizer, tmp_path, monkeypatch, procs
 ):
-    import sft.data.streaming as streaming
+    import sft.data.rows as rows_module
 
     write_jsonl(tmp_path / "a.jsonl", alpaca_rows(3000))  # 12 chunks of 256 rows
     read = [0]
-    real_iter_rows = streaming.iter_rows
+    real_iter_rows = rows_module.iter_rows
 
     def counting(*args, **kwargs):
         for located in real_iter_rows(*args, **kwargs):
@@ -231,7 +231,7 @@ def test_rows_are_read_as_they_are_tokenised_never_a_whole_source(
             ahead.append(read[0] - first)  # rows read but not yet handed out
             yield first, chunk
 
-    monkeypatch.setattr(streaming, "iter_rows", counting)
+    monkeypatch.setattr(rows_module, "iter_rows", counting)
     monkeypatch.setattr(pipeline, "read_rows", never)
     monkeypatch.setattr(pipeline, "_chunks", watched)
     prepared = prepare(make_config(f"dataset_num_proc = {procs}\n" + ALPACA), tokenizer)
