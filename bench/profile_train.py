@@ -6,7 +6,7 @@ no gradient checkpointing). Step 1 warms up; steps 2..N are recorded. Prints the
 by self CPU time, then the time grouped into matmuls (the model's and LoRA's), attention,
 cross-entropy, optimizer, and the rest, as shares of the recorded wall time.
 
-    python bench/profile_train.py [--rows 64] [--steps 4] [--top 25] [--bf16]
+    python bench/profile_train.py [--rows 64] [--steps 4] [--top 25] [--bf16] [--shapes]
 
 `--bf16` profiles the same job with `bf16 = true` (bf16 weights, CPU autocast).
 """
@@ -39,6 +39,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (bf16 = true)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra config line (TOML), e.g. --set lean_activations=false",
+    )
+    parser.add_argument(
+        "--shapes", action="store_true", help="also list the top operators by input shape"
+    )
     args = parser.parse_args()
 
     import torch
@@ -53,7 +63,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     rows = conversations(args.rows)
     (workdir / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    profiler = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes
+    )
     recorded: dict[str, float] = {}
 
     class Record(TrainerCallback):  # type: ignore[misc]
@@ -79,7 +91,8 @@ def main() -> None:
         f"max_steps = {args.steps}\nlearning_rate = 2e-4\nseed = 1\nsample_packing = true\n"
         f'chunked_cross_entropy = true\noutput_dir = "{workdir / "out"}"\n'
         f"bf16 = {'true' if args.bf16 else 'false'}\n"
-        f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n',
+        + "".join(f"{line}\n" for line in args.set)
+        + f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n',
         plugins=plugins,
     )
     train(config, plugins, console=Console(quiet=True))
@@ -90,6 +103,16 @@ def main() -> None:
         f"{torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if args.shapes:
+        by_shape = profiler.key_averages(group_by_input_shape=True)
+        print(
+            by_shape.table(
+                sort_by="self_cpu_time_total",
+                row_limit=args.top,
+                max_name_column_width=40,
+                max_shapes_column_width=90,
+            )
+        )
     grouped = dict.fromkeys(GROUPS, 0.0)
     for event in events:
         for group, prefixes in GROUPS.items():

@@ -114,14 +114,16 @@ def chunked_loss(
     softcap: float | None,
     num_items: Any = None,
     weight: TokenWeight | None = None,
+    scratch: list[Any] | None = None,
 ) -> Any:
     """Sum of token cross-entropies (each times `weight`'s, when given) over trained positions
-    / (num_items or their count)."""
+    / (num_items or their count). `scratch`, a one-item list, keeps the fused head's logits
+    scratch from call to call (see LinearCrossEntropy)."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from sft.plugins.chunked_ce.fused import LinearCrossEntropy, fusable_head
+    from sft.plugins.chunked_ce.fused import LinearCrossEntropy, fusable_head, logits_scratch
 
     shifted = labels[:, 1:]
     trained = shifted != IGNORE_INDEX
@@ -141,10 +143,15 @@ def chunked_loss(
 
     total = hidden.new_zeros((), dtype=torch.float32)
     fused = weight is None and fusable_head(head)
+    if fused:
+        kept = scratch[0] if scratch else None
+        buffer = logits_scratch(min(chunk, states.shape[0]), head.weight, kept)
+        if scratch is not None:
+            scratch[:] = [buffer]
     for start in range(0, states.shape[0], chunk):
         h, t = states[start : start + chunk], targets[start : start + chunk]
         if fused:
-            total = total + LinearCrossEntropy.apply(h, head.weight, t, softcap or 0.0)
+            total = total + LinearCrossEntropy.apply(h, head.weight, t, softcap or 0.0, buffer)
         else:
             total = total + checkpoint(piece, h, t, use_reentrant=False)
     count = num_items if num_items is not None else trained.sum()
@@ -180,11 +187,16 @@ def text_decoder(model: Any) -> Any:
 
 
 def patch(model: Any, chunk: int, weight: TokenWeight | None = None) -> None:
+    import threading
+
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     original = model.forward
     decoder = text_decoder(model)
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    # the fused head's logits scratch, kept from step to step (its pages stay mapped); one per
+    # thread, as two threads' forwards would otherwise write the same scratch
+    per_thread = threading.local()
 
     def forward(
         input_ids: Any = None, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any
@@ -201,6 +213,7 @@ def patch(model: Any, chunk: int, weight: TokenWeight | None = None) -> None:
             softcap,
             num_items_in_batch,
             weight,
+            per_thread.__dict__.setdefault("scratch", []),
         )
         return CausalLMOutputWithPast(loss=loss, logits=None)
 

@@ -34,8 +34,6 @@ def test_loss_and_gradients_equal_the_plain_path(tokenizer, arch, packed):
     def run(chunked: bool):
         model = build_model(tokenizer, arch, seed=2)
         model.config.use_cache = False
-        if arch == "gemma":
-            model.config.final_logit_softcapping = 30.0
         if chunked:
             patch(model, chunk=7)  # chunks smaller than the trained tokens
             assert fusable_head(model.get_output_embeddings())  # the fused path is the one tested
@@ -48,6 +46,59 @@ def test_loss_and_gradients_equal_the_plain_path(tokenizer, arch, packed):
     assert chunked.logits is None  # no full logits tensor
     # The plain path divides by num_items_in_batch as the Trainer passes it.
     torch.testing.assert_close(chunked.loss, plain.loss, atol=1e-5, rtol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def softcapped_model(softcap: float) -> torch.nn.Module:
+    """A tiny Gemma 2, whose own forward applies final_logit_softcapping (Gemma 1's does not)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(2)
+    config = Gemma2Config(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=softcap,
+        use_cache=False,
+    )
+    return Gemma2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("softcap", [None, 0.3])
+def test_forwards_that_share_the_logits_scratch_keep_their_own_gradients(tokenizer, softcap):
+    """The fused head writes every chunk's logits into one scratch kept from call to call:
+    two forwards before one backward (the second smaller, the third larger than the scratch)
+    still give the plain path's gradients."""
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for length, masked in ((40, 12), (24, 20), (60, 2)):
+        ids = torch.randint(5, 500, (2, length), generator=generator)
+        labels = ids.clone()
+        labels[:, :masked] = -100
+        batches.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+
+    def run(chunked: bool):
+        if softcap:  # small enough that tanh bends the logits
+            model = softcapped_model(softcap)
+        else:
+            model = build_model(tokenizer, "llama", seed=2)
+            model.config.use_cache = False
+        if chunked:
+            patch(model, chunk=64)
+        first = model(**batches[0]).loss + model(**batches[1]).loss
+        first.backward()
+        second = model(**batches[2]).loss  # more trained tokens than the scratch holds
+        second.backward()
+        return (first, second), {n: p.grad for n, p in model.named_parameters()}
+
+    plain, plain_grads = run(False)
+    chunked, chunked_grads = run(True)
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
