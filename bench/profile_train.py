@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -73,9 +74,12 @@ def main() -> None:
             if state.global_step == 1:  # step 1 done: warm
                 profiler.start()
                 recorded["start"] = time.perf_counter()
+                recorded["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
         def on_train_end(self, args_: Any, state: Any, control: Any, **_: Any) -> None:
             recorded["seconds"] = time.perf_counter() - recorded["start"]
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - recorded["faults"]
+            recorded["faults"] = faults
             profiler.stop()
 
     class ProfilePlugin:
@@ -100,7 +104,8 @@ def main() -> None:
     wall = recorded["seconds"] * 1e6  # microseconds
     print(
         f"{args.steps - 1} recorded steps, {recorded['seconds']:.1f} s; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads"
+        f"{torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{recorded['faults'] / (args.steps - 1):.0f} minor page faults per step"
     )
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
     if args.shapes:

@@ -118,7 +118,7 @@ def chunked_loss(
 ) -> Any:
     """Sum of token cross-entropies (each times `weight`'s, when given) over trained positions
     / (num_items or their count). `scratch`, a one-item list, keeps the fused head's logits
-    scratch from call to call (see LinearCrossEntropy)."""
+    scratch from call to call (see fused.py)."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -141,18 +141,19 @@ def chunked_loss(
             weights = weight(logits, losses)
         return (losses * weights).sum()
 
-    total = hidden.new_zeros((), dtype=torch.float32)
-    fused = weight is None and fusable_head(head)
-    if fused:
+    if weight is None and fusable_head(head):
         kept = scratch[0] if scratch else None
         buffer = logits_scratch(min(chunk, states.shape[0]), head.weight, kept)
         if scratch is not None:
             scratch[:] = [buffer]
-    for start in range(0, states.shape[0], chunk):
-        h, t = states[start : start + chunk], targets[start : start + chunk]
-        if fused:
-            total = total + LinearCrossEntropy.apply(h, head.weight, t, softcap or 0.0, buffer)
-        else:
+        with_grad = torch.is_grad_enabled() and (states.requires_grad or head.weight.requires_grad)
+        total = LinearCrossEntropy.apply(
+            states, head.weight, targets, softcap or 0.0, chunk, buffer, with_grad
+        )
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, states.shape[0], chunk):
+            h, t = states[start : start + chunk], targets[start : start + chunk]
             total = total + checkpoint(piece, h, t, use_reentrant=False)
     count = num_items if num_items is not None else trained.sum()
     if isinstance(count, torch.Tensor):

@@ -1,12 +1,17 @@
-"""Cross-entropy of a plain linear LM head, fused: the loss of one chunk of hidden states
-without keeping (or differentiating through) its `[tokens × vocab]` log-softmax.
+"""Cross-entropy of a plain linear LM head, fused: the loss over trained tokens without ever
+holding (or differentiating through) a `[tokens × vocab]` log-softmax.
 
-Forward computes the logits, their log-sum-exp and the target logits, and keeps only the chunk's
-hidden states and log-sum-exps. Backward recomputes the logits with the same matmul and turns
-them into softmax − one-hot in place: one pass over the vocabulary each way, where autograd's
-`log_softmax` path makes four (the log-softmax and its recomputation under checkpointing, and
-its backward). All of it happens in one reused scratch tensor (see LinearCrossEntropy). Same
-loss and gradients to float rounding (tests/plugins/test_chunked_ce.py).
+The tokens go through in chunks. For each chunk, forward computes the logits into one fp32
+scratch, their log-sum-exp and the loss, and — when a backward will follow — turns the same
+scratch into d loss / d logits = softmax − one-hot in place and multiplies it straight into the
+gradients of the hidden states (`[tokens × hidden]`) and, for a trainable head, of its weight.
+Backward only scales those by the incoming gradient. So the head's matmul runs once per chunk
+plus the gradient matmuls, nothing is recomputed, and the only vocabulary-sized memory is the
+scratch, kept from step to step (a fresh `[chunk × vocab]` tensor for every op would be a new
+mapping of hundreds of MiB each time, whose page faults on CPU cost as much as the matmul).
+The loss is a sum, so its gradient is these tensors times one scalar: computing them early is
+exact. Same loss and gradients as autograd's path to float rounding
+(tests/plugins/test_chunked_ce.py).
 """
 
 from __future__ import annotations
@@ -15,17 +20,15 @@ from typing import Any
 
 import torch
 
+# rows of a chunk whose softcapped logits are exponentiated at a time (a temporary of
+# ROWS_PER_PASS × vocab, beside the scratch, holds them)
+ROWS_PER_PASS = 64
+
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Sum over rows of cross_entropy(softcap(hidden @ weight.T), targets).
-
-    `scratch` is an fp32 `[≥ rows, vocab]` tensor that holds each chunk's logits in turn,
-    forward and backward: every chunk of a step (and every step, when the caller keeps it)
-    writes into the same pages. A fresh `[chunk × vocab]` tensor per matmul and per
-    elementwise op would be a new mapping of hundreds of MiB each time, and on CPU its page
-    faults cost as much as the head's matmul itself. Its contents are never read across calls
-    (backward recomputes the logits), so one scratch serves any number of chunks and forwards.
-    """
+    """Sum over rows of cross_entropy(softcap(hidden @ weight.T), targets), `chunk` rows at a
+    time through `scratch` (fp32, at least `[min(chunk, rows), vocab]`). `with_grad`: compute
+    the gradients now for the backward that follows (false under no_grad: the loss only)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -34,40 +37,85 @@ class LinearCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         targets: torch.Tensor,
         softcap: float,
+        chunk: int,
         scratch: torch.Tensor,
+        with_grad: bool,
     ) -> torch.Tensor:
-        ctx.compute_dtype = compute_dtype(hidden, weight)
-        logits = head_logits(hidden, weight, scratch, ctx.compute_dtype)
-        if softcap:
-            logits.div_(softcap).tanh_().mul_(softcap)
-        picked = logits.gather(1, targets[:, None]).squeeze(1)
-        peak = logits.amax(dim=-1, keepdim=True)
-        peak.masked_fill_(~torch.isfinite(peak), 0.0)  # as torch.logsumexp: rows of ±inf
-        lse = logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(1))
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.softcap = softcap
-        ctx.scratch = scratch  # not saved: it is overwritten by the next chunk, by design
-        return (lse - picked).sum()
+        dtype = compute_dtype(hidden, weight)
+        want_hidden = with_grad and ctx.needs_input_grad[0]
+        want_weight = with_grad and ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            logits = scratch[: h.shape[0]]
+            with torch.autocast(hidden.device.type, enabled=False):
+                if dtype == torch.float32:
+                    torch.mm(h, w.T, out=logits)
+                else:  # as the head's own forward under autocast: the matmul in its dtype
+                    logits.copy_(h @ w.T)
+            total += cross_entropy_grad_(
+                logits, targets[start : start + chunk], softcap, want_hidden or want_weight
+            )
+            if not (want_hidden or want_weight):
+                continue
+            grad = logits if dtype == torch.float32 else logits.to(dtype)
+            with torch.autocast(hidden.device.type, enabled=False):
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = grad @ w
+                if grad_weight is not None and grad_weight.dtype == dtype:
+                    grad_weight.addmm_(grad.T, h)
+                elif grad_weight is not None:
+                    grad_weight += grad.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        hidden, weight, targets, lse = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        grad = head_logits(hidden, weight, ctx.scratch, dtype)  # recomputed, then turned in place
-        capped = None  # into d loss / d logits = softmax − one-hot
-        if ctx.softcap:
-            capped = torch.tanh(grad.div_(ctx.softcap))
-            grad.copy_(capped).mul_(ctx.softcap)
-        grad.sub_(lse[:, None]).exp_()
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, targets] -= 1
-        grad.mul_(grad_loss)
-        if capped is not None:  # through softcap · tanh(z / softcap): 1 − tanh²
-            grad.mul_(1 - capped.square_())
-        h, w, g = hidden.to(dtype), weight.to(dtype), grad.to(dtype)
-        grad_hidden = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (g.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad_loss if grad_hidden is not None else None,
+            grad_weight * grad_loss if grad_weight is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def cross_entropy_grad_(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float, with_grad: bool
+) -> torch.Tensor:
+    """Sum over rows of cross_entropy(softcap(logits), targets), with `logits` (fp32) turned in
+    place into d sum / d logits when `with_grad` (into scratch values otherwise)."""
+    if not softcap:
+        return _softmax_pass_(logits, logits, targets, with_grad)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], ROWS_PER_PASS):
+        rows = logits[start : start + ROWS_PER_PASS]
+        capped = rows.div_(softcap).tanh_()  # softcap · tanh(z / softcap) = softcap · capped
+        scaled = capped * softcap
+        total += _softmax_pass_(scaled, scaled, targets[start : start + ROWS_PER_PASS], with_grad)
+        if with_grad:  # through softcap · tanh(z / softcap): 1 − tanh²
+            capped.square_().neg_().add_(1).mul_(scaled)
+    return total
+
+
+def _softmax_pass_(
+    logits: torch.Tensor, out: torch.Tensor, targets: torch.Tensor, with_grad: bool
+) -> torch.Tensor:
+    picked = logits.gather(1, targets[:, None]).squeeze(1)
+    peak = logits.amax(dim=-1, keepdim=True)
+    peak.masked_fill_(~torch.isfinite(peak), 0.0)  # as torch.logsumexp: rows of ±inf
+    sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+    loss = (sums.log() + peak).squeeze(1).sub_(picked).sum()
+    if with_grad:
+        out.div_(sums)
+        out[torch.arange(out.shape[0], device=out.device), targets] -= 1
+    return loss
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -76,19 +124,6 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def head_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, scratch: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """`hidden @ weight.T` computed in dtype, as fp32 in the first rows of scratch."""
-    logits = scratch[: hidden.shape[0]]
-    with torch.autocast(hidden.device.type, enabled=False):
-        if dtype == torch.float32:
-            torch.mm(hidden.float(), weight.float().T, out=logits)
-        else:
-            logits.copy_(hidden.to(dtype) @ weight.to(dtype).T)
-    return logits
 
 
 def logits_scratch(rows: int, weight: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:

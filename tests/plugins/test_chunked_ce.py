@@ -103,11 +103,13 @@ def test_forwards_that_share_the_logits_scratch_keep_their_own_gradients(tokeniz
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("frozen_head", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_head_loss_equals_the_checkpointed_one(dtype, softcap):
+def test_the_fused_head_loss_equals_the_checkpointed_one(dtype, softcap, frozen_head):
     """The fused path against the generic one (a hooked head takes the generic path), with
-    a trainable head, in fp32 and under bf16 autocast."""
+    a trainable or a frozen head (LoRA's), in fp32 and under bf16 autocast; under no_grad
+    (evaluation) the fused loss is the same number."""
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 33, 16, generator=generator)
     labels = torch.randint(0, 300, (2, 33), generator=generator)
@@ -116,13 +118,19 @@ def test_the_fused_head_loss_equals_the_checkpointed_one(dtype, softcap):
     for hooked in (False, True):
         head = torch.nn.Linear(16, 300, bias=False)
         torch.nn.init.normal_(head.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+        head.weight.requires_grad_(not frozen_head)
         if hooked:
             head.register_forward_pre_hook(lambda module, args: None)
         assert fusable_head(head) is not hooked
         h = hidden.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = chunked_loss(h, labels, head, chunk=10, softcap=softcap)
+            with torch.no_grad():
+                evaluated = chunked_loss(h, labels, head, chunk=10, softcap=softcap)
+        assert not evaluated.requires_grad
+        torch.testing.assert_close(evaluated, loss.detach(), atol=0, rtol=0)
         loss.backward()
+        assert (head.weight.grad is None) is frozen_head
         results.append((loss, h.grad, head.weight.grad))
     tolerance = (
         {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-2}
