@@ -295,6 +295,10 @@ def main() -> None:
     print(
         f"{args.rows} rows, {args.steps} steps, micro-batch 4, sequence_len 512, LoRA r16 all-linear"
     )
+    # the GEMM rate before and after the runs: the larger is the machine's (a busy moment on a
+    # shared machine can halve one measurement)
+    dtypes = {"bfloat16" if "-bf16" in kind else "float32" for kind in kinds}
+    rates_before = {dtype: matmul_gflops(dtype) for dtype in sorted(dtypes, reverse=True)}
     runs = [(kind, kind, None) for kind in kinds]
     if args.preload:
         label = Path(args.preload).name.split(".")[0]
@@ -312,12 +316,15 @@ def main() -> None:
             if result is not None:
                 measured.setdefault(name, []).append(result)
     results = {name: summary(found) for name, found in measured.items()}
-    limits = {
-        dtype: matmul_gflops(dtype) * 1e9 / (4 * linear_parameters())
-        for dtype in ("float32", "bfloat16")
-    }
+    rates = {dtype: (before, matmul_gflops(dtype)) for dtype, before in rates_before.items()}
+    parameters = linear_parameters()
+    limits = {dtype: max(rate) * 1e9 / (4 * parameters) for dtype, rate in rates.items()}
     for dtype, limit in limits.items():
-        print(f"matmul limit, {dtype}: {limit:.0f} real tok/s (GEMM rate / 4 FLOP per parameter)")
+        before, after = rates[dtype]
+        print(
+            f"matmul limit, {dtype}: {limit:.0f} real tok/s (GEMM rate / 4 FLOP per parameter; "
+            f"GEMM {before:.0f} GFLOP/s before the runs, {after:.0f} after, the larger used)"
+        )
     if args.repeat > 1:
         print(f"each row: median of {args.repeat} runs (their tok/s in brackets), max peak RSS")
     for kind, r in results.items():
