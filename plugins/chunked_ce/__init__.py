@@ -144,7 +144,7 @@ def chunked_loss(
     if weight is None and fusable_head(head):
         kept = scratch[0] if scratch else None
         buffer = logits_scratch(min(chunk, states.shape[0]), head.weight, kept)
-        if scratch is not None:
+        if scratch is not None and buffer.device.type == "cpu":  # see fused.py
             scratch[:] = [buffer]
         with_grad = torch.is_grad_enabled() and (states.requires_grad or head.weight.requires_grad)
         total = LinearCrossEntropy.apply(
@@ -195,8 +195,8 @@ def patch(model: Any, chunk: int, weight: TokenWeight | None = None) -> None:
     original = model.forward
     decoder = text_decoder(model)
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    # the fused head's logits scratch, kept from step to step (its pages stay mapped); one per
-    # thread, as two threads' forwards would otherwise write the same scratch
+    # the fused head's logits scratch, kept from step to step on CPU (its pages stay mapped);
+    # one per thread, as two threads' forwards would otherwise write the same scratch
     per_thread = threading.local()
 
     def forward(

@@ -7,11 +7,15 @@ scratch into d loss / d logits = softmax − one-hot in place and multiplies it 
 gradients of the hidden states (`[tokens × hidden]`) and, for a trainable head, of its weight.
 Backward only scales those by the incoming gradient. So the head's matmul runs once per chunk
 plus the gradient matmuls, nothing is recomputed, and the only vocabulary-sized memory is the
-scratch, kept from step to step (a fresh `[chunk × vocab]` tensor for every op would be a new
-mapping of hundreds of MiB each time, whose page faults on CPU cost as much as the matmul).
+scratch. On CPU the scratch is kept from call to call: a fresh `[chunk × vocab]` tensor for
+every op would be a new mapping of hundreds of MiB each time, whose page faults cost as much as
+the matmul (on a GPU the caching allocator already reuses the memory, so it is not held there).
+
 The loss is a sum, so its gradient is these tensors times one scalar: computing them early is
-exact. Same loss and gradients as autograd's path to float rounding
-(tests/plugins/test_chunked_ce.py).
+exact. The price: a forward with gradients on holds them until its backward (for a trainable
+head, one `[vocab × hidden]` tensor in the weight's dtype), and a forward whose backward never
+comes has computed them for nothing (evaluate under no_grad). Same loss and gradients as
+autograd's path to float rounding (tests/plugins/test_chunked_ce.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # rows of a chunk whose softcapped logits are exponentiated at a time (a temporary of
 # ROWS_PER_PASS × vocab, beside the scratch, holds them)
@@ -42,6 +47,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         with_grad: bool,
     ) -> torch.Tensor:
         dtype = compute_dtype(hidden, weight)
+        # no trained token: no gradient (None), as autograd's path gives none to scale by 1/0
+        with_grad = with_grad and hidden.shape[0] > 0
         want_hidden = with_grad and ctx.needs_input_grad[0]
         want_weight = with_grad and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -73,6 +80,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # the saved gradients are constants: no second derivative
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
@@ -128,16 +136,19 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def logits_scratch(rows: int, weight: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
     """An fp32 `[rows, vocab]` scratch for LinearCrossEntropy: `kept` when it is large enough
-    and on the head's device, else a new one."""
+    and on the head's device, else a new one — an ordinary tensor even under inference_mode
+    (an inference tensor could not be written by a later training step)."""
     vocab = weight.shape[0]
     if (
         kept is not None
         and kept.device == weight.device
         and kept.shape[1] == vocab
         and kept.shape[0] >= rows
+        and not kept.is_inference()
     ):
         return kept
-    return torch.empty(rows, vocab, dtype=torch.float32, device=weight.device)
+    with torch.inference_mode(False):
+        return torch.empty(rows, vocab, dtype=torch.float32, device=weight.device)
 
 
 def fusable_head(head: Any) -> bool:

@@ -139,6 +139,34 @@ def test_the_fused_head_loss_equals_the_checkpointed_one(dtype, softcap, frozen_
         torch.testing.assert_close(fused, generic, **tolerance)
 
 
+def test_a_scratch_made_under_inference_mode_does_not_break_training():
+    """An evaluation under inference_mode that needs a larger scratch than training did, then
+    a training step: the kept scratch stays an ordinary tensor that training can write."""
+    head = torch.nn.Linear(16, 300, bias=False)
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 300, (2, 9), generator=generator)
+    scratch: list = []
+    with torch.inference_mode():
+        evaluated = chunked_loss(torch.randn(2, 9, 16), labels, head, 64, None, scratch=scratch)
+    assert torch.isfinite(evaluated)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    chunked_loss(hidden, labels, head, 64, None, scratch=scratch).backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+def test_no_trained_token_gives_no_nan_gradient():
+    """Every label masked and a count of 0 (the loss is 0/0, as on the plain path): the head and
+    the hidden states get no gradient rather than NaN, which clipping would spread to every
+    parameter."""
+    head = torch.nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.full((2, 9), -100)
+    loss = chunked_loss(hidden, labels, head, 64, None, num_items=torch.tensor(0))
+    loss.backward()
+    for grad in (hidden.grad, head.weight.grad):
+        assert grad is None or torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("multimodal", [False, True])
 def test_models_whose_decoder_is_nested_or_renamed_give_the_plain_loss(multimodal):
     """Llama 4's causal LM names its base model `language_model` but keeps it in `model`; the
