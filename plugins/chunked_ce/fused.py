@@ -100,29 +100,29 @@ def cross_entropy_grad_(
     """Sum over rows of cross_entropy(softcap(logits), targets), with `logits` (fp32) turned in
     place into d sum / d logits when `with_grad` (into scratch values otherwise)."""
     if not softcap:
-        return _softmax_pass_(logits, logits, targets, with_grad)
+        return _softmax_pass_(logits, targets, with_grad)
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], ROWS_PER_PASS):
         rows = logits[start : start + ROWS_PER_PASS]
         capped = rows.div_(softcap).tanh_()  # softcap · tanh(z / softcap) = softcap · capped
         scaled = capped * softcap
-        total += _softmax_pass_(scaled, scaled, targets[start : start + ROWS_PER_PASS], with_grad)
+        total += _softmax_pass_(scaled, targets[start : start + ROWS_PER_PASS], with_grad)
         if with_grad:  # through softcap · tanh(z / softcap): 1 − tanh²
             capped.square_().neg_().add_(1).mul_(scaled)
     return total
 
 
-def _softmax_pass_(
-    logits: torch.Tensor, out: torch.Tensor, targets: torch.Tensor, with_grad: bool
-) -> torch.Tensor:
+def _softmax_pass_(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """The rows' summed cross-entropy; `logits` becomes softmax − one-hot (or, without
+    `with_grad`, the unnormalised softmax)."""
     picked = logits.gather(1, targets[:, None]).squeeze(1)
     peak = logits.amax(dim=-1, keepdim=True)
     peak.masked_fill_(~torch.isfinite(peak), 0.0)  # as torch.logsumexp: rows of ±inf
     sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
     loss = (sums.log() + peak).squeeze(1).sub_(picked).sum()
     if with_grad:
-        out.div_(sums)
-        out[torch.arange(out.shape[0], device=out.device), targets] -= 1
+        logits.div_(sums)
+        logits[torch.arange(logits.shape[0], device=logits.device), targets] -= 1
     return loss
 
 
