@@ -106,9 +106,9 @@ def segment_attention(
     )
     upcast_below = CPU_UPCAST_BELOW if low_precision_cpu else 0
 
-    def attend(row: int, start: int, end: int) -> Any:
-        q, k, v = (t[row : row + 1, :, start:end] for t in (query, key, value))
-        upcast = end - start < upcast_below
+    def attend(q: Any, k: Any, v: Any) -> Any:
+        """One sample's (1, heads, length, dim) inputs; its output as (1, length, heads, dim)."""
+        upcast = q.shape[2] < upcast_below
         if upcast:
             q, k, v = q.float(), k.float(), v.float()
         # autocast would cast the fp32 inputs back to bf16
@@ -116,14 +116,20 @@ def segment_attention(
             out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout_p, is_causal=True, scale=scaling, enable_gqa=grouped
             )
-        return out.to(query.dtype) if upcast else out
+        return (out.to(query.dtype) if upcast else out).transpose(1, 2)
 
-    rows = []
-    for row in range(batch):
+    # unbind and split rather than slicing: their backward writes each input's gradient once
+    # (stack, cat), where every slice's backward would fill a zero tensor of the whole input
+    # and autograd would add one such tensor per sample
+    pieces = []
+    rows = zip(query.unbind(0), key.unbind(0), value.unbind(0), strict=True)
+    for row, (q_row, k_row, v_row) in enumerate(rows):
         bounds = [*segment_starts(positions[row]), length]
-        pieces = [
-            attend(row, start, end) for start, end in itertools.pairwise(bounds) if end > start
-        ]
-        rows.append(torch.cat(pieces, dim=2))
-    output = torch.cat(rows, dim=0)  # (batch, heads, length, dim)
-    return output.transpose(1, 2).contiguous(), None
+        lengths = [end - start for start, end in itertools.pairwise(bounds)]
+        samples = (t.split(lengths, dim=1) for t in (q_row, k_row, v_row))
+        for q, k, v in zip(*samples, strict=True):
+            pieces.append(attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)))
+    # the samples of all rows in order fill (batch × length): one copy into the layout
+    # transformers expects, (batch, length, heads, dim)
+    output = torch.cat(pieces, dim=1)
+    return output.view(batch, length, *output.shape[2:]), None

@@ -93,3 +93,40 @@ def test_short_bf16_segments_on_cpu_attend_in_float32_also_under_autocast():
     fp32 = [t.float() for t in (query, key, value)]
     output, _ = segments.segment_attention(module, *fp32, None, position_ids=positions)
     assert torch.equal(output.transpose(1, 2)[:, :, :short], attend(*fp32, 0, short))
+
+
+def test_segment_attention_equals_the_block_diagonal_mask_in_output_and_gradients():
+    """Rows with different sample boundaries (a one-token sample, a row that is one sample),
+    grouped key/value heads and a value head size unlike the query's: the output and the
+    gradients of query, key and value are those of SDPA with the block-diagonal causal mask."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    lengths = [[5, 1, 10], [16], [7, 9]]
+    length = 16
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    query = torch.randn(3, 4, length, 8, requires_grad=True)
+    key = torch.randn(3, 2, length, 8, requires_grad=True)
+    value = torch.randn(3, 2, length, 6, requires_grad=True)
+    module = types.SimpleNamespace(training=True, is_causal=True)
+
+    output, _ = segments.segment_attention(module, query, key, value, None, position_ids=positions)
+    assert output.shape == (3, length, 4, 6)
+    weights = torch.randn_like(output)
+    per_sample = torch.autograd.grad((output * weights).sum(), (query, key, value))
+
+    sample = torch.stack(
+        [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths]
+    )
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (sample[:, :, None] == sample[:, None, :]) & causal  # (batch, query, key)
+    masked = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask[:, None], enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(output, masked)
+    expected = torch.autograd.grad((masked * weights).sum(), (query, key, value))
+    for name, got, want in zip("qkv", per_sample, expected, strict=True):
+        torch.testing.assert_close(got, want, msg=name)
