@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
+import weakref
 from typing import Any
 
 NAME = "sft_sdpa_segments"
@@ -25,6 +27,7 @@ MODIFIERS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
 # 2.13's CPU kernels take about twice as long in bf16 below ~256 tokens (forward + backward,
 # 9 heads of 64, measured on AMX; equal at 256, bf16 ahead above).
 CPU_UPCAST_BELOW = 256
+_last_lengths = threading.local()
 
 
 def applies(model_config: Any, sequence_len: int | None = None) -> bool:
@@ -50,12 +53,26 @@ def install(model: Any) -> None:
     model.set_attn_implementation(NAME)
 
 
-def segment_starts(positions: Any) -> list[int]:
-    """Where each sample of one packed row starts: the positions that restart at 0."""
+def sample_lengths(position_ids: Any, batch: int, length: int) -> list[list[int]]:
+    """The lengths of the packed samples in each of the `batch` rows of `length` tokens: a
+    sample starts where the positions restart at 0 (a row that starts mid-sample counts its
+    first tokens as one sample). Every layer of a forward passes the same position tensor, so
+    the answer for the last one is kept: one device-to-host read per forward, not per layer and
+    row."""
     import torch
 
-    starts = torch.nonzero(positions == 0).flatten().tolist()
-    return starts if starts and starts[0] == 0 else [0, *starts]
+    key = (id(position_ids), position_ids._version, batch, length)
+    cached = getattr(_last_lengths, "entry", None)
+    if cached is not None and cached[0] == key and cached[1]() is position_ids:
+        return cached[2]  # type: ignore[no-any-return]
+    restarts = torch.nonzero(position_ids.expand(batch, length) == 0).tolist()
+    starts: list[list[int]] = [[0] for _ in range(batch)]
+    for row, column in restarts:
+        if column:
+            starts[row].append(column)
+    lengths = [[end - start for start, end in itertools.pairwise([*row, length])] for row in starts]
+    _last_lengths.entry = (key, weakref.ref(position_ids), lengths)
+    return lengths
 
 
 def segment_attention(
@@ -95,7 +112,6 @@ def segment_attention(
             **kwargs,
         )
     batch, heads, length, _ = query.shape
-    positions = position_ids.expand(batch, length)
     grouped = key.shape[1] != heads
     dropout_p = dropout if module.training else 0.0
     # CPU SDPA in bf16/fp16 is slower than in fp32 on short sequences (its backward most):
@@ -122,10 +138,10 @@ def segment_attention(
     # (stack, cat), where every slice's backward would fill a zero tensor of the whole input
     # and autograd would add one such tensor per sample
     pieces = []
-    rows = zip(query.unbind(0), key.unbind(0), value.unbind(0), strict=True)
-    for row, (q_row, k_row, v_row) in enumerate(rows):
-        bounds = [*segment_starts(positions[row]), length]
-        lengths = [end - start for start, end in itertools.pairwise(bounds)]
+    rows = (query.unbind(0), key.unbind(0), value.unbind(0))
+    for lengths, q_row, k_row, v_row in zip(
+        sample_lengths(position_ids, batch, length), *rows, strict=True
+    ):
         samples = (t.split(lengths, dim=1) for t in (q_row, k_row, v_row))
         for q, k, v in zip(*samples, strict=True):
             pieces.append(attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)))

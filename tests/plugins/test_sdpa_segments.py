@@ -38,11 +38,28 @@ def test_models_with_windows_caps_or_mixed_layers_keep_the_mask():
     assert not segments.applies(Qwen2Config(use_sliding_window=True, sliding_window=8))
 
 
-def test_segment_starts_are_where_positions_restart():
+def test_sample_lengths_are_where_positions_restart_in_each_row():
     import torch
 
-    assert segments.segment_starts(torch.tensor([0, 1, 2, 0, 1, 0])) == [0, 3, 5]
-    assert segments.segment_starts(torch.tensor([3, 4, 0, 1])) == [0, 2]  # a cut first sample
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])  # row 2: a cut first sample
+    assert segments.sample_lengths(positions, 2, 6) == [[3, 2, 1], [2, 4]]
+    shared = torch.tensor([[0, 1, 0, 1]])  # one position row for the whole batch
+    assert segments.sample_lengths(shared, 2, 4) == [[2, 2], [2, 2]]
+
+
+def test_sample_lengths_are_recomputed_for_other_or_changed_positions():
+    """The lengths kept from the last call (every layer gets the same position tensor) are
+    never those of another tensor, nor of the same tensor after an in-place change."""
+    import torch
+
+    positions = torch.tensor([[0, 1, 2, 3]])
+    assert segments.sample_lengths(positions, 1, 4) == [[4]]
+    positions[0, 2] = 0
+    assert segments.sample_lengths(positions, 1, 4) == [[2, 2]]
+    assert segments.sample_lengths(torch.tensor([[0, 1, 2, 0]]), 1, 4) == [[3, 1]]
+    assert segments.sample_lengths(positions, 2, 4) == [[2, 2], [2, 2]]
+    del positions
+    assert segments.sample_lengths(torch.tensor([[0, 0, 0, 0]]), 1, 4) == [[1, 1, 1, 1]]
 
 
 def test_turning_it_off_where_nothing_packs_on_sdpa_is_a_warning(tiny_project):
