@@ -370,3 +370,31 @@ def test_no_entry_outlives_its_step(tiny_project):
     model(**_batch(model)).loss.backward()
     gc.collect()
     assert recompute._ENTRIES == {}
+
+
+@pytest.mark.parametrize("hidden", [7, 576, 4096])
+def test_fp32_cpu_norm_uses_the_fused_kernel_with_llamas_value_and_a_precise_gradient(hidden):
+    """In fp32 on CPU the norm's forward is torch's fused kernel: LlamaRMSNorm's value to the
+    bit. With a frozen weight (LoRA) its input gradient is the short fp32 formula: as close to
+    the float64 gradient as the model's own backward is."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(hidden)
+    norm = LlamaRMSNorm(hidden, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm.weight.requires_grad_(False)
+    x = (torch.randn(3, 50, hidden) * 4).requires_grad_()
+    with torch.no_grad():
+        assert lean._fused_fp32_cpu(x, norm.weight)
+        assert torch.equal(lean._rms_norm_value(x, norm.weight, 1e-6)[0], norm(x))
+    grad = torch.randn(3, 50, hidden)
+    (own,) = torch.autograd.grad(norm(x), x, grad)
+    out = lean.function("rms_norm").apply(x, norm.weight, 1e-6)
+    assert torch.equal(out, norm(x))
+    (got,) = torch.autograd.grad(out, x, grad)
+    x64 = x.detach().double().requires_grad_()
+    exact = norm.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    (expected,) = torch.autograd.grad(exact, x64, grad.double())
+    own_error = (own.double() - expected).abs().max()
+    assert (got.double() - expected).abs().max() <= 2 * own_error + 1e-7
