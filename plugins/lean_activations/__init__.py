@@ -129,17 +129,29 @@ def _silu_mul_function() -> Any:
         @staticmethod
         def forward(ctx: Any, gate: Any, up: Any) -> Any:
             ctx.save_for_backward(gate, up)
-            return F.silu(gate) * up
+            silu = F.silu(gate)
+            in_place = up.dtype == gate.dtype and up.shape == gate.shape
+            return silu.mul_(up) if in_place else silu * up
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
             # The ops autograd would run, with SiLU's output recomputed instead of kept.
             gate, up = ctx.saved_tensors
             grad_gate = grad_up = None
+            # where every dtype agrees, in place in a fresh tensor: the same values, half the
+            # [tokens × intermediate] allocations
+            same = grad.dtype == gate.dtype == up.dtype and grad.shape == gate.shape == up.shape
             if ctx.needs_input_grad[0]:
-                grad_gate = torch.ops.aten.silu_backward(grad * up, gate).to(gate.dtype)
+                product = grad * up
+                if same:
+                    grad_gate = torch.ops.aten.silu_backward.grad_input(
+                        product, gate, grad_input=product
+                    )
+                else:
+                    grad_gate = torch.ops.aten.silu_backward(product, gate).to(gate.dtype)
             if ctx.needs_input_grad[1]:
-                grad_up = (grad * F.silu(gate)).to(up.dtype)
+                silu = F.silu(gate)
+                grad_up = silu.mul_(grad) if same else (grad * silu).to(up.dtype)
             return grad_gate, grad_up
 
     return SiluMul
