@@ -305,6 +305,56 @@ def test_cache_follows_plugin_keys_and_template_file_contents(make_config, tmp_p
     assert not prepare(make_config(text), tokenizer).from_cache
 
 
+def test_the_cache_keys_never_read_a_data_file_whole(make_config, tokenizer, tmp_path, monkeypatch):
+    """A data file is identified by its metadata or by the hash its reader computes, never
+    read into memory a second time for a key (an 850 MiB JSONL used to be, twice); a cache hit
+    opens no data file at all."""
+    import builtins
+    import io
+    import os
+
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
+    text = 'dataset_prepared_path = "{tmp}/cache"\n' + ALPACA
+    whole_reads = []
+    real_read_bytes = pipeline.Path.read_bytes
+
+    def read_bytes(self):
+        whole_reads.append(str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(pipeline.Path, "read_bytes", read_bytes)
+    assert not prepare(make_config(text), tokenizer).from_cache
+    assert str(path) not in whole_reads
+
+    opened = []
+    real_open = io.open
+
+    def recording_open(file, *args, **kwargs):
+        opened.append(os.fspath(file) if isinstance(file, str | os.PathLike) else file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", recording_open)
+    monkeypatch.setattr(builtins, "open", recording_open)
+    assert prepare(make_config(text), tokenizer).from_cache
+    assert str(path) not in opened
+
+
+def test_key_file_digests_are_streamed_and_equal_the_whole_file_hash(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * (3 * 4096 + 7)  # a few blocks and a partial one
+    (tmp_path / "big.bin").write_bytes(data)
+    described = pipeline._files_described(
+        {"a": [str(tmp_path / "big.bin"), "text"]}, pipeline._content_digest, skip=set()
+    )
+    assert described == {
+        "a": [
+            {"file": str(tmp_path / "big.bin"), "sha256": hashlib.sha256(data).hexdigest()},
+            "text",
+        ]
+    }
+
+
 def test_a_lone_surrogate_is_a_bad_row_not_a_tokenizer_crash(make_config, tokenizer, tmp_path):
     import json
 
@@ -377,3 +427,38 @@ def test_shards_take_one_contiguous_piece(make_config, tokenizer, tmp_path):
         make_config(text.replace("shards_idx = 1", "shards_idx = 3"))
     with pytest.raises(ConfigError, match="shards and shards_idx go together"):
         make_config(text.replace("shards_idx = 1\n", ""))
+
+
+def test_gathered_samples_are_read_from_every_batch_of_every_file_in_order(tmp_path):
+    """The shuffled copy reads each sample by its place in the file (not through a mapping):
+    samples from several record batches of several files, repeated and in any order."""
+    import itertools
+
+    import numpy as np
+    from datasets.arrow_writer import ArrowWriter
+
+    rng = np.random.default_rng(0)
+    samples, paths = [], []
+    for number in range(2):
+        paths.append(tmp_path / f"source-{number}.arrow")
+        writer = ArrowWriter(features=pipeline._features(), path=str(paths[-1]))
+        for _ in range(3):  # record batches
+            lengths = rng.integers(1, 40, 5)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            ids = rng.integers(0, 50_000, offsets[-1]).astype(np.int32)
+            labels = np.where(rng.random(offsets[-1]) < 0.3, -100, ids).astype(np.int32)
+            chunk = pipeline.SampleArrays(ids, labels, offsets, len(lengths), None)
+            writer.write_table(pipeline._arrow_table([chunk]))
+            samples += [
+                (ids[a:b].tolist(), labels[a:b].tolist()) for a, b in itertools.pairwise(offsets)
+            ]
+        writer.finalize()
+        writer.close()
+    indices = np.concatenate([rng.permutation(len(samples)), [7, 7, 29, 0]])
+    sources = pipeline._SampleFiles(paths)
+    try:
+        table = sources.table(indices)
+    finally:
+        sources.close()
+    assert table.column("input_ids").to_pylist() == [samples[i][0] for i in indices]
+    assert table.column("labels").to_pylist() == [samples[i][1] for i in indices]
