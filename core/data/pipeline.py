@@ -861,8 +861,10 @@ def _prepare(
 
 TRAIN_FILE, EVAL_FILE = "train.arrow", "eval.arrow"
 # Samples gathered and written (one record batch) at a time: few batches keep the file's
-# headers few, which reading it touches.
+# headers few, which reading it touches. Fewer when they are long: at most GATHER_TOKENS tokens
+# (16 MiB a feature) are held at once.
 GATHER_ROWS = 4096
+GATHER_TOKENS = 1 << 22
 
 
 _TOKEN_BYTES = 4  # every sample feature is a list of int32
@@ -984,9 +986,14 @@ def _write_selection(selection: Selection, path: Path) -> Any:
         return datasets.Dataset.from_file(str(path))
     sources = _SampleFiles(selection.paths)
     writer = ArrowWriter(features=_features(), path=str(path), writer_batch_size=GATHER_ROWS)
+    lengths = sources.lengths[indices]
     try:
-        for start in range(0, len(indices), GATHER_ROWS):
-            writer.write_table(sources.table(indices[start : start + GATHER_ROWS]))
+        start = 0
+        while start < len(indices):
+            tokens = np.cumsum(lengths[start : start + GATHER_ROWS], dtype=np.int64)
+            stop = start + max(1, int(np.searchsorted(tokens, GATHER_TOKENS, side="right")))
+            writer.write_table(sources.table(indices[start:stop]))
+            start = stop
     finally:
         writer.finalize()
         writer.close()

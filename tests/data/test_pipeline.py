@@ -462,3 +462,21 @@ def test_gathered_samples_are_read_from_every_batch_of_every_file_in_order(tmp_p
         sources.close()
     assert table.column("input_ids").to_pylist() == [samples[i][0] for i in indices]
     assert table.column("labels").to_pylist() == [samples[i][1] for i in indices]
+
+
+def test_the_copy_is_the_same_whatever_the_batches_it_is_gathered_in(
+    make_config, tokenizer, tmp_path, monkeypatch
+):
+    """Long samples are gathered fewer at a time (at most GATHER_TOKENS tokens): a sample
+    longer than that on its own, and batches cut by rows or by tokens, give the same data."""
+    write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30))
+    write_jsonl(tmp_path / "b.jsonl", alpaca_rows(20, start=100))
+    text = ALPACA + '[[datasets]]\npath = "{tmp}/b.jsonl"\ntype = "alpaca"\nweight = 1.5\n'
+    expected = prepare(make_config("val_set_size = 0.1\n" + text), tokenizer)
+    assert len(expected.train) > 2 * 3
+    for rows, tokens in ((3, 1 << 22), (4096, 50), (4096, 1)):
+        monkeypatch.setattr(pipeline, "GATHER_ROWS", rows)
+        monkeypatch.setattr(pipeline, "GATHER_TOKENS", tokens)
+        prepared = prepare(make_config("val_set_size = 0.1\n" + text), tokenizer)
+        assert prepared.train.data.table.equals(expected.train.data.table)
+        assert prepared.eval.data.table.equals(expected.eval.data.table)
