@@ -753,8 +753,8 @@ def prepare_datasets(
         work = _temporary_dir()
         plan = _prepare(config, tokenizer, plugins, raws, show_progress, work)
         prepared = Prepared(
-            train=_write_selection(plan.train, work / TRAIN_FILE),
-            eval=_write_selection(plan.eval, work / EVAL_FILE) if plan.eval else None,
+            train=_written(plan.train, work / TRAIN_FILE),
+            eval=_written(plan.eval, work / EVAL_FILE) if plan.eval else None,
             summary=plan.summary,
         )
         _remove_sources(plan)
@@ -970,10 +970,9 @@ class _SampleFiles:
         self.descriptors = []
 
 
-def _write_selection(selection: Selection, path: Path) -> Any:
+def _write_selection(selection: Selection, path: Path) -> None:
     """Write the selected samples in order to the Arrow file `path` (bounded memory: a batch
-    at a time, read from the sources with positioned reads) and return it as a memory-mapped
-    dataset."""
+    at a time, read from the sources with positioned reads)."""
     import datasets
     import numpy as np
     from datasets.arrow_writer import ArrowWriter
@@ -983,7 +982,7 @@ def _write_selection(selection: Selection, path: Path) -> Any:
     every = len(indices) == selection.rows and np.array_equal(indices, np.arange(len(indices)))
     if every and len(selection.paths) == 1:
         selection.paths[0].replace(path)  # every sample, in order: nothing to copy
-        return datasets.Dataset.from_file(str(path))
+        return
     sources = _SampleFiles(selection.paths)
     writer = ArrowWriter(features=_features(), path=str(path), writer_batch_size=GATHER_ROWS)
     lengths = sources.lengths[indices]
@@ -998,6 +997,13 @@ def _write_selection(selection: Selection, path: Path) -> Any:
         writer.finalize()
         writer.close()
         sources.close()
+
+
+def _written(selection: Selection, path: Path) -> Any:
+    """`_write_selection`, then the file as a memory-mapped dataset."""
+    import datasets
+
+    _write_selection(selection, path)
     return datasets.Dataset.from_file(str(path))
 
 
