@@ -337,15 +337,85 @@ def test_lora_update_is_added_in_place_in_the_plain_case(tiny_project, overrides
     expected = Linear.forward(layer, x)  # peft's own
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
     ops = {type(got.grad_fn).__name__, type(got.grad_fn.next_functions[0][0]).__name__}
-    assert ("AddmmBackward0" in ops) is in_place
+    assert bool(ops & {"AddmmBackward0", "LoraLinearBackward"}) is in_place
     (got * expected.detach()).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    grad_x, x.grad = x.grad, None
     for parameter in layer.parameters():
         parameter.grad = None
     (expected * expected.detach()).sum().backward()
+    assert torch.allclose(grad_x, x.grad, rtol=1e-5, atol=1e-7)
     for name, parameter in layer.named_parameters():
         if parameter.requires_grad:
             assert torch.allclose(grads[name], parameter.grad, rtol=1e-5, atol=1e-7), name
+
+
+def _peft_and_lean_gradients(layer, x, frozen):
+    """Output and gradients (x's and each trainable parameter's) of `layer` on `x`, through the
+    lean forward and through peft's own, with the parameters in `frozen` not trained."""
+    from peft.tuners.lora.layer import Linear
+
+    for name, parameter in layer.named_parameters():
+        parameter.requires_grad_(("lora_" in name) and not any(f in name for f in frozen))
+    results = []
+    for forward in (layer.forward, lambda t: Linear.forward(layer, t)):
+        leaf = x.detach().clone().requires_grad_(True)
+        saved: list[torch.Tensor] = []
+
+        def keep(tensor, saved=saved):
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = forward(leaf)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        nodes = {type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None}
+        results.append((out.detach(), leaf.grad, grads, nodes, saved))
+        for parameter in layer.parameters():
+            parameter.grad = None
+    return results
+
+
+@pytest.mark.parametrize("frozen", [(), ("lora_A",), ("lora_B",)])
+def test_lora_backward_adds_x_gradients_in_place_with_autograds_values(tiny_project, frozen):
+    """A frozen base with LoRA: one Function whose backward adds LoRA's share of x's gradient
+    into the base's in place; x's, A's and B's gradients equal autograd's over peft's forward,
+    also with A or B frozen (the tensor only that gradient needs is not kept)."""
+    model = _loaded(tiny_project)
+    model(**_batch(model))  # the first forward patches the LoRA layers
+    for module in ("mlp.down_proj", "self_attn.k_proj"):
+        layer = model.base_model.model.model.layers[1].get_submodule(module)
+        x = torch.randn(3, 7, layer.in_features)
+        lean_run, peft_run = _peft_and_lean_gradients(layer, x, frozen)
+        (out, grad_x, grads, nodes, saved), (ref, ref_x, ref_grads, _, _) = lean_run, peft_run
+        assert "LoraLinearBackward" in nodes
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+        kept_x = any(t.shape == (21, layer.in_features) for t in saved)
+        assert kept_x is ("lora_A" not in frozen)
+        assert torch.allclose(grad_x, ref_x, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == ref_grads.keys() and len(grads) == 2 - len(frozen)
+        for name, grad in grads.items():
+            assert torch.allclose(grad, ref_grads[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_lora_on_a_trained_base_weight_takes_autograds_path(tiny_project):
+    """A base weight that trains too (unfrozen beside LoRA) gets its gradient: that layer runs
+    the in-place forward under autograd, not the frozen-base Function."""
+    model = _loaded(tiny_project)
+    model(**_batch(model))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    out = layer(x)
+    assert "LoraLinearBackward" not in {type(f).__name__ for f, _ in out.grad_fn.next_functions}
+    out.square().sum().backward()
+    from peft.tuners.lora.layer import Linear
+
+    grad = layer.base_layer.weight.grad.clone()
+    layer.base_layer.weight.grad = None
+    Linear.forward(layer, x).square().sum().backward()
+    assert torch.allclose(grad, layer.base_layer.weight.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_lora_under_autocast_to_its_own_dtype_adds_in_place(tiny_project):
@@ -359,7 +429,7 @@ def test_lora_under_autocast_to_its_own_dtype_adds_in_place(tiny_project):
         out = layer(x)
         expected = Linear.forward(layer, x)
     ops = {type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None}
-    assert "AddmmBackward0" in ops | {type(out.grad_fn).__name__}
+    assert {"AddmmBackward0", "LoraLinearBackward"} & (ops | {type(out.grad_fn).__name__})
     assert torch.allclose(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
