@@ -81,27 +81,31 @@ def main() -> None:
                 f"{result['name']:22} {result['tokens_per_s']:7.1f} real tok/s | peak RSS "
                 f"{result['peak_rss_mib']:6.0f} MiB | final loss {result['final_loss']:.4f}"
             )
+
+    def compare(label: str, first: dict | None, second: dict | None) -> None:
+        if first and second:
+            print(
+                f"{label}: throughput {first['tokens_per_s'] / second['tokens_per_s']:.2f}x, "
+                f"peak memory {first['peak_rss_mib'] / second['peak_rss_mib']:.2f}x"
+            )
+
     # a long bin against short bins: 512 × 4 (the issue's), and the short bins holding as many
     # tokens per step (memory follows the tokens of a micro-batch, not the bin's length)
     pairs = (((4096, 1), (512, 4)), ((2048, 1), (512, 4)), ((4096, 1), (1024, 4)))
     for per_sample in (True, False):
         for (long, long_batch), (short, short_batch) in pairs:
-            large, small = results.get((long, per_sample)), results.get((short, per_sample))
-            if small and large:
-                print(
-                    f"{'per-sample' if per_sample else 'mask':10}: {long}x{long_batch} vs "
-                    f"{short}x{short_batch}: throughput "
-                    f"{large['tokens_per_s'] / small['tokens_per_s']:.2f}x, peak memory "
-                    f"{large['peak_rss_mib'] / small['peak_rss_mib']:.2f}x"
-                )
-    for sequence_len, _ in BINS:
-        fast, mask = results.get((sequence_len, True)), results.get((sequence_len, False))
-        if fast and mask:
-            print(
-                f"{sequence_len}: per-sample / mask: throughput "
-                f"{fast['tokens_per_s'] / mask['tokens_per_s']:.2f}x, peak memory "
-                f"{fast['peak_rss_mib'] / mask['peak_rss_mib']:.2f}x"
+            compare(
+                f"{'per-sample' if per_sample else 'mask':10}: {long}x{long_batch} vs "
+                f"{short}x{short_batch}",
+                results.get((long, per_sample)),
+                results.get((short, per_sample)),
             )
+    for sequence_len, _ in BINS:
+        compare(
+            f"{sequence_len}: per-sample / mask",
+            results.get((sequence_len, True)),
+            results.get((sequence_len, False)),
+        )
 
 
 if __name__ == "__main__":
