@@ -116,18 +116,16 @@ def _lean_forward(peft_forward: Callable[..., Any]) -> Callable[..., Any]:
         frozen = not base.weight.requires_grad and (
             base.bias is None or not base.bias.requires_grad
         )
+        # A's input: rebuilt in backward where it can be
+        recipes = recompute.saving_recipes if getattr(self, "_sft_recipes", False) else None
         if frozen and torch.is_grad_enabled():
-            recipes = getattr(self, "_sft_recipes", False)
-            with recompute.saving_recipes() if recipes else contextlib.nullcontext():
+            with recipes() if recipes else contextlib.nullcontext():
                 out = _lora_linear().apply(rows, base.weight, base.bias, a, b, scaling)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        out = F.linear(rows, base.weight, base.bias)
-        if getattr(self, "_sft_recipes", False):
-            with recompute.saving_recipes():  # A's input: rebuilt in backward where it can be
-                projected = F.linear(rows, a)
         else:
-            projected = F.linear(rows, a)
-        out.addmm_(projected, b.t(), alpha=scaling)
+            out = F.linear(rows, base.weight, base.bias)
+            with recipes() if recipes else contextlib.nullcontext():
+                projected = F.linear(rows, a)
+            out.addmm_(projected, b.t(), alpha=scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
