@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 
 @functools.cache
@@ -65,3 +66,32 @@ def cpu_bf16_unit() -> str | None:
     if "avx512_bf16" in flags:
         return "AVX-512 BF16"
     return None
+
+
+def cpu_matmul_slowdown(dtype: Any, size: int = 256, repeats: int = 5) -> float:
+    """How many times longer a `size`² matmul takes in `dtype` than in float32 on this CPU: the
+    fastest of `repeats` timed products each, alternating, after a warm-up (the fastest, so that
+    another process's burst does not decide it). Without a native unit for it (AMX, AVX-512
+    BF16 / FP16) torch's CPU matmul in bf16 or fp16 falls back to a slow loop: about 100x the
+    float32 time on an AVX2-only CPU (docs/benchmarks.md)."""
+    import time
+
+    import torch
+
+    operands = {
+        of: (torch.randn(size, size).to(of), torch.randn(size, size).to(of))
+        for of in (dtype, torch.float32)
+    }
+    best = dict.fromkeys(operands, float("inf"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for round_ in range(repeats + 1):
+            for of, (a, b) in operands.items():
+                start = time.perf_counter()
+                torch.mm(a, b)
+                if round_:  # round 0 warms up
+                    best[of] = min(best[of], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best[dtype] / max(best[torch.float32], 1e-9)

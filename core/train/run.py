@@ -183,6 +183,37 @@ def training_arguments(
     )
 
 
+# a CPU half-precision matmul this many times slower than float32 gets a warning
+SLOW_HALF_MATMUL = 2.0
+
+
+def _warn_slow_cpu_half(config: Config, dtype: Any, console: Any) -> None:
+    """bf16 or fp16 weights on a CPU whose matmuls in that dtype are slower than in float32
+    (no AMX or AVX-512 BF16/FP16: ~120x on an AVX2 CPU), measured on this machine, not guessed
+    from its flags: the run would be many times slower than the same run in fp32."""
+    import torch
+
+    from sft.hardware import cpu_matmul_slowdown
+
+    if dtype not in (torch.bfloat16, torch.float16) or torch.cuda.is_available():
+        return
+    slowdown = cpu_matmul_slowdown(dtype)
+    if slowdown >= SLOW_HALF_MATMUL:
+        name = str(dtype).removeprefix("torch.")
+        if dtype == torch.float16:
+            key = "float16"
+        else:
+            key = "bfloat16" if config.bfloat16 is True else "bf16"
+        console.print("warning: ", style="yellow", end="")
+        console.print(
+            f"on this CPU a {name} matmul takes {slowdown:.0f}x as long as a float32 one (no "
+            f"native {name} matmul unit, such as AMX): this run's matmuls will be that much "
+            f"slower than in float32\n  fix: {key} = false (train in float32)",
+            markup=False,
+            highlight=False,
+        )
+
+
 def _suggest_cpu_bf16(config: Config, dtype: Any, console: Any) -> None:
     """fp32 on a CPU with native bf16 matmuls, bf16 left to `auto`: say what bf16 = true gives
     (bench/train_vs_trl.py on AMX: ~1.5x the tokens/s at ~0.7x the memory, for the LoRA job)."""
@@ -352,6 +383,7 @@ def _train(config: Config, plugins: SftPlugins, console: Any, stop: StopRequest)
     )
 
     _suggest_cpu_bf16(config, dtype, console)
+    _warn_slow_cpu_half(config, dtype, console)
     train_data, eval_data = pack_prepared(config, prepared, plugins, console)
     if config.streaming:  # no length: the Trainer's arguments as for exactly max_steps
         from sft.data.streaming import run_samples

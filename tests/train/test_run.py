@@ -327,3 +327,95 @@ def test_fp32_on_a_cpu_with_native_bf16_suggests_bf16(
     out = io.StringIO()
     _suggest_cpu_bf16(tiny_project(*overrides), torch.float32, Console(file=out, width=200))
     assert ("this CPU has AMX bf16 matmuls; bf16 = true trains faster" in out.getvalue()) is noted
+
+
+@pytest.mark.parametrize(
+    ("dtype_name", "overrides", "slowdown", "fix"),
+    [
+        ("bfloat16", ["bf16=true"], 120.0, "fix: bf16 = false"),
+        ("bfloat16", ["bfloat16=true"], 120.0, "fix: bfloat16 = false"),  # Axolotl's name
+        ("float16", ["float16=true"], 40.0, "fix: float16 = false"),
+        ("bfloat16", ["bf16=true"], 0.6, None),  # AMX: bf16 is the faster one
+    ],
+)
+def test_half_precision_on_a_cpu_without_its_matmul_unit_warns_with_the_measured_slowdown(
+    tiny_project, monkeypatch, dtype_name, overrides, slowdown, fix
+):
+    import io
+
+    import torch
+    from rich.console import Console
+
+    import sft.hardware
+    from sft.train.run import _warn_slow_cpu_half
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the warning is for CPU training")
+    measured = []
+    monkeypatch.setattr(
+        sft.hardware, "cpu_matmul_slowdown", lambda dtype: measured.append(dtype) or slowdown
+    )
+    out = io.StringIO()
+    dtype = getattr(torch, dtype_name)
+    _warn_slow_cpu_half(tiny_project(*overrides), dtype, Console(file=out, width=300))
+    assert measured == [dtype]  # measured in the run's own dtype
+    text = out.getvalue()
+    if fix is None:
+        assert text == ""
+    else:
+        assert f"a {dtype_name} matmul takes {slowdown:.0f}x as long as a float32 one" in text
+        assert fix in text
+
+
+def test_float32_training_measures_nothing(tiny_project, monkeypatch):
+    import io
+
+    import torch
+    from rich.console import Console
+
+    import sft.hardware
+    from sft.train.run import _warn_slow_cpu_half
+
+    def measure(dtype):
+        raise AssertionError("float32 needs no measurement")
+
+    monkeypatch.setattr(sft.hardware, "cpu_matmul_slowdown", measure)
+    out = io.StringIO()
+    _warn_slow_cpu_half(tiny_project(), torch.float32, Console(file=out))
+    assert out.getvalue() == ""
+
+
+def test_cpu_matmul_slowdown_measures_this_cpu():
+    import torch
+
+    from sft.hardware import cpu_bf16_unit, cpu_matmul_slowdown
+
+    same = cpu_matmul_slowdown(torch.float32, size=128)
+    assert 0 < same < 20  # the same dtype both ways: timing noise only
+    bf16 = cpu_matmul_slowdown(torch.bfloat16)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"CPU {capability}, bf16 unit {cpu_bf16_unit()}: bf16 matmul {bf16:.1f}x float32")
+    if cpu_bf16_unit() is None and capability in ("AVX2", "DEFAULT"):
+        assert bf16 >= 2  # no bf16 matmul kernel: torch's fallback loop
+    else:
+        assert bf16 > 0
+
+
+def test_a_bf16_run_on_a_slow_cpu_warns_before_training(tiny_project, monkeypatch):
+    import io
+
+    import torch
+    from rich.console import Console
+
+    import sft.hardware
+    from sft.train.run import train
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the warning is for CPU training")
+    monkeypatch.setattr(sft.hardware, "cpu_matmul_slowdown", lambda dtype: 80.0)
+    out = io.StringIO()
+    result = train(tiny_project("bf16=true", "max_steps=1"), console=Console(file=out, width=300))
+    assert result.global_step == 1
+    text = out.getvalue()
+    warning = text.index("warning: on this CPU a bfloat16 matmul takes 80x as long")
+    assert "fix: bf16 = false" in text[warning:]
