@@ -4,7 +4,10 @@ The same job as `bench/train_vs_trl.py`'s `sft-packed-chunked-ce` row (SmolLM2-1
 LoRA r16 on all linear layers, sequence_len 512, micro-batch 4, packed, chunked CE, fp32,
 no gradient checkpointing). Step 1 warms up; steps 2..N are recorded. Prints the top operators
 by self CPU time, then the time grouped into matmuls (the model's and LoRA's), attention,
-cross-entropy, optimizer, and the rest, as shares of the recorded wall time.
+cross-entropy, optimizer, and the rest, as shares of the recorded wall time; then the real
+tokens/s of the recorded steps against the matmul limit (`bench/train_vs_trl.py`'s: the GEMM
+rate / 4 FLOP per linear parameter), and the bounds if the time outside the matmuls (and
+attention) were zero: how far removing elementwise work alone could take this job.
 
     python bench/profile_train.py [--rows 64] [--steps 4] [--top 25] [--bf16] [--shapes]
 
@@ -24,7 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_vs_trl import base_model_dir, conversations
+from train_vs_trl import (
+    base_model_dir,
+    conversations,
+    linear_parameters,
+    logged_rate,
+    matmul_gflops,
+)
 
 GROUPS = {
     "matmul (linear layers, LoRA)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
@@ -99,6 +108,8 @@ def main() -> None:
         + f'[[datasets]]\npath = "{workdir / "chat.jsonl"}"\ntype = "chat_template"\n',
         plugins=plugins,
     )
+    dtype = "bfloat16" if args.bf16 else "float32"
+    gemm_before = matmul_gflops(dtype)
     train(config, plugins, console=Console(quiet=True))
     events = profiler.key_averages()
     wall = recorded["seconds"] * 1e6  # microseconds
@@ -128,6 +139,26 @@ def main() -> None:
         print(f"{group:32} {micros / 1e6:7.2f} s  {micros / wall:6.1%} of the recorded time")
     rest = wall - sum(grouped.values())
     print(f"{'everything else':32} {rest / 1e6:7.2f} s  {rest / wall:6.1%}")
+    gemm_after = matmul_gflops(dtype)
+    print_bounds(workdir / "out", grouped, wall, dtype, max(gemm_before, gemm_after))
+
+
+def print_bounds(
+    output_dir: Path, grouped: dict[str, float], wall: float, dtype: str, gflops: float
+) -> None:
+    """The recorded steps' real tokens/s as a share of the matmul limit, and what it would be
+    if only the matmuls (and attention) took time, at the per-op times just recorded."""
+    limit = gflops * 1e9 / (4 * linear_parameters())
+    rate = logged_rate(output_dir)["tokens_per_s"]
+    matmuls = grouped["matmul (linear layers, LoRA)"] / wall
+    attention = grouped["attention (sdpa)"] / wall
+    print(
+        f"matmul limit, {dtype}: {limit:.0f} real tok/s (GEMM {gflops:.0f} GFLOP/s, the larger of before and after)"
+    )
+    print(f"recorded steps (under the profiler): {rate:.1f} real tok/s, {rate / limit:.0%} of it")
+    for what, share in (("matmuls and attention", matmuls + attention), ("matmuls", matmuls)):
+        bound = rate / share
+        print(f"if only the {what} took time: {bound:.1f} real tok/s, {bound / limit:.0%} of it")
 
 
 if __name__ == "__main__":
