@@ -187,28 +187,41 @@ def training_arguments(
 SLOW_HALF_MATMUL = 2.0
 
 
+def _slow_half_setting(config: Config, dtype: Any) -> tuple[Any, str] | None:
+    """The half-precision dtype this run's matmuls compute in and the fix that makes them
+    float32, or None (float32 matmuls)."""
+    import torch
+
+    if dtype == torch.float16:
+        return dtype, "float16 = false"
+    if dtype == torch.bfloat16:
+        return dtype, f"{'bfloat16' if config.bfloat16 is True else 'bf16'} = false"
+    compute = config.bnb_4bit_compute_dtype if config.load_in_4bit else None
+    if compute in ("bfloat16", "float16"):
+        return getattr(torch, compute), 'bnb_4bit_compute_dtype = "float32"'
+    return None
+
+
 def _warn_slow_cpu_half(config: Config, dtype: Any, console: Any) -> None:
-    """bf16 or fp16 weights on a CPU whose matmuls in that dtype are slower than in float32
-    (no AMX or AVX-512 BF16/FP16: ~120x on an AVX2 CPU), measured on this machine, not guessed
-    from its flags: the run would be many times slower than the same run in fp32."""
+    """Matmuls in bf16 or fp16 on a CPU where they are slower than in float32 (no AMX or AVX-512
+    BF16/FP16: ~50-100x for torch's on an AVX2 CPU, ~4x for bitsandbytes' 4-bit layers), measured
+    on this machine rather than guessed from its flags."""
     import torch
 
     from sft.hardware import cpu_matmul_slowdown
 
-    if dtype not in (torch.bfloat16, torch.float16) or torch.cuda.is_available():
+    setting = _slow_half_setting(config, dtype)
+    if setting is None or torch.cuda.is_available():
         return
-    slowdown = cpu_matmul_slowdown(dtype)
+    half, fix = setting
+    slowdown = cpu_matmul_slowdown(half)
     if slowdown >= SLOW_HALF_MATMUL:
-        name = str(dtype).removeprefix("torch.")
-        if dtype == torch.float16:
-            key = "float16"
-        else:
-            key = "bfloat16" if config.bfloat16 is True else "bf16"
+        name = str(half).removeprefix("torch.")
         console.print("warning: ", style="yellow", end="")
         console.print(
             f"on this CPU a {name} matmul takes {slowdown:.0f}x as long as a float32 one (no "
-            f"native {name} matmul unit, such as AMX): this run's matmuls will be that much "
-            f"slower than in float32\n  fix: {key} = false (train in float32)",
+            f"native {name} matmul unit, such as AMX), so this run computing its matmuls in "
+            f"{name} will be slower than in float32\n  fix: {fix} (float32 matmuls)",
             markup=False,
             highlight=False,
         )

@@ -336,6 +336,13 @@ def test_fp32_on_a_cpu_with_native_bf16_suggests_bf16(
         ("bfloat16", ["bfloat16=true"], 120.0, "fix: bfloat16 = false"),  # Axolotl's name
         ("float16", ["float16=true"], 40.0, "fix: float16 = false"),
         ("bfloat16", ["bf16=true"], 0.6, None),  # AMX: bf16 is the faster one
+        # fp32 weights, 4-bit layers computing in bf16
+        (
+            "bfloat16",
+            ["adapter=qlora", "load_in_4bit=true", 'bnb_4bit_compute_dtype="bfloat16"'],
+            90.0,
+            'fix: bnb_4bit_compute_dtype = "float32"',
+        ),
     ],
 )
 def test_half_precision_on_a_cpu_without_its_matmul_unit_warns_with_the_measured_slowdown(
@@ -347,6 +354,7 @@ def test_half_precision_on_a_cpu_without_its_matmul_unit_warns_with_the_measured
     from rich.console import Console
 
     import sft.hardware
+    from sft.model import resolve_dtype
     from sft.train.run import _warn_slow_cpu_half
 
     if torch.cuda.is_available():
@@ -356,9 +364,10 @@ def test_half_precision_on_a_cpu_without_its_matmul_unit_warns_with_the_measured
         sft.hardware, "cpu_matmul_slowdown", lambda dtype: measured.append(dtype) or slowdown
     )
     out = io.StringIO()
+    config = tiny_project(*overrides)
+    _warn_slow_cpu_half(config, resolve_dtype(config), Console(file=out, width=300))
     dtype = getattr(torch, dtype_name)
-    _warn_slow_cpu_half(tiny_project(*overrides), dtype, Console(file=out, width=300))
-    assert measured == [dtype]  # measured in the run's own dtype
+    assert measured == [dtype]  # measured in the dtype the matmuls compute in
     text = out.getvalue()
     if fix is None:
         assert text == ""
