@@ -72,8 +72,9 @@ def cpu_matmul_slowdown(dtype: Any, size: int = 256, repeats: int = 5) -> float:
     """How many times longer a `size`² matmul takes in `dtype` than in float32 on this CPU: the
     fastest of `repeats` timed products each, alternating, after a warm-up (the fastest, so that
     another process's burst does not decide it). Without a native unit for it (AMX, AVX-512
-    BF16 / FP16) torch's CPU matmul in bf16 or fp16 falls back to a slow loop: about 100x the
-    float32 time on an AVX2-only CPU (docs/benchmarks.md)."""
+    BF16 / FP16) torch's CPU matmul in bf16 or fp16 falls back to a slow loop: 50-60x the
+    float32 time here on an AVX2-only CPU, 100-600x for larger products on two threads
+    (docs/benchmarks.md)."""
     import time
 
     import torch

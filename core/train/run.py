@@ -204,7 +204,7 @@ def _slow_half_setting(config: Config, dtype: Any) -> tuple[Any, str] | None:
 
 def _warn_slow_cpu_half(config: Config, dtype: Any, console: Any) -> None:
     """Matmuls in bf16 or fp16 on a CPU where they are slower than in float32 (no AMX or AVX-512
-    BF16/FP16: ~50-100x for torch's on an AVX2 CPU, ~4x for bitsandbytes' 4-bit layers), measured
+    BF16/FP16: 50-600x for torch's on an AVX2 CPU, ~4x for bitsandbytes' 4-bit layers), measured
     on this machine rather than guessed from its flags."""
     import torch
 
