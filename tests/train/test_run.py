@@ -398,16 +398,17 @@ def test_cpu_matmul_slowdown_measures_this_cpu():
     import torch
 
     from sft.hardware import cpu_bf16_unit, cpu_matmul_slowdown
+    from sft.train.run import SLOW_HALF_MATMUL
 
-    same = cpu_matmul_slowdown(torch.float32, size=128)
-    assert 0 < same < 20  # the same dtype both ways: timing noise only
     bf16 = cpu_matmul_slowdown(torch.bfloat16)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"CPU {capability}, bf16 unit {cpu_bf16_unit()}: bf16 matmul {bf16:.1f}x float32")
-    if cpu_bf16_unit() is None and capability in ("AVX2", "DEFAULT"):
-        assert bf16 >= 2  # no bf16 matmul kernel: torch's fallback loop
+    if cpu_bf16_unit() is not None:
+        assert bf16 < SLOW_HALF_MATMUL  # a bf16 unit: no warning
+    elif capability in ("AVX2", "DEFAULT"):
+        assert bf16 >= SLOW_HALF_MATMUL  # no bf16 matmul kernel: torch's fallback loop
     else:
-        assert bf16 > 0
+        pytest.skip(f"AVX-512 without BF16 ({bf16:.1f}x): either answer is this CPU's")
 
 
 def test_a_bf16_run_on_a_slow_cpu_warns_before_training(tiny_project, monkeypatch):
