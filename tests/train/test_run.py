@@ -408,7 +408,9 @@ def test_cpu_matmul_slowdown_measures_this_cpu():
     elif capability in ("AVX2", "DEFAULT"):
         assert bf16 >= SLOW_HALF_MATMUL  # no bf16 matmul kernel: torch's fallback loop
     else:
-        pytest.skip(f"AVX-512 without BF16 ({bf16:.1f}x): either answer is this CPU's")
+        pytest.skip(
+            f"AVX-512 without a bf16 unit: emulated bf16 may be slower or not ({bf16:.1f}x)"
+        )
 
 
 def test_a_bf16_run_on_a_slow_cpu_warns_before_training(tiny_project, monkeypatch):
