@@ -117,13 +117,17 @@ def _lean_forward(peft_forward: Callable[..., Any]) -> Callable[..., Any]:
             base.bias is None or not base.bias.requires_grad
         )
         # A's input: rebuilt in backward where it can be
-        recipes = recompute.saving_recipes if getattr(self, "_sft_recipes", False) else None
+        saving = (
+            recompute.saving_recipes()
+            if getattr(self, "_sft_recipes", False)
+            else contextlib.nullcontext()
+        )
         if frozen and torch.is_grad_enabled():
-            with recipes() if recipes else contextlib.nullcontext():
+            with saving:
                 out = _lora_linear().apply(rows, base.weight, base.bias, a, b, scaling)
         else:
             out = F.linear(rows, base.weight, base.bias)
-            with recipes() if recipes else contextlib.nullcontext():
+            with saving:
                 projected = F.linear(rows, a)
             out.addmm_(projected, b.t(), alpha=scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
